@@ -1,0 +1,101 @@
+// Error values for the I/O path: -errno plus a human-readable message.
+//
+// Nothing on the I/O path throws. A function that can fail returns Status
+// (no value) or Result<T>. Success never allocates: the message string is
+// only built on the error path.
+#pragma once
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <variant>
+
+namespace uqcow {
+
+class Error {
+ public:
+  // `code` is a positive errno value (EIO, ENOSPC, ...).
+  Error(int code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  int code() const { return code_; }
+  // The negative errno, QEMU style.
+  int neg() const { return -code_; }
+  const std::string& message() const { return message_; }
+
+  // Prefixes the message with context, keeping the code ("open a.qcow2: ...").
+  Error&& with_context(const std::string& context) && {
+    message_ = context + ": " + message_;
+    return std::move(*this);
+  }
+
+ private:
+  int code_;
+  std::string message_;
+};
+
+// Builds an Error from a negative or positive errno with strerror appended.
+inline Error errno_error(int err, const std::string& what) {
+  if (err < 0) err = -err;
+  return Error(err, what + ": " + std::strerror(err));
+}
+
+template <class T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}
+  Result(Error error) : v_(std::move(error)) {}
+
+  bool ok() const { return v_.index() == 0; }
+  explicit operator bool() const { return ok(); }
+
+  T& value() & { return std::get<0>(v_); }
+  T&& value() && { return std::get<0>(std::move(v_)); }
+  const T& value() const& { return std::get<0>(v_); }
+  T& operator*() & { return value(); }
+  T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
+
+  const Error& error() const& { return std::get<1>(v_); }
+  Error&& error() && { return std::get<1>(std::move(v_)); }
+
+ private:
+  std::variant<T, Error> v_;
+};
+
+template <>
+class [[nodiscard]] Result<void> {
+ public:
+  Result() = default;
+  Result(Error error) : code_(error.code()), message_(std::move(error).message()) {}
+
+  bool ok() const { return code_ == 0; }
+  explicit operator bool() const { return ok(); }
+  Error error() const { return Error(code_, message_); }
+  int code() const { return code_; }
+  const std::string& message() const { return message_; }
+
+ private:
+  int code_ = 0;
+  std::string message_;
+};
+
+using Status = Result<void>;
+
+inline Status ok_status() { return Status(); }
+
+}  // namespace uqcow
+
+// Propagates an error from a Status/Result expression inside a function that
+// returns Status or Result<U>. UQ_CO_TRY is the coroutine form.
+#define UQ_TRY(expr)                                       \
+  do {                                                     \
+    auto uq_try_status_ = (expr);                          \
+    if (!uq_try_status_.ok()) return std::move(uq_try_status_).error(); \
+  } while (0)
+
+#define UQ_CO_TRY(expr)                                    \
+  do {                                                     \
+    auto uq_try_status_ = (expr);                          \
+    if (!uq_try_status_.ok()) co_return std::move(uq_try_status_).error(); \
+  } while (0)
