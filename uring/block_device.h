@@ -1,0 +1,54 @@
+// BlockDevice: the byte-addressed storage that the qcow2 layer stands on.
+//
+// The raw file driver implements it; a fault-injecting layer can wrap any
+// BlockDevice (it is an interface for that reason). All I/O is coroutine
+// based and returns Status: 0 or -errno with a message.
+//
+// Contracts shared by every implementation:
+// - co_read fills the whole buffer; bytes past the end of the device read as
+//   zeros (like QEMU's file driver).
+// - co_write writes the whole buffer, extending the device if needed.
+// - With alignment() > 1 (O_DIRECT), buffers, offsets and lengths that are not
+//   multiples of it are still accepted; the driver bounces them.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "engine/result.h"
+#include "engine/task.h"
+
+namespace uqcow {
+
+class BlockDevice {
+ public:
+  virtual ~BlockDevice() = default;
+
+  virtual Task<Status> co_read(uint64_t offset, std::span<std::byte> buf) = 0;
+  virtual Task<Status> co_write(uint64_t offset, std::span<const std::byte> buf) = 0;
+  // Scatter/gather forms. The iovec array may be modified by the call.
+  virtual Task<Status> co_readv(uint64_t offset, std::span<iovec> iov) = 0;
+  virtual Task<Status> co_writev(uint64_t offset, std::span<iovec> iov) = 0;
+  // Makes every completed write durable (fdatasync).
+  virtual Task<Status> co_flush() = 0;
+  // Deallocates the range; it reads back as zeros.
+  virtual Task<Status> co_discard(uint64_t offset, uint64_t len) = 0;
+  // Makes the range read as zeros; `may_unmap` allows deallocating it.
+  virtual Task<Status> co_write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) = 0;
+
+  virtual Result<uint64_t> length() const = 0;
+  // Bytes of storage actually allocated (st_blocks * 512 for files).
+  virtual Result<uint64_t> allocated_bytes() const = 0;
+  virtual Status truncate(uint64_t length) = 0;
+  // Required alignment of offsets, lengths and buffer addresses for the fast
+  // path (1 when the device has no requirement).
+  virtual uint32_t alignment() const = 0;
+  virtual bool read_only() const = 0;
+  virtual const std::string& name() const = 0;
+};
+
+}  // namespace uqcow
