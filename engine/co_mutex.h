@@ -63,7 +63,16 @@ class CoMutex {
    public:
     explicit Guard(CoMutex* m) : m_(m) {}
     Guard(Guard&& o) noexcept : m_(o.m_) { o.m_ = nullptr; }
-    Guard& operator=(Guard&&) = delete;
+    // Releases what this guard holds, then takes over `o`'s ownership (the
+    // usual way to re-acquire: `guard = co_await m.scoped_lock();`).
+    Guard& operator=(Guard&& o) noexcept {
+      if (this != &o) {
+        unlock();
+        m_ = o.m_;
+        o.m_ = nullptr;
+      }
+      return *this;
+    }
     ~Guard() { unlock(); }
     void unlock() {
       if (m_) m_->unlock();

@@ -41,10 +41,19 @@ inline Error errno_error(int err, const std::string& what) {
 }
 
 template <class T>
+class [[nodiscard]] Result;
+
+template <>
+class [[nodiscard]] Result<void>;
+
+template <class T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : v_(std::move(value)) {}
   Result(Error error) : v_(std::move(error)) {}
+  // From a failed Status (propagating an error across result types). Must
+  // not be called with a successful Status.
+  Result(const Result<void>& failed);
 
   bool ok() const { return v_.index() == 0; }
   explicit operator bool() const { return ok(); }
@@ -81,6 +90,9 @@ class [[nodiscard]] Result<void> {
 };
 
 using Status = Result<void>;
+
+template <class T>
+Result<T>::Result(const Result<void>& failed) : v_(failed.error()) {}
 
 inline Status ok_status() { return Status(); }
 

@@ -1,0 +1,409 @@
+// The write path: QEMU's qcow2-cluster.c allocation (handle_dependencies,
+// handle_copied, handle_alloc, qcow2_alloc_cluster_link_l2) in coroutine
+// form. Member functions of Qcow2Image.
+//
+// Shape of an allocating write (write_allocating):
+//   lock; wait for overlapping allocations in flight (dependency ordering);
+//   make the L2 table writable (allocate or copy it); plan the run of
+//   clusters; allocate host clusters; register the run as in flight; unlock;
+//   read copy-on-write data and write head + guest data + tail as ONE writev;
+//   lock; link the L2 entries; free replaced clusters; unregister; unlock.
+//
+// On-disk ordering: the refcount blocks that count a new cluster reach the
+// disk before the L2 entry that points at it (L2 cache depends on the
+// refcount cache); a new L2 table and its refcount reach the disk before the
+// L1 entry that points at it. With lazy refcounts the first rule is waived
+// and the dirty bit is set instead.
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+
+namespace uqcow::qcow2 {
+
+// What one step of an allocating write does to a run of clusters.
+struct Qcow2Image::ClusterPlan {
+  enum class Kind {
+    kInPlace,        // COPIED host cluster, no metadata change: just write
+    kInPlaceLink,    // COPIED host cluster whose L2 entry changes (zero flag,
+                     // extended-L2 bitmap): write, then relink
+    kNewClusters,    // allocate fresh host clusters, COW, link, free old
+  };
+  Kind kind = Kind::kNewClusters;
+  uint64_t nb_clusters = 1;
+  uint64_t host = 0;              // host offset of the first cluster
+  std::vector<uint64_t> old_l2e;  // previous entries (for freeing and COW)
+  std::vector<uint64_t> old_bitmap;
+  Mapping first_old;              // mapping of the head before the write
+  Mapping last_old;               // mapping of the tail before the write
+};
+
+Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
+  if (closed_) return Error(EBADF, file_->name() + " is closed");
+  if (options_.read_only) return Error(EROFS, file_->name() + " is open read-only");
+  if (corrupt_) return Error(EIO, file_->name() + " has been marked corrupt; writes are refused");
+  if (offset > size_ || len > size_ - offset) {
+    return Error(EINVAL, "write of " + std::to_string(len) + " bytes at " + std::to_string(offset) +
+                             " is beyond the end of the disk (" + std::to_string(size_) + " bytes)");
+  }
+  return Status();
+}
+
+Task<Status> Qcow2Image::write(uint64_t offset, std::span<const std::byte> buf) {
+  UQ_CO_TRY(check_writable(offset, buf.size()));
+  while (!buf.empty()) {
+    Result<Mapping> m = Mapping{};
+    // Fast path: a cached mapping to a COPIED cluster is overwritten in place
+    // without the lock, like a read.
+    if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied &&
+        header_.crypt_method == CryptMethod::kNone) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
+      UQ_CO_TRY(check_data_write(m->host_offset, n));
+      UQ_CO_TRY(co_await data_file_->co_write(m->host_offset, buf.first(n)));
+      offset += n;
+      buf = buf.subspan(n);
+      continue;
+    }
+    auto done = co_await write_allocating(offset, buf);
+    if (!done.ok()) co_return std::move(done).error();
+    offset += *done;
+    buf = buf.subspan(*done);
+  }
+  co_return Status();
+}
+
+void Qcow2Image::inflight_add(InFlightAlloc& a) {
+  a.prev = nullptr;
+  a.next = inflight_;
+  if (inflight_) inflight_->prev = &a;
+  inflight_ = &a;
+}
+
+void Qcow2Image::inflight_remove(InFlightAlloc& a) {
+  if (a.prev) a.prev->next = a.next; else inflight_ = a.next;
+  if (a.next) a.next->prev = a.prev;
+  a.waiters.wake_all();
+}
+
+Task<Status> Qcow2Image::wait_for_dependencies(uint64_t offset, uint64_t& len, CoMutex::Guard& guard,
+                                               bool& waited) {
+  // QEMU's handle_dependencies: an allocation in flight that covers our
+  // first cluster makes us wait and restart; one further on shortens us.
+  const uint64_t start = geo_.start_of_cluster(offset);
+  waited = false;
+  for (InFlightAlloc* a = inflight_; a; a = a->next) {
+    uint64_t end = geo_.start_of_cluster(offset + len + geo_.cluster_size - 1);
+    if (a->end <= start || a->start >= end) continue;
+    if (a->start <= start) {
+      guard.unlock();
+      co_await a->waiters.wait();  // resumed by inflight_remove() of the owner
+      guard = co_await lock_.scoped_lock();
+      waited = true;
+      co_return Status();
+    }
+    len = a->start - offset;
+  }
+  co_return Status();
+}
+
+Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<const std::byte> buf) {
+  auto guard = co_await lock_.scoped_lock();
+  uint64_t len = buf.size();
+  while (true) {
+    bool waited = false;
+    len = buf.size();
+    UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
+    if (!waited) break;
+  }
+  UQ_CO_TRY(check_writable(offset, len));
+  UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
+  auto l2 = co_await l2_table_for_write(offset);
+  if (!l2.ok()) co_return std::move(l2).error();
+
+  // Plan: look at the clusters from `offset` within one L2 slice.
+  const uint64_t slice = slice_offset(*l2, offset);
+  auto ref = co_await l2_cache_->get(slice);
+  if (!ref.ok()) co_return std::move(ref).error();
+  const uint64_t per_slice = 1ull << slice_bits_;
+  uint64_t index = geo_.l2_index(offset) & (per_slice - 1);
+  uint64_t in_cluster = geo_.offset_into_cluster(offset);
+  uint64_t max_clusters = std::min(per_slice - index, (in_cluster + len + geo_.cluster_size - 1) >> geo_.cluster_bits);
+  // Bound one step to 2 MiB of guest data or one cluster, whichever is more.
+  max_clusters = std::min<uint64_t>(max_clusters, std::max<uint64_t>(1, (2ull << 20) >> geo_.cluster_bits));
+
+  ClusterPlan plan;
+  auto entry_at = [&](uint64_t i, uint64_t& l2e, uint64_t& bitmap) {
+    const uint8_t* p = ref->data() + (index + i) * geo_.l2_entry_size;
+    l2e = load_be64(p);
+    bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+  };
+  uint64_t l2e0, bm0;
+  entry_at(0, l2e0, bm0);
+  uint64_t host0 = l2e0 & kL2OffsetMask;
+  bool compressed0 = l2e0 & kOflagCompressed;
+  bool copied0 = (l2e0 & kOflagCopied) && host0 && !compressed0;
+  if (copied0 && (host0 & (geo_.cluster_size - 1))) {
+    co_return co_await mark_corrupt("L2 entry " + std::to_string(l2e0) + " is not cluster aligned");
+  }
+  auto decoded = decode_l2(ref->data(), slice, offset, len);
+  if (!decoded.ok()) co_return std::move(decoded).error();
+  plan.first_old = *decoded;
+
+  if (copied0) {
+    // The cluster is ours alone: overwrite in place. The L2 entry changes only
+    // if some written subcluster was not plain data (zero flag / bitmap).
+    plan.host = host0;
+    plan.nb_clusters = 1;
+    len = std::min<uint64_t>(len, geo_.cluster_size - in_cluster);
+    bool all_normal = decoded->type == SubclusterType::kNormal && decoded->bytes >= len;
+    plan.kind = all_normal ? ClusterPlan::Kind::kInPlace : ClusterPlan::Kind::kInPlaceLink;
+    plan.old_l2e = {l2e0};
+    plan.old_bitmap = {bm0};
+  } else {
+    // Fresh clusters for every following cluster that is not COPIED.
+    plan.kind = ClusterPlan::Kind::kNewClusters;
+    uint64_t nb = 0;
+    for (; nb < max_clusters; ++nb) {
+      uint64_t e, bm;
+      entry_at(nb, e, bm);
+      uint64_t h = e & kL2OffsetMask;
+      if ((e & kOflagCopied) && h && !(e & kOflagCompressed)) break;
+      plan.old_l2e.push_back(e);
+      plan.old_bitmap.push_back(bm);
+    }
+    plan.nb_clusters = nb;
+    len = std::min<uint64_t>(len, (nb << geo_.cluster_bits) - in_cluster);
+  }
+  ref->reset();
+  // The mapping of the last written byte's cluster, for tail COW.
+  uint64_t last_guest = offset + len - 1;
+  {
+    Result<Mapping> tail = Mapping{};
+    if (!map_fast(last_guest, 1, tail)) {
+      auto t = co_await l2_cache_->get(slice);
+      if (!t.ok()) co_return std::move(t).error();
+      tail = decode_l2(t->data(), slice, last_guest, 1);
+    }
+    if (!tail.ok()) co_return std::move(tail).error();
+    plan.last_old = *tail;
+  }
+  if (plan.kind == ClusterPlan::Kind::kNewClusters) {
+    auto host = co_await alloc_clusters(plan.nb_clusters);
+    if (!host.ok()) co_return std::move(host).error();
+    plan.host = *host;
+  }
+  co_return co_await write_run(plan, offset, buf.first(len), guard);
+}
+
+Task<Status> Qcow2Image::read_cow(uint64_t guest, std::span<std::byte> out) {
+  // Copy-on-write data is simply what the guest sees there now: the range is
+  // registered in flight, so its mapping cannot change until we link it.
+  // Bytes past the end of the disk (slack of the last cluster) are zeros.
+  if (out.empty()) co_return Status();
+  size_t in_disk = guest >= size_ ? 0 : static_cast<size_t>(std::min<uint64_t>(out.size(), size_ - guest));
+  if (in_disk) UQ_CO_TRY(co_await read(guest, out.first(in_disk)));
+  std::memset(out.data() + in_disk, 0, out.size() - in_disk);
+  co_return Status();
+}
+
+Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t offset,
+                                           std::span<const std::byte> data, CoMutex::Guard& guard) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t first_guest = geo_.start_of_cluster(offset);
+  const uint64_t end = offset + data.size();
+  if (plan.kind == ClusterPlan::Kind::kInPlace) {
+    guard.unlock();
+    uint64_t host = plan.host + geo_.offset_into_cluster(offset);
+    UQ_CO_TRY(check_data_write(host, data.size()));
+    UQ_CO_TRY(co_await data_file_->co_write(host, data));
+    co_return data.size();
+  }
+  // Copy-on-write bounds. Without subclusters: whole clusters. With extended
+  // L2: whole subclusters, except that a cluster whose old data lived in a
+  // host cluster (compressed, or shared with a snapshot) is copied whole.
+  auto whole_cluster_cow = [&](const Mapping& m) {
+    return !geo_.extended_l2 || m.type == SubclusterType::kCompressed ||
+           (plan.kind == ClusterPlan::Kind::kNewClusters &&
+            (m.type == SubclusterType::kNormal || m.type == SubclusterType::kZeroAlloc ||
+             m.type == SubclusterType::kUnallocatedAlloc));
+  };
+  uint64_t head_start = whole_cluster_cow(plan.first_old)
+                            ? first_guest
+                            : offset & ~(geo_.subcluster_size - 1);
+  uint64_t last_cluster_end = geo_.start_of_cluster(end - 1) + cs;
+  uint64_t tail_end = whole_cluster_cow(plan.last_old)
+                          ? last_cluster_end
+                          : std::min(last_cluster_end, (end + geo_.subcluster_size - 1) & ~(geo_.subcluster_size - 1));
+  InFlightAlloc flight;
+  flight.start = first_guest;
+  flight.end = first_guest + plan.nb_clusters * cs;
+  inflight_add(flight);
+  guard.unlock();
+
+  Status status;
+  {
+    std::vector<std::byte> head(offset - head_start), tail(tail_end - end);
+    status = co_await read_cow(head_start, head);
+    if (status.ok()) status = co_await read_cow(end, tail);
+    if (status.ok()) {
+      uint64_t host = plan.host + (head_start - first_guest);
+      status = check_data_write(host, tail_end - head_start);
+      if (status.ok()) {
+        // Head, guest data and tail in one request.
+        iovec iov[3];
+        int n = 0;
+        if (!head.empty()) iov[n++] = {head.data(), head.size()};
+        iov[n++] = {const_cast<std::byte*>(data.data()), data.size()};
+        if (!tail.empty()) iov[n++] = {tail.data(), tail.size()};
+        status = co_await data_file_->co_writev(host, std::span<iovec>(iov, n));
+      }
+    }
+  }
+  guard = co_await lock_.scoped_lock();
+  if (status.ok()) {
+    status = co_await link_l2(plan, first_guest, head_start, tail_end);
+  } else if (plan.kind == ClusterPlan::Kind::kNewClusters) {
+    // Give the clusters back; nothing points at them.
+    (void)co_await update_refcount(plan.host, plan.nb_clusters * cs, -1, false);
+  }
+  inflight_remove(flight);
+  if (!status.ok()) co_return status.error();
+  co_return data.size();
+}
+
+Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
+                                 uint64_t tail_end) {
+  const uint64_t cs = geo_.cluster_size;
+  const bool new_clusters = plan.kind == ClusterPlan::Kind::kNewClusters;
+  if (new_clusters && !lazy_refcounts_) {
+    // The refcounts of the new clusters reach the disk before these entries.
+    UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+  }
+  std::vector<uint64_t> to_free;
+  for (uint64_t k = 0; k < plan.nb_clusters; ++k) {
+    const uint64_t guest = first_guest + k * cs;
+    // The L2 table may have been replaced while the lock was released (a
+    // snapshot makes it shared): look it up again.
+    auto l2 = co_await l2_table_for_write(guest);
+    if (!l2.ok()) co_return std::move(l2).error();
+    const uint64_t slice = slice_offset(*l2, guest);
+    auto ref = co_await l2_cache_->get(slice);
+    if (!ref.ok()) co_return std::move(ref).error();
+    uint8_t* p = ref->data() + (geo_.l2_index(guest) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+    const uint64_t old = load_be64(p);
+    const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+    const uint64_t host = plan.host + k * cs;
+    store_be64(p, host | kOflagCopied);
+    if (geo_.extended_l2) {
+      uint64_t lo = std::max(head_start, guest), hi = std::min(tail_end, guest + cs);
+      uint32_t first_sc = static_cast<uint32_t>((lo - guest) >> geo_.subcluster_bits);
+      uint32_t end_sc = static_cast<uint32_t>((hi - guest + geo_.subcluster_size - 1) >> geo_.subcluster_bits);
+      uint64_t written = end_sc >= 32 ? (0xffffffffull & ~((1ull << first_sc) - 1))
+                                      : ((1ull << end_sc) - 1) & ~((1ull << first_sc) - 1);
+      uint64_t old_had_host_data = (old & kOflagCompressed) || (new_clusters && (old & kL2OffsetMask));
+      uint64_t alloc = old_had_host_data ? 0xffffffffull : ((old_bitmap & 0xffffffffull) | written);
+      uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
+      store_be64(p + 8, alloc | (zero << 32));
+    }
+    l2_cache_->mark_dirty(*ref);
+    if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
+  }
+  for (uint64_t old : to_free) UQ_CO_TRY(co_await free_cluster_entry(old, false));
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
+  // QEMU's qcow2_free_any_cluster.
+  if (l2e & kOflagCompressed) {
+    uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
+    uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
+    co_return co_await update_refcount(coffset, sectors * kSectorSize, -1, discard);
+  }
+  uint64_t host = l2e & kL2OffsetMask;
+  if (!host) co_return Status();
+  if (host & (geo_.cluster_size - 1)) {
+    co_return co_await mark_corrupt("cannot free unaligned cluster " + std::to_string(host));
+  }
+  co_return co_await update_refcount(host, geo_.cluster_size, -1, discard);
+}
+
+Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
+  // QEMU's get_cluster_table + l2_allocate: returns an L2 table with
+  // refcount 1 (COPIED), allocating a fresh one or copying a shared one.
+  const uint64_t l1_index = geo_.l1_index(offset);
+  if (l1_index >= l1_.size()) {
+    co_return Error(EINVAL, "offset " + std::to_string(offset) + " is beyond the L1 table");
+  }
+  const uint64_t l1e = l1_[l1_index];
+  const uint64_t old_l2 = l1e & kL1OffsetMask;
+  if (old_l2 & (geo_.cluster_size - 1)) {
+    co_return co_await mark_corrupt("L2 table offset " + std::to_string(old_l2) + " unaligned (L1 index " +
+                                    std::to_string(l1_index) + ")");
+  }
+  if (old_l2 && (l1e & kOflagCopied)) co_return old_l2;
+
+  auto new_l2 = co_await alloc_clusters(1);
+  if (!new_l2.ok()) co_return new_l2;
+  UQ_CO_TRY(check_metadata_write(*new_l2, geo_.cluster_size, "L2 table"));
+  // The new table's refcount reaches the disk before anything points at it.
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  const uint32_t slice_size = cache_sizes_.l2_entry_size;
+  for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
+    auto fresh = co_await l2_cache_->get(*new_l2 + off, /*fresh=*/true);
+    if (!fresh.ok()) co_return std::move(fresh).error();
+    if (old_l2) {
+      auto old = co_await l2_cache_->get(old_l2 + off);
+      if (!old.ok()) co_return std::move(old).error();
+      std::memcpy(fresh->data(), old->data(), slice_size);
+    }
+    l2_cache_->mark_dirty(*fresh);
+  }
+  // The table itself reaches the disk before the L1 entry.
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  l1_[l1_index] = *new_l2 | kOflagCopied;
+  overlap_add(*new_l2, geo_.cluster_size, "L2 table");
+  UQ_CO_TRY(co_await write_l1_entry(l1_index));
+  if (old_l2) {
+    // The shared table loses this reference (it stays in the snapshot).
+    UQ_CO_TRY(co_await update_refcount(old_l2, geo_.cluster_size, -1, false));
+  }
+  co_return *new_l2;
+}
+
+Task<Status> Qcow2Image::write_l1_entry(uint64_t l1_index) {
+  // Rewrites the 512-byte sector of the L1 table that holds the entry.
+  constexpr uint64_t kPerSector = kSectorSize / 8;
+  const uint64_t first = l1_index & ~(kPerSector - 1);
+  const uint64_t count = std::min<uint64_t>(kPerSector, l1_.size() - first);
+  uint8_t sector[kSectorSize] = {};
+  for (uint64_t i = 0; i < count; ++i) store_be64(sector + i * 8, l1_[first + i]);
+  const uint64_t offset = header_.l1_table_offset + first * 8;
+  co_return co_await file_->co_write(offset, std::span<const std::byte>(reinterpret_cast<std::byte*>(sector), count * 8));
+}
+
+Task<Status> Qcow2Image::mark_dirty_for_lazy_refcounts() {
+  if (!lazy_refcounts_ || marked_dirty_) co_return Status();
+  // Before any metadata that relies on lazy refcounts can reach the disk.
+  UQ_CO_TRY(co_await write_header_incompatible(header_.incompatible_features | kIncompatDirty));
+  UQ_CO_TRY(co_await file_->co_flush());
+  marked_dirty_ = true;
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::write_header_incompatible(uint64_t bits) {
+  if (header_.version < 3) co_return Status();
+  header_.incompatible_features = bits;
+  uint8_t field[8];
+  store_be64(field, bits);
+  co_return co_await file_->co_write(72, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 8));
+}
+
+Task<Status> Qcow2Image::set_cache_dependency(MetadataCache& cache, MetadataCache& dep) {
+  co_return co_await cache.depend_on(dep);
+}
+
+}  // namespace uqcow::qcow2

@@ -1,0 +1,207 @@
+#include "qcow2/create.h"
+
+#include <sstream>
+#include <vector>
+
+#include "qcow2/endian.h"
+#include "qcow2/header.h"
+#include "qcow2/image.h"
+#include "qcow2/open.h"
+#include "qcow2/options.h"
+#include "qcow2/path.h"
+#include "qcow2/refcount_entry.h"
+#include "uring/raw_file.h"
+
+namespace uqcow::qcow2 {
+namespace {
+
+Result<bool> parse_flag(const std::string& key, const std::string& v) {
+  if (v == "on" || v == "true" || v == "yes") return true;
+  if (v == "off" || v == "false" || v == "no") return false;
+  return Error(EINVAL, key + ": '" + v + "' is not on/off");
+}
+
+}  // namespace
+
+Status parse_create_options(const std::string& list, CreateOptions& o) {
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    auto eq = item.find('=');
+    std::string key = item.substr(0, eq);
+    std::string value = eq == std::string::npos ? "on" : item.substr(eq + 1);
+    if (key == "size") {
+      auto v = parse_size(value, key);
+      if (!v.ok()) return std::move(v).error();
+      o.size = *v;
+    } else if (key == "cluster_size") {
+      auto v = parse_size(value, key);
+      if (!v.ok()) return std::move(v).error();
+      if (*v < 512 || *v > (2u << 20) || (*v & (*v - 1))) {
+        return Error(EINVAL, "cluster_size: must be a power of two between 512 and 2M");
+      }
+      o.cluster_size = static_cast<uint32_t>(*v);
+    } else if (key == "compat") {
+      if (value == "0.10" || value == "v2") o.version = 2;
+      else if (value == "1.1" || value == "v3") o.version = 3;
+      else return Error(EINVAL, "compat: '" + value + "' is not 0.10 or 1.1");
+    } else if (key == "refcount_bits") {
+      auto v = parse_size(value, key);
+      if (!v.ok()) return std::move(v).error();
+      if (*v == 0 || *v > 64 || (*v & (*v - 1))) return Error(EINVAL, "refcount_bits: must be a power of two up to 64");
+      o.refcount_bits = static_cast<uint32_t>(*v);
+    } else if (key == "lazy_refcounts") {
+      auto v = parse_flag(key, value);
+      if (!v.ok()) return std::move(v).error();
+      o.lazy_refcounts = *v;
+    } else if (key == "preallocation") {
+      if (value == "off") o.preallocation = Preallocation::kOff;
+      else if (value == "metadata") o.preallocation = Preallocation::kMetadata;
+      else if (value == "falloc") o.preallocation = Preallocation::kFalloc;
+      else if (value == "full") o.preallocation = Preallocation::kFull;
+      else return Error(EINVAL, "preallocation: '" + value + "' is not off, metadata, falloc or full");
+    } else if (key == "compression_type") {
+      if (value == "zlib") o.compression_type = CompressionType::kZlib;
+      else if (value == "zstd") o.compression_type = CompressionType::kZstd;
+      else return Error(EINVAL, "compression_type: '" + value + "' is not zlib or zstd");
+    } else if (key == "extended_l2") {
+      auto v = parse_flag(key, value);
+      if (!v.ok()) return std::move(v).error();
+      o.extended_l2 = *v;
+    } else if (key == "data_file") {
+      o.data_file = value;
+    } else if (key == "data_file_raw") {
+      auto v = parse_flag(key, value);
+      if (!v.ok()) return std::move(v).error();
+      o.data_file_raw = *v;
+    } else if (key == "backing_file") {
+      o.backing_file = value;
+    } else if (key == "backing_fmt") {
+      o.backing_format = value;
+    } else if (key == "encrypt.format" || key == "encryption") {
+      return Error(ENOTSUP, key + ": creating encrypted images is not supported yet");
+    } else {
+      return Error(EINVAL, "unknown option '" + key + "' for qcow2 create");
+    }
+  }
+  return Status();
+}
+
+namespace {
+
+Status validate(const CreateOptions& o) {
+  if (o.version == 2) {
+    if (o.refcount_bits != 16) return Error(EINVAL, "refcount_bits: compat=0.10 images only support 16");
+    if (o.lazy_refcounts) return Error(EINVAL, "lazy_refcounts: needs compat=1.1");
+    if (o.extended_l2) return Error(EINVAL, "extended_l2: needs compat=1.1");
+    if (!o.data_file.empty()) return Error(EINVAL, "data_file: needs compat=1.1");
+    if (o.compression_type != CompressionType::kZlib) return Error(EINVAL, "compression_type: needs compat=1.1");
+  }
+  if (o.extended_l2 && o.cluster_size < (1u << kMinExtendedL2ClusterBits)) {
+    return Error(EINVAL, "extended_l2: needs cluster_size >= 16k");
+  }
+  if (o.data_file_raw && o.data_file.empty()) return Error(EINVAL, "data_file_raw: needs data_file");
+  if (!o.backing_file.empty() && o.preallocation != Preallocation::kOff) {
+    return Error(EINVAL, "preallocation: cannot be combined with a backing file");
+  }
+  if (!o.backing_format.empty() && o.backing_format != "qcow2" && o.backing_format != "raw") {
+    return Error(EINVAL, "backing_fmt: '" + o.backing_format + "' is not supported (qcow2, raw)");
+  }
+  return Status();
+}
+
+std::span<const std::byte> bytes_of(const std::vector<uint8_t>& v) {
+  return {reinterpret_cast<const std::byte*>(v.data()), v.size()};
+}
+
+}  // namespace
+
+Task<Status> create_image(const std::string& path, const CreateOptions& o) {
+  UQ_CO_TRY(validate(o));
+  Header h;
+  h.version = o.version;
+  h.cluster_bits = static_cast<uint32_t>(__builtin_ctz(o.cluster_size));
+  h.size = o.size;
+  h.refcount_order = static_cast<uint32_t>(__builtin_ctz(o.refcount_bits));
+  if (o.version >= 3) {
+    if (o.lazy_refcounts) h.compatible_features |= kCompatLazyRefcounts;
+    if (o.compression_type == CompressionType::kZstd) {
+      h.incompatible_features |= kIncompatCompression;
+      h.compression_type = CompressionType::kZstd;
+    }
+    if (o.extended_l2) h.incompatible_features |= kIncompatExtendedL2;
+    if (!o.data_file.empty()) {
+      h.incompatible_features |= kIncompatDataFile;
+      h.data_file = o.data_file;
+      if (o.data_file_raw) h.autoclear_features |= kAutoclearDataFileRaw;
+    }
+    // The feature name table QEMU writes, so tools can name our bits.
+    h.feature_names = {{0, 0, "dirty bit"},          {0, 1, "corrupt bit"},
+                       {0, 2, "external data file"}, {0, 3, "compression type"},
+                       {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+                       {2, 0, "bitmaps"},            {2, 1, "raw external data"}};
+  }
+  h.backing_file = o.backing_file;
+  if (!o.backing_file.empty() && !o.backing_format.empty()) h.backing_format = o.backing_format;
+  const Geometry g = h.geometry();
+  const uint64_t cs = g.cluster_size;
+
+  // Layout: header | refcount table | refcount blocks | L1 table, sized to a
+  // fixed point (the blocks must count every cluster of the layout).
+  h.l1_size = static_cast<uint32_t>(l1_entries_for(o.size, g));
+  if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: too large for this cluster size");
+  const uint64_t l1_clusters = (uint64_t{h.l1_size} * 8 + cs - 1) / cs;
+  const uint64_t per_block = cs * 8 / o.refcount_bits;
+  uint64_t blocks = 1, table_clusters = 1;
+  for (int i = 0; i < 64; ++i) {
+    uint64_t total = 1 + table_clusters + blocks + l1_clusters;
+    uint64_t nb = (total + per_block - 1) / per_block;
+    uint64_t nt = (nb * 8 + cs - 1) / cs;
+    if (nb == blocks && nt == table_clusters) break;
+    blocks = nb;
+    table_clusters = nt;
+  }
+  const uint64_t total = 1 + table_clusters + blocks + l1_clusters;
+  h.refcount_table_offset = cs;
+  h.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+  h.l1_table_offset = (1 + table_clusters + blocks) * cs;
+
+  auto header = serialize_header(h);
+  if (!header.ok()) co_return std::move(header).error();
+  std::vector<uint8_t> image(total * cs, 0);
+  std::copy(header->begin(), header->end(), image.begin());
+  for (uint64_t b = 0; b < blocks; ++b) {
+    store_be64(&image[cs + b * 8], (1 + table_clusters + b) * cs);
+  }
+  for (uint64_t c = 0; c < total; ++c) {
+    uint8_t* block = &image[(1 + table_clusters + c / per_block) * cs];
+    set_refcount_entry(block, c % per_block, h.refcount_order, 1);
+  }
+
+  RawFileOptions fo{.read_only = false, .create = true};
+  auto file = RawFile::open(path, fo);
+  if (!file.ok()) co_return std::move(file).error();
+  UQ_CO_TRY((*file)->truncate(0));
+  UQ_CO_TRY(co_await (*file)->co_write(0, bytes_of(image)));
+  UQ_CO_TRY(co_await (*file)->co_flush());
+  if (!o.data_file.empty()) {
+    auto df = RawFile::open(resolve_relative(path, o.data_file), fo);
+    if (!df.ok()) co_return std::move(df).error().with_context("data_file");
+    UQ_CO_TRY((*df)->truncate(o.data_file_raw ? o.size : 0));
+  }
+  if (o.preallocation == Preallocation::kOff) co_return Status();
+
+  OpenOptions open_options;
+  open_options.read_only = false;
+  open_options.format = "qcow2";
+  open_options.no_backing = true;
+  auto disk = co_await open_disk(path, open_options);
+  if (!disk.ok()) co_return std::move(disk).error();
+  auto* img = static_cast<Qcow2Image*>(disk->get());
+  Status s = co_await img->preallocate(o.preallocation);
+  Status c = co_await img->close();
+  co_return s.ok() ? c : s;
+}
+
+}  // namespace uqcow::qcow2

@@ -1,0 +1,553 @@
+#include "qcow2/image.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+
+#include "engine/sync_wait.h"
+#include "qcow2/compress.h"
+#include "qcow2/endian.h"
+#include "qcow2/path.h"
+
+namespace uqcow::qcow2 {
+namespace {
+
+constexpr uint64_t kMinRefcountCacheEntries = 4;   // QEMU MIN_REFCOUNT_CACHE_SIZE
+constexpr uint64_t kMinL2CacheEntries = 2;         // QEMU MIN_L2_CACHE_SIZE
+constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
+constexpr uint64_t kMaxCacheEntries = INT32_MAX;
+constexpr uint64_t kFirstReadBytes = 64 << 10;
+
+std::string hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
+  return buf;
+}
+
+std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
+  return {reinterpret_cast<std::byte*>(v.data()), v.size()};
+}
+
+}  // namespace
+
+Result<CacheSizes> compute_cache_sizes(const Header& h, const OpenOptions& o) {
+  const Geometry g = h.geometry();
+  CacheSizes c;
+  uint64_t entry = o.l2_cache_entry_size.value_or(std::min<uint64_t>(g.cluster_size, 4096));
+  if (entry < 512 || entry > g.cluster_size || (entry & (entry - 1)) != 0) {
+    return Error(EINVAL, "l2-cache-entry-size: " + std::to_string(entry) +
+                             " must be a power of two between 512 and the cluster size (" +
+                             std::to_string(g.cluster_size) + ")");
+  }
+  c.l2_entry_size = static_cast<uint32_t>(entry);
+  uint64_t max_l2_entries = g.size_to_clusters(h.size);
+  uint64_t max_l2_cache = (max_l2_entries * g.l2_entry_size + g.cluster_size - 1) /
+                          g.cluster_size * g.cluster_size;
+  c.l2_cache_bytes = o.l2_cache_size.value_or(std::min(kDefaultL2CacheMax, max_l2_cache));
+  c.refcount_cache_bytes = o.refcount_cache_size.value_or(kMinRefcountCacheEntries * g.cluster_size);
+  if (c.l2_cache_bytes / entry > kMaxCacheEntries) {
+    return Error(EINVAL, "l2-cache-size: " + std::to_string(c.l2_cache_bytes) + " is too big");
+  }
+  if (c.refcount_cache_bytes / g.cluster_size > kMaxCacheEntries) {
+    return Error(EINVAL, "refcount-cache-size: " + std::to_string(c.refcount_cache_bytes) +
+                             " is too big");
+  }
+  return c;
+}
+
+Qcow2Image::Qcow2Image(std::unique_ptr<BlockDevice> file, OpenOptions options)
+    : file_(std::move(file)), options_(std::move(options)) {}
+
+Qcow2Image::~Qcow2Image() {
+  // An image dropped without close() still has its background tasks (the
+  // cache-clean timer) in flight on the ring; their frames must not go away
+  // under the kernel. Close synchronously on this thread's reactor.
+  if (!closed_ && uring::Reactor::has_current()) {
+    (void)sync_wait(uring::Reactor::current(), close());
+  }
+}
+
+Error Qcow2Image::corruption(const std::string& what) {
+  return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: " + what);
+}
+
+const std::string& Qcow2Image::data_file_name() const { return data_file_path_; }
+
+Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::open(std::unique_ptr<BlockDevice> file,
+                                                           OpenOptions options,
+                                                           BackingOpener open_backing) {
+  if (!options.snapshot.empty()) options.read_only = true;
+  std::unique_ptr<Qcow2Image> img(new Qcow2Image(std::move(file), std::move(options)));
+  Status s = co_await img->load(open_backing);
+  if (!s.ok()) {
+    if (img->backing_) (void)co_await img->backing_->close();
+    co_return Error(s.code(), s.message());
+  }
+  co_return std::move(img);
+}
+
+Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
+  auto file_len = file_->length();
+  if (!file_len.ok()) co_return std::move(file_len).error();
+  // Read the start of the file, then the rest of the first cluster once
+  // cluster_bits (validated by parse_header) says how large it is.
+  std::vector<uint8_t> first(std::min<uint64_t>(*file_len, kFirstReadBytes));
+  UQ_CO_TRY(co_await file_->co_read(0, as_bytes(first)));
+  if (first.size() >= 24 && load_be32(first.data()) == kMagic) {
+    uint32_t bits = load_be32(first.data() + 20);
+    if (bits >= kMinClusterBits && bits <= kMaxClusterBits && (1ull << bits) > first.size() &&
+        *file_len > first.size()) {
+      first.resize(std::min<uint64_t>(*file_len, 1ull << bits));
+      UQ_CO_TRY(co_await file_->co_read(0, as_bytes(first)));
+    }
+  }
+  auto parsed = parse_header(first);
+  if (!parsed.ok()) co_return std::move(parsed).error().with_context(file_->name());
+  header_ = std::move(parsed).value();
+  geo_ = header_.geometry();
+  size_ = header_.size;
+  v3_ = header_.version >= 3;
+
+  if (!options_.read_only && header_.corrupt()) {
+    co_return Error(EACCES, file_->name() + ": the image is marked corrupt; open it read-only, "
+                                            "or repair it with 'uqcow check -r all'");
+  }
+
+  // External data file.
+  data_file_ = file_.get();
+  if (header_.has_data_file()) {
+    data_file_path_ = resolve_relative(file_->name(), *header_.data_file);
+    RawFileOptions ro{.read_only = true, .cache = options_.cache};
+    auto df = RawFile::open(data_file_path_, ro);
+    if (!df.ok()) co_return std::move(df).error().with_context("external data file");
+    data_file_storage_ = std::move(df).value();
+    data_file_ = data_file_storage_.get();
+  }
+
+  UQ_CO_TRY(co_await load_l1(header_.l1_table_offset, header_.l1_size));
+  UQ_CO_TRY(co_await load_snapshots());
+  if (!options_.snapshot.empty()) UQ_CO_TRY(co_await select_snapshot(options_.snapshot));
+
+  // Caches.
+  auto sizes = compute_cache_sizes(header_, options_);
+  if (!sizes.ok()) co_return std::move(sizes).error();
+  cache_sizes_ = *sizes;
+  uint64_t l2_entries = std::max(kMinL2CacheEntries, cache_sizes_.l2_cache_bytes / cache_sizes_.l2_entry_size);
+  uint64_t rc_entries = std::max(kMinRefcountCacheEntries, cache_sizes_.refcount_cache_bytes / geo_.cluster_size);
+  auto l2 = MetadataCache::create("L2", *file_, cache_sizes_.l2_entry_size, static_cast<uint32_t>(l2_entries));
+  if (!l2.ok()) co_return std::move(l2).error();
+  l2_cache_ = std::move(l2).value();
+  auto rc = MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
+                                  static_cast<uint32_t>(rc_entries));
+  if (!rc.ok()) co_return std::move(rc).error();
+  refcount_cache_ = std::move(rc).value();
+  slice_bits_ = static_cast<uint32_t>(__builtin_ctzll(cache_sizes_.l2_entry_size / geo_.l2_entry_size));
+
+  // Backing file.
+  if (!header_.backing_file.empty() && !options_.no_backing) {
+    backing_path_ = resolve_relative(file_->name(), header_.backing_file);
+    std::string fmt = header_.backing_format.value_or("");
+    if (!fmt.empty() && fmt != "qcow2" && fmt != "raw") {
+      co_return Error(ENOTSUP, file_->name() + ": backing file format '" + fmt +
+                                   "' is not supported (qcow2 and raw are)");
+    }
+    auto b = co_await open_backing(backing_path_, fmt);
+    if (!b.ok()) co_return std::move(b).error().with_context("backing file of " + file_->name());
+    backing_ = std::move(b).value();
+  }
+
+  if (!options_.read_only) UQ_CO_TRY(co_await prepare_read_write());
+  if (options_.cache_clean_interval > 0) background_.spawn(clean_timer());
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::prepare_read_write() {
+  if (header_.crypt_method != CryptMethod::kNone) {
+    co_return Error(ENOTSUP, file_->name() + ": writing encrypted qcow2 images is not supported yet");
+  }
+  lazy_refcounts_ = options_.lazy_refcounts.value_or(header_.lazy_refcounts());
+  if (lazy_refcounts_ && header_.version < 3) {
+    co_return Error(EINVAL, "lazy-refcounts: lazy refcounts need a compat=1.1 (v3) image");
+  }
+  UQ_CO_TRY(co_await load_refcount_table());
+  UQ_CO_TRY(co_await build_metadata_regions());
+  l2_cache_->set_write_check(&l2_write_check_);
+  refcount_cache_->set_write_check(&refcount_write_check_);
+  if (header_.dirty()) {
+    // Left dirty by a crash with lazy refcounts: the refcounts on disk may be
+    // too low. They are rebuilt before anything is allocated.
+    UQ_CO_TRY(co_await repair_after_crash());
+  }
+  // Autoclear bits this implementation does not maintain (bitmaps) must be
+  // cleared when the image is opened for writing (docs/interop/qcow2.txt).
+  uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
+  if (header_.version >= 3 && autoclear != header_.autoclear_features) {
+    header_.autoclear_features = autoclear;
+    uint8_t field[8];
+    store_be64(field, autoclear);
+    UQ_CO_TRY(co_await file_->co_write(88, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 8)));
+    UQ_CO_TRY(co_await file_->co_flush());
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::load_l1(uint64_t offset, uint32_t entries) {
+  // entries is bounded by parse_header / parse_snapshot_table (32 MiB).
+  std::vector<uint8_t> raw(uint64_t{entries} * 8);
+  if (!raw.empty()) UQ_CO_TRY(co_await file_->co_read(offset, as_bytes(raw)));
+  l1_.resize(entries);
+  for (uint32_t i = 0; i < entries; ++i) l1_[i] = load_be64(&raw[uint64_t{i} * 8]);
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::load_snapshots() {
+  if (header_.nb_snapshots == 0) co_return Status();
+  auto file_len = file_->length();
+  if (!file_len.ok()) co_return std::move(file_len).error();
+  // The table's byte size is only known after parsing it: read a window and
+  // grow it while the parser runs out of bytes, up to QEMU's 64 MiB limit.
+  uint64_t limit = std::min<uint64_t>(kMaxSnapshotTableBytes,
+                                      *file_len > header_.snapshots_offset ? *file_len - header_.snapshots_offset : 0);
+  uint64_t window = std::min<uint64_t>(limit, std::max<uint64_t>(64 << 10, uint64_t{header_.nb_snapshots} * 128));
+  while (true) {
+    std::vector<uint8_t> table(window);
+    UQ_CO_TRY(co_await file_->co_read(header_.snapshots_offset, as_bytes(table)));
+    auto parsed = parse_snapshot_table(table, header_.nb_snapshots, header_);
+    if (parsed.ok()) {
+      snapshots_ = std::move(parsed).value();
+      co_return Status();
+    }
+    bool truncated = parsed.error().message().find("runs past") != std::string::npos ||
+                     parsed.error().message().find("ends inside") != std::string::npos;
+    if (!truncated || window >= limit) {
+      co_return std::move(parsed).error().with_context(file_->name());
+    }
+    window = std::min(limit, window * 4);
+  }
+}
+
+Task<Status> Qcow2Image::select_snapshot(const std::string& key) {
+  const Snapshot* found = nullptr;
+  for (const auto& s : snapshots_) {
+    if (s.id == key) found = &s;
+  }
+  if (!found) {
+    for (const auto& s : snapshots_) {
+      if (s.name == key) found = &s;
+    }
+  }
+  if (!found) co_return Error(ENOENT, file_->name() + ": no snapshot with id or name '" + key + "'");
+  if (l1_entries_for(found->disk_size, geo_) > found->l1_size) {
+    co_return Error(EINVAL, "invalid qcow2 image: snapshot '" + key +
+                                "': l1_size is too small for its disk size");
+  }
+  size_ = found->disk_size;
+  co_return co_await load_l1(found->l1_table_offset, found->l1_size);
+}
+
+// ---------------------------------------------------------------------------
+// Mapping: guest offset -> (subcluster type, host offset, run length).
+
+Result<uint64_t> Qcow2Image::l2_table_of(uint64_t offset) const {
+  uint64_t l1_index = geo_.l1_index(offset);
+  if (l1_index >= l1_.size()) return uint64_t{0};
+  uint64_t l2 = l1_[l1_index] & kL1OffsetMask;
+  if (l2 & (geo_.cluster_size - 1)) {
+    return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 table offset " + hex(l2) +
+                          " unaligned (L1 index " + std::to_string(l1_index) + ")");
+  }
+  return l2;
+}
+
+uint64_t Qcow2Image::slice_offset(uint64_t l2_table, uint64_t offset) const {
+  uint64_t slice = geo_.l2_index(offset) >> slice_bits_;
+  return l2_table + slice * cache_sizes_.l2_entry_size;
+}
+
+Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host, uint64_t offset,
+                                      uint64_t max_bytes) const {
+  const uint64_t entries_per_slice = 1ull << slice_bits_;
+  uint64_t index = geo_.l2_index(offset) & (entries_per_slice - 1);
+  // Never map past the end of this slice.
+  uint64_t in_cluster = geo_.offset_into_cluster(offset);
+  max_bytes = std::min(max_bytes, (entries_per_slice - index) * geo_.cluster_size - in_cluster);
+
+  auto entry = [&](uint64_t i, uint64_t& l2e, uint64_t& bitmap) {
+    const uint8_t* p = slice + i * geo_.l2_entry_size;
+    l2e = load_be64(p);
+    bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+  };
+  auto bad_entry = [&](uint64_t i, uint64_t l2e, const char* why) {
+    return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 entry " + hex(l2e) + " (L2 slice " +
+                          hex(slice_host) + ", index " + std::to_string(i) + "): " + why);
+  };
+
+  uint64_t l2e, bitmap;
+  entry(index, l2e, bitmap);
+  uint32_t sc = geo_.subcluster_index(offset);
+  SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_);
+  Mapping m;
+  m.type = type;
+  if (type == SubclusterType::kInvalid) return bad_entry(index, l2e, "invalid flag combination");
+  if (type == SubclusterType::kCompressed) {
+    if (header_.has_data_file()) return bad_entry(index, l2e, "compressed cluster in an image with a data file");
+    m.host_offset = l2e;
+    m.bytes = std::min(max_bytes, geo_.cluster_size - in_cluster);
+    return m;
+  }
+  uint64_t host = l2e & kL2OffsetMask;
+  bool has_host = type == SubclusterType::kNormal || type == SubclusterType::kZeroAlloc ||
+                  type == SubclusterType::kUnallocatedAlloc;
+  if (has_host && (host & (geo_.cluster_size - 1))) {
+    return bad_entry(index, l2e, "cluster allocation offset is not cluster aligned");
+  }
+  if (has_host) m.host_offset = host + in_cluster;
+  m.copied = (l2e & kOflagCopied) != 0;
+
+  // Extend the run over following subclusters and clusters of the same type
+  // (and, where there is a host offset, physically contiguous).
+  uint64_t run = geo_.subcluster_size - (offset & (geo_.subcluster_size - 1));
+  uint32_t per_cluster = geo_.extended_l2 ? kSubclustersPerCluster : 1;
+  uint64_t i = index;
+  uint32_t next_sc = geo_.extended_l2 ? sc + 1 : 1;
+  uint64_t expected_host = host;
+  while (run < max_bytes) {
+    if (next_sc == per_cluster) {
+      if (++i >= entries_per_slice) break;
+      entry(i, l2e, bitmap);
+      next_sc = 0;
+      expected_host += geo_.cluster_size;
+      if (has_host && (l2e & kL2OffsetMask) != expected_host) break;
+      if (((l2e & kOflagCopied) != 0) != m.copied) break;
+    }
+    if (subcluster_type(geo_, l2e, bitmap, next_sc, v3_) != type) break;
+    run += geo_.subcluster_size;
+    ++next_sc;
+  }
+  m.bytes = std::min(run, max_bytes);
+  return m;
+}
+
+bool Qcow2Image::map_fast(uint64_t offset, uint64_t max_bytes, Result<Mapping>& out) {
+  auto l2 = l2_table_of(offset);
+  if (!l2.ok()) {
+    out = std::move(l2).error();
+    return true;
+  }
+  if (*l2 == 0) {
+    // No L2 table: unallocated up to the end of this L1 entry's coverage.
+    uint64_t coverage = geo_.l1_entry_coverage();
+    uint64_t left = coverage - (offset & (coverage - 1));
+    out = Mapping{.type = SubclusterType::kUnallocatedPlain, .bytes = std::min(left, max_bytes)};
+    return true;
+  }
+  uint64_t slice = slice_offset(*l2, offset);
+  const uint8_t* data = l2_cache_->lookup(slice);
+  if (!data) return false;
+  out = decode_l2(data, slice, offset, max_bytes);
+  return true;
+}
+
+Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) {
+  auto guard = co_await lock_.scoped_lock();
+  // Re-read the L1 entry under the lock: it may have changed while waiting.
+  auto l2 = l2_table_of(offset);
+  if (!l2.ok()) co_return std::move(l2).error();
+  if (*l2 == 0) {
+    Result<Mapping> m = Mapping{};
+    map_fast(offset, max_bytes, m);
+    co_return m;
+  }
+  uint64_t slice = slice_offset(*l2, offset);
+  auto ref = co_await l2_cache_->get(slice);
+  if (!ref.ok()) co_return std::move(ref).error();
+  co_return decode_l2(ref->data(), slice, offset, max_bytes);
+}
+
+Task<Result<Mapping>> Qcow2Image::map_range(uint64_t offset, uint64_t max_bytes) {
+  Result<Mapping> m = Mapping{};
+  if (map_fast(offset, max_bytes, m)) co_return m;
+  co_return co_await map_slow(offset, max_bytes);
+}
+
+// ---------------------------------------------------------------------------
+// Reads.
+
+Task<Status> Qcow2Image::read(uint64_t offset, std::span<std::byte> buf) {
+  if (closed_) co_return Error(EBADF, file_->name() + " is closed");
+  if (offset > size_ || buf.size() > size_ - offset) {
+    co_return Error(EINVAL, "read of " + std::to_string(buf.size()) + " bytes at " +
+                                std::to_string(offset) + " is beyond the end of the disk (" +
+                                std::to_string(size_) + " bytes)");
+  }
+  while (!buf.empty()) {
+    Result<Mapping> m = Mapping{};
+    if (!map_fast(offset, buf.size(), m)) m = co_await map_slow(offset, buf.size());
+    if (!m.ok()) co_return std::move(m).error();
+    size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
+    assert(n > 0 && "a mapping always covers at least one byte");
+    if (m->type == SubclusterType::kNormal && header_.crypt_method == CryptMethod::kNone) {
+      // The hot path: straight from the mapping to the data file's read.
+      UQ_CO_TRY(co_await data_file_->co_read(m->host_offset, buf.first(n)));
+    } else {
+      UQ_CO_TRY(co_await read_mapped(*m, offset, buf.first(n)));
+    }
+    offset += n;
+    buf = buf.subspan(n);
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::read_mapped(const Mapping& m, uint64_t offset, std::span<std::byte> buf) {
+  switch (m.type) {
+    case SubclusterType::kZeroPlain:
+    case SubclusterType::kZeroAlloc:
+      std::memset(buf.data(), 0, buf.size());
+      co_return Status();
+    case SubclusterType::kUnallocatedPlain:
+    case SubclusterType::kUnallocatedAlloc:
+      co_return co_await read_backing(offset, buf);
+    case SubclusterType::kCompressed:
+      co_return co_await read_compressed(m.host_offset, offset, buf);
+    case SubclusterType::kNormal:
+      if (header_.crypt_method != CryptMethod::kNone) {
+        co_return Error(ENOTSUP, file_->name() + ": reading encrypted qcow2 data is not "
+                                                 "supported yet");
+      }
+      co_return co_await data_file_->co_read(m.host_offset, buf);
+    case SubclusterType::kInvalid:
+      break;
+  }
+  co_return corruption("invalid mapping");
+}
+
+Task<Status> Qcow2Image::read_backing(uint64_t offset, std::span<std::byte> buf) {
+  uint64_t backing_size = backing_ ? backing_->size() : 0;
+  size_t from_backing = offset < backing_size
+                            ? static_cast<size_t>(std::min<uint64_t>(buf.size(), backing_size - offset))
+                            : 0;
+  if (from_backing > 0) UQ_CO_TRY(co_await backing_->read(offset, buf.first(from_backing)));
+  // Past the end of a shorter backing file (or with none) the disk reads zeros.
+  std::memset(buf.data() + from_backing, 0, buf.size() - from_backing);
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::read_compressed(uint64_t l2e, uint64_t offset, std::span<std::byte> buf) {
+  uint64_t coffset = geo_.compressed_offset(l2e);
+  uint64_t csize = geo_.compressed_size(l2e);  // at most 2 clusters, by the field width
+  if (coffset + csize > (1ull << 56)) {
+    co_return corruption("compressed cluster at " + hex(coffset) + " lies beyond the maximum offset");
+  }
+  std::vector<uint8_t> in(csize);
+  std::vector<uint8_t> out(geo_.cluster_size);
+  UQ_CO_TRY(co_await file_->co_read(coffset, as_bytes(in)));
+  Status s = decompress_cluster(header_.compression_type, in, out);
+  if (!s.ok()) co_return corruption("compressed cluster at " + hex(coffset) + ": " + s.message());
+  std::memcpy(buf.data(), out.data() + geo_.offset_into_cluster(offset), buf.size());
+  co_return Status();
+}
+
+Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max_len) {
+  if (offset >= size_) co_return Error(EINVAL, "block status beyond the end of the disk");
+  max_len = std::min(max_len, size_ - offset);
+  auto m = co_await map_range(offset, max_len);
+  if (!m.ok()) co_return std::move(m).error();
+  BlockStatus st;
+  st.length = m->bytes;
+  switch (m->type) {
+    case SubclusterType::kNormal:
+      st.kind = BlockStatus::Kind::kData;
+      st.has_offset = true;
+      st.host_offset = m->host_offset;
+      st.file = &data_file_->name();
+      break;
+    case SubclusterType::kCompressed:
+      st.kind = BlockStatus::Kind::kData;
+      st.compressed = true;
+      break;
+    case SubclusterType::kZeroAlloc:
+      st.kind = BlockStatus::Kind::kZero;
+      st.has_offset = true;
+      st.host_offset = m->host_offset;
+      st.file = &data_file_->name();
+      break;
+    case SubclusterType::kZeroPlain:
+      st.kind = BlockStatus::Kind::kZero;
+      break;
+    default:
+      st.kind = BlockStatus::Kind::kUnallocated;
+      break;
+  }
+  co_return st;
+}
+
+Task<Status> Qcow2Image::flush() {
+  if (options_.read_only || closed_) co_return Status();
+  auto guard = co_await lock_.scoped_lock();
+  // Dependency order is recorded in the caches: flushing L2 first writes the
+  // refcount blocks it depends on (and syncs) before the L2 tables.
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  if (data_file_ != file_.get()) UQ_CO_TRY(co_await data_file_->co_flush());
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::process_discards() {
+  // Called under the lock right after the refcounts dropped to zero, so the
+  // clusters cannot have been reallocated yet.
+  std::vector<uint64_t> pending;
+  pending.swap(pending_discards_);
+  for (uint64_t offset : pending) {
+    (void)co_await file_->co_discard(offset, geo_.cluster_size);  // advisory
+  }
+  co_return Status();
+}
+
+// ---------------------------------------------------------------------------
+// Lifetime.
+
+Task<void> Qcow2Image::clean_timer() {
+  const uint64_t ns = options_.cache_clean_interval * 1000000000ull;
+  while (!closing_) {
+    uring::TimeoutOp sleep(ns);
+    clean_sleep_ = &sleep;
+    int r = co_await sleep;
+    clean_sleep_ = nullptr;
+    if (closing_ || r == -ECANCELED) break;
+    l2_cache_->clean_unused();
+    refcount_cache_->clean_unused();
+  }
+}
+
+Task<Status> Qcow2Image::close() {
+  if (closed_) co_return Status();
+  closing_ = true;
+  if (clean_sleep_) (void)co_await uring::TimeoutRemoveOp(clean_sleep_);
+  co_await background_.join();
+  Status status = co_await flush();
+  if (status.ok() && marked_dirty_ && !corrupt_) {
+    // Everything is on disk: the refcounts are consistent again.
+    status = co_await write_header_incompatible(header_.incompatible_features & ~kIncompatDirty);
+    if (status.ok()) status = co_await file_->co_flush();
+    marked_dirty_ = false;
+  }
+  if (backing_) {
+    Status b = co_await backing_->close();
+    if (status.ok() && !b.ok()) status = b;
+  }
+  closed_ = true;
+  co_return status;
+}
+
+Result<uint64_t> Qcow2Image::allocated_bytes() const {
+  auto a = file_->allocated_bytes();
+  if (!a.ok() || !data_file_storage_) return a;
+  auto d = data_file_storage_->allocated_bytes();
+  if (!d.ok()) return d;
+  return *a + *d;
+}
+
+}  // namespace uqcow::qcow2

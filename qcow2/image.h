@@ -1,0 +1,229 @@
+// Qcow2Image: a qcow2 image opened on the calling thread's reactor.
+//
+// Concurrency model (single reactor thread, cooperative):
+// - `lock_` (a CoMutex, QEMU's s->lock) serialises every operation that
+//   changes or loads metadata across suspension points: L2/refcount cache
+//   misses, allocations, metadata writes.
+// - The read hot path takes no lock: it maps the request through the
+//   in-memory L1 table and the L2 cache's lookup(), which neither allocates
+//   nor suspends, and goes straight to the data file's read. Only on an L2
+//   cache miss does it take the lock to load the slice.
+// - Invariant that makes this safe: the in-memory L1 table and every cached
+//   L2 slice are always a consistent, fully initialised view of the mapping;
+//   a slice pointer from lookup() is used before the next suspension point
+//   and never kept.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/co_mutex.h"
+#include "engine/task_group.h"
+#include "qcow2/cache.h"
+#include "qcow2/create.h"
+#include "qcow2/disk.h"
+#include "qcow2/header.h"
+#include "qcow2/options.h"
+#include "qcow2/overlap.h"
+#include "qcow2/snapshot.h"
+#include "uring/block_device.h"
+#include "uring/ops.h"
+
+namespace uqcow::qcow2 {
+
+// A contiguous guest range with one mapping, QEMU's qcow2_get_host_offset().
+struct Mapping {
+  SubclusterType type = SubclusterType::kUnallocatedPlain;
+  bool copied = false;       // the host cluster has refcount 1 (OFLAG_COPIED)
+  uint64_t host_offset = 0;  // for kNormal/kZeroAlloc/kUnallocatedAlloc: host
+                             // byte offset of the guest offset; kCompressed:
+                             // the raw L2 entry
+  uint64_t bytes = 0;        // length of the run from the guest offset
+};
+
+struct CacheSizes {
+  uint64_t l2_cache_bytes = 0;
+  uint32_t l2_entry_size = 0;
+  uint64_t refcount_cache_bytes = 0;
+};
+
+// QEMU's read_cache_sizes() for Linux: by default an L2 cache that covers the
+// whole disk, capped at 32 MiB, 4 KiB slices, and 4 clusters of refcounts.
+Result<CacheSizes> compute_cache_sizes(const Header& h, const OpenOptions& o);
+
+class Qcow2Image final : public Disk {
+ public:
+  // Opens the image in `file`. `open_backing` opens a backing file by
+  // (resolved path, format or "") and is called for the backing chain.
+  using BackingOpener = std::function<Task<Result<std::unique_ptr<Disk>>>(
+      const std::string& path, const std::string& format)>;
+  static Task<Result<std::unique_ptr<Qcow2Image>>> open(std::unique_ptr<BlockDevice> file,
+                                                        OpenOptions options,
+                                                        BackingOpener open_backing);
+  ~Qcow2Image() override;
+
+  uint64_t size() const override { return size_; }
+  bool read_only() const override { return options_.read_only; }
+  std::string format_name() const override { return "qcow2"; }
+  const std::string& filename() const override { return file_->name(); }
+  Disk* backing() const override { return backing_.get(); }
+
+  Task<Status> read(uint64_t offset, std::span<std::byte> buf) override;
+  Task<Status> write(uint64_t offset, std::span<const std::byte> buf) override;
+  Task<Status> write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
+  Task<Status> discard(uint64_t offset, uint64_t len) override;
+  Task<Status> flush() override;
+  Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t max_len) override;
+  Task<Status> close() override;
+  Result<uint64_t> allocated_bytes() const override;
+
+  // Writes whole clusters compressed (qemu-io write -c, convert -c). Only
+  // unallocated clusters can be written this way (EIO otherwise, as QEMU);
+  // an incompressible cluster is written normally.
+  Task<Status> write_compressed(uint64_t offset, std::span<const std::byte> buf);
+  // Allocates every cluster of a freshly created image (create.h).
+  Task<Status> preallocate(Preallocation mode);
+
+  const Header& header() const { return header_; }
+  const Geometry& geometry() const { return geo_; }
+  const std::vector<Snapshot>& snapshots() const { return snapshots_; }
+  const CacheSizes& cache_sizes() const { return cache_sizes_; }
+  const MetadataCache& l2_cache() const { return *l2_cache_; }
+  const std::string& data_file_name() const;
+  // The full path of the backing file as resolved at open ("" if none).
+  const std::string& backing_path() const { return backing_path_; }
+
+  // Maps [offset, offset + max_bytes) up to the end of one L2 slice. Takes
+  // the lock only on an L2 cache miss.
+  Task<Result<Mapping>> map_range(uint64_t offset, uint64_t max_bytes);
+
+ private:
+  Qcow2Image(std::unique_ptr<BlockDevice> file, OpenOptions options);
+
+  Task<Status> load(BackingOpener& open_backing);
+  Task<Status> prepare_read_write();
+  // Rebuilds refcounts of an image left dirty (lazy refcounts) by a crash.
+  Task<Status> repair_after_crash();
+  Task<Status> load_snapshots();
+  Task<Status> select_snapshot(const std::string& id_or_name);
+  Task<Status> load_l1(uint64_t offset, uint32_t entries);
+
+  // Decodes the mapping of `offset` from an L2 slice (no I/O, no lock).
+  Result<Mapping> decode_l2(const uint8_t* slice, uint64_t slice_host_offset, uint64_t offset,
+                            uint64_t max_bytes) const;
+  bool map_fast(uint64_t offset, uint64_t max_bytes, Result<Mapping>& out);
+  Task<Result<Mapping>> map_slow(uint64_t offset, uint64_t max_bytes);
+  // Host offset of the L2 slice that maps `offset`, given its L2 table.
+  uint64_t slice_offset(uint64_t l2_table_offset, uint64_t offset) const;
+  Result<uint64_t> l2_table_of(uint64_t offset) const;  // 0 = no L2 table
+
+  // --- Write path (alloc.cc, zero.cc) --------------------------------------
+  // QEMU's QCowL2Meta: a guest range whose clusters are being allocated and
+  // linked. Requests overlapping it wait on `waiters` and restart.
+  struct InFlightAlloc {
+    uint64_t start = 0, end = 0;  // guest bytes, cluster aligned
+    CoQueue waiters;
+    InFlightAlloc* prev = nullptr;
+    InFlightAlloc* next = nullptr;
+  };
+  struct ClusterPlan;
+  Status check_writable(uint64_t offset, uint64_t len) const;
+  // Handles a prefix of the write under the lock; returns the bytes done.
+  Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
+  Task<Status> wait_for_dependencies(uint64_t offset, uint64_t& len, CoMutex::Guard& guard,
+                                     bool& waited);
+  Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
+  Task<Status> write_l1_entry(uint64_t l1_index);
+  Task<Result<size_t>> write_run(const ClusterPlan& plan, uint64_t offset,
+                                 std::span<const std::byte> buf, CoMutex::Guard& guard);
+  Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
+  Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
+                       uint64_t tail_end);
+  Task<Status> free_cluster_entry(uint64_t l2e, bool discard);
+  void inflight_add(InFlightAlloc& a);
+  void inflight_remove(InFlightAlloc& a);
+  Task<Status> mark_dirty_for_lazy_refcounts();
+  Task<Status> write_header_incompatible(uint64_t bits);
+  Task<Status> zero_clusters(uint64_t offset, uint64_t len, bool may_unmap, bool discard_mode);
+  Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
+
+  // --- Refcounts (refcount.cc) ----------------------------------------------
+  Task<Status> load_refcount_table();
+  Task<Result<MetadataCache::Ref>> load_refcount_block(uint64_t rt_index);
+  Task<Result<uint64_t>> get_refcount(uint64_t cluster_index);
+  Task<Result<uint64_t>> find_free_clusters(uint64_t n);
+  Task<Result<uint64_t>> alloc_clusters(uint64_t n);
+  Task<Result<uint64_t>> alloc_bytes(uint64_t size);
+  Task<Result<MetadataCache::Ref>> refcount_block_for(uint64_t cluster_index, bool& allocated_block);
+  // Adds delta to every cluster touching [offset, offset + length). Freed
+  // clusters are queued for discard passthrough when `discard_freed`.
+  Task<Status> update_refcount(uint64_t offset, uint64_t length, int64_t delta, bool discard_freed);
+  Task<Status> grow_refcount_table(uint64_t min_entries);
+  Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
+  Task<Status> process_discards();
+
+  // --- Overlap check (overlap.cc) --------------------------------------------
+  Status check_metadata_write(uint64_t offset, uint64_t length, const char* what);
+  Status check_data_write(uint64_t offset, uint64_t length);
+  void overlap_add(uint64_t offset, uint64_t length, const char* what);
+  void overlap_remove(uint64_t offset, uint64_t length);
+  Task<Status> build_metadata_regions();
+  Task<Status> mark_corrupt(const std::string& why);
+
+  Task<Status> read_mapped(const Mapping& m, uint64_t offset, std::span<std::byte> buf);
+  Task<Status> read_backing(uint64_t offset, std::span<std::byte> buf);
+  Task<Status> read_compressed(uint64_t l2_entry, uint64_t offset, std::span<std::byte> buf);
+  Error corruption(const std::string& what);
+  Task<void> clean_timer();
+
+  std::unique_ptr<BlockDevice> file_;
+  std::unique_ptr<BlockDevice> data_file_storage_;  // external data file, if any
+  BlockDevice* data_file_ = nullptr;                // file_ or the external one
+  std::string data_file_path_;
+  OpenOptions options_;
+  Header header_;
+  Geometry geo_;
+  uint64_t size_ = 0;
+  bool v3_ = true;
+  std::vector<uint64_t> l1_;  // host-endian copy of the active (or snapshot) L1
+  std::vector<Snapshot> snapshots_;
+  std::unique_ptr<Disk> backing_;
+  std::string backing_path_;
+  CacheSizes cache_sizes_;
+  std::unique_ptr<MetadataCache> l2_cache_;
+  std::unique_ptr<MetadataCache> refcount_cache_;
+  uint32_t slice_bits_ = 0;         // log2(L2 entries per slice)
+  // Write-path state.
+  std::vector<uint64_t> reftable_;    // host-endian copy of the refcount table
+  uint32_t refblock_bits_ = 0;        // log2(refcounts per block)
+  uint64_t free_cluster_index_ = 0;   // no free cluster below this one
+  uint64_t free_byte_offset_ = 0;     // partly used cluster for compressed data
+  uint64_t alloc_end_ = 0;            // end of the highest allocated cluster
+  std::vector<uint64_t> pending_discards_;  // freed clusters to punch
+  InFlightAlloc* inflight_ = nullptr;
+  MetadataRegions regions_;
+  // Routes the caches' metadata writes through the overlap check.
+  struct CacheWriteCheck final : MetadataWriteCheck {
+    Qcow2Image* image;
+    const char* what;
+    CacheWriteCheck(Qcow2Image* i, const char* w) : image(i), what(w) {}
+    Status check_metadata_write(uint64_t offset, uint64_t length, const char*) override {
+      return image->check_metadata_write(offset, length, what);
+    }
+  };
+  CacheWriteCheck l2_write_check_{this, "L2 table"};
+  CacheWriteCheck refcount_write_check_{this, "refcount block"};
+  bool lazy_refcounts_ = false;
+  bool marked_dirty_ = false;         // dirty bit set on disk (lazy refcounts)
+  bool corrupt_ = false;              // writes refused after an overlap
+  CoMutex lock_;
+  TaskGroup background_;
+  uring::TimeoutOp* clean_sleep_ = nullptr;  // the clean timer's pending sleep
+  bool closing_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace uqcow::qcow2

@@ -1,0 +1,21 @@
+// Opening any supported image: format probing (qcow2 magic, else raw, as
+// qemu-img does), `-f` to force the format, and the backing chain.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "qcow2/disk.h"
+#include "qcow2/options.h"
+
+namespace uqcow {
+
+// Returns "qcow2" or "raw" for the file at `path` by its first bytes.
+Result<std::string> probe_format(const std::string& path);
+
+// Opens `path` with `options` (options.format forces the format). Backing
+// files open read-only with the same cache mode and their own probed or
+// recorded format; a loop in the chain is an error.
+Task<Result<std::unique_ptr<Disk>>> open_disk(const std::string& path, OpenOptions options);
+
+}  // namespace uqcow

@@ -1,0 +1,100 @@
+#include "qcow2/options.h"
+
+#include <cmath>
+#include <cstdlib>
+
+namespace uqcow {
+
+Result<uint64_t> parse_size(const std::string& text, const std::string& what) {
+  if (text.empty()) return Error(EINVAL, what + ": empty size");
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || errno != 0 || v < 0 || std::isnan(v)) {
+    return Error(EINVAL, what + ": '" + text + "' is not a size");
+  }
+  std::string suffix(end);
+  uint64_t mult = 1;
+  if (suffix.empty() || suffix == "b" || suffix == "B") {
+    mult = 1;
+  } else if (suffix.size() == 1 || (suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b'))) {
+    switch (suffix[0]) {
+      case 'k': case 'K': mult = 1ull << 10; break;
+      case 'm': case 'M': mult = 1ull << 20; break;
+      case 'g': case 'G': mult = 1ull << 30; break;
+      case 't': case 'T': mult = 1ull << 40; break;
+      case 'p': case 'P': mult = 1ull << 50; break;
+      case 'e': case 'E': mult = 1ull << 60; break;
+      default: return Error(EINVAL, what + ": unknown size suffix in '" + text + "'");
+    }
+  } else {
+    return Error(EINVAL, what + ": unknown size suffix in '" + text + "'");
+  }
+  double bytes = v * static_cast<double>(mult);
+  if (bytes >= 18446744073709551615.0) return Error(ERANGE, what + ": '" + text + "' is too large");
+  if (mult == 1 && v != std::floor(v)) {
+    return Error(EINVAL, what + ": '" + text + "' is not a whole number of bytes");
+  }
+  return static_cast<uint64_t>(bytes);
+}
+
+Result<OverlapCheck> parse_overlap_check(const std::string& value) {
+  if (value == "none") return OverlapCheck::kNone;
+  if (value == "constant") return OverlapCheck::kConstant;
+  if (value == "cached") return OverlapCheck::kCached;
+  if (value == "all") return OverlapCheck::kAll;
+  return Error(EINVAL, "overlap-check: '" + value + "' is not one of none, constant, cached, all");
+}
+
+namespace {
+Result<bool> parse_bool(const std::string& key, const std::string& v) {
+  if (v == "on" || v == "true" || v == "1" || v == "yes") return true;
+  if (v == "off" || v == "false" || v == "0" || v == "no") return false;
+  return Error(EINVAL, key + ": '" + v + "' is not on/off");
+}
+}  // namespace
+
+Status apply_open_option(OpenOptions& o, const std::string& key, const std::string& value) {
+  auto size = [&](std::optional<uint64_t>& field) -> Status {
+    auto r = parse_size(value, key);
+    if (!r.ok()) return std::move(r).error();
+    field = *r;
+    return Status();
+  };
+  auto flag = [&](bool& field) -> Status {
+    auto r = parse_bool(key, value);
+    if (!r.ok()) return std::move(r).error();
+    field = *r;
+    return Status();
+  };
+  if (key == "l2-cache-size") return size(o.l2_cache_size);
+  if (key == "l2-cache-entry-size") return size(o.l2_cache_entry_size);
+  if (key == "refcount-cache-size") return size(o.refcount_cache_size);
+  if (key == "cache-clean-interval") {
+    char* end = nullptr;
+    unsigned long long v = std::strtoull(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0') {
+      return Error(EINVAL, "cache-clean-interval: '" + value + "' is not a number of seconds");
+    }
+    o.cache_clean_interval = v;
+    return Status();
+  }
+  if (key == "lazy-refcounts") {
+    bool b = false;
+    UQ_TRY(flag(b));
+    o.lazy_refcounts = b;
+    return Status();
+  }
+  if (key == "overlap-check") {
+    auto r = parse_overlap_check(value);
+    if (!r.ok()) return std::move(r).error();
+    o.overlap_check = *r;
+    return Status();
+  }
+  if (key == "pass-discard-request") return flag(o.pass_discard_request);
+  if (key == "pass-discard-snapshot") return flag(o.pass_discard_snapshot);
+  if (key == "pass-discard-other") return flag(o.pass_discard_other);
+  return Error(EINVAL, "unknown runtime option '" + key + "'");
+}
+
+}  // namespace uqcow

@@ -1,0 +1,321 @@
+// Refcounts: QEMU's qcow2-refcount.c. Member functions of Qcow2Image that
+// read and change reference counts and allocate host clusters. All of them
+// run with the image's metadata lock held.
+//
+// On-disk invariants kept here:
+// - A refcount block reaches the disk before the refcount table entry that
+//   points at it (refcount_block_for).
+// - A new refcount table and its blocks reach the disk before the header
+//   points at them; the old table is freed only afterwards
+//   (grow_refcount_table). A crash at any point leaves a consistent image
+//   that at most leaks clusters.
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+#include "qcow2/refcount_entry.h"
+
+namespace uqcow::qcow2 {
+namespace {
+std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
+  return {reinterpret_cast<std::byte*>(v.data()), v.size()};
+}
+std::string hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
+  return buf;
+}
+}  // namespace
+
+Task<Status> Qcow2Image::load_refcount_table() {
+  // refcount_table_clusters is bounded to 8 MiB by parse_header.
+  uint64_t bytes = uint64_t{header_.refcount_table_clusters} << geo_.cluster_bits;
+  std::vector<uint8_t> raw(bytes);
+  UQ_CO_TRY(co_await file_->co_read(header_.refcount_table_offset, as_bytes(raw)));
+  reftable_.resize(bytes / 8);
+  for (size_t i = 0; i < reftable_.size(); ++i) reftable_[i] = load_be64(&raw[i * 8]);
+  refblock_bits_ = geo_.cluster_bits + 3 - header_.refcount_order;
+  auto len = file_->length();
+  if (!len.ok()) co_return std::move(len).error();
+  alloc_end_ = (*len + geo_.cluster_size - 1) & ~(geo_.cluster_size - 1);
+  co_return Status();
+}
+
+Task<Result<MetadataCache::Ref>> Qcow2Image::load_refcount_block(uint64_t rt_index) {
+  uint64_t block = reftable_[rt_index] & kReftableOffsetMask;
+  if (block & (geo_.cluster_size - 1)) {
+    co_return corruption("refcount block offset " + hex(block) + " unaligned (refcount table index " +
+                         std::to_string(rt_index) + ")");
+  }
+  co_return co_await refcount_cache_->get(block);
+}
+
+Task<Result<uint64_t>> Qcow2Image::get_refcount(uint64_t cluster_index) {
+  uint64_t rt = cluster_index >> refblock_bits_;
+  if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) co_return uint64_t{0};
+  uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
+  // Fast probe of the cache before the (suspending) load.
+  if (const uint8_t* b = refcount_cache_->lookup(reftable_[rt] & kReftableOffsetMask)) {
+    co_return get_refcount_entry(b, in_block, header_.refcount_order);
+  }
+  auto ref = co_await load_refcount_block(rt);
+  if (!ref.ok()) co_return std::move(ref).error();
+  co_return get_refcount_entry(ref->data(), in_block, header_.refcount_order);
+}
+
+Task<Result<uint64_t>> Qcow2Image::find_free_clusters(uint64_t n) {
+  // QEMU's alloc_clusters_noref: the first run of n clusters with refcount 0
+  // at or after free_cluster_index_. Clusters no refcount block covers are
+  // free, so the scan skips them a block at a time.
+  uint64_t start = free_cluster_index_;
+  uint64_t run = 0;
+  const uint64_t per_block = 1ull << refblock_bits_;
+  while (run < n) {
+    uint64_t idx = start + run;
+    uint64_t rt = idx >> refblock_bits_;
+    if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) {
+      uint64_t block_end = (rt + 1) * per_block;
+      run = std::min(n, block_end - start);
+      continue;
+    }
+    auto rc = co_await get_refcount(idx);
+    if (!rc.ok()) co_return std::move(rc).error();
+    if (*rc == 0) {
+      ++run;
+    } else {
+      start = idx + 1;
+      run = 0;
+    }
+    if ((start + run) << geo_.cluster_bits >= (1ull << 56)) {
+      co_return Error(ENOSPC, file_->name() + ": no free clusters below the 64 PiB limit");
+    }
+  }
+  free_cluster_index_ = start + n;
+  alloc_end_ = std::max(alloc_end_, (start + n) << geo_.cluster_bits);
+  co_return start << geo_.cluster_bits;
+}
+
+Task<Result<uint64_t>> Qcow2Image::alloc_clusters(uint64_t n) {
+  while (true) {
+    auto offset = co_await find_free_clusters(n);
+    if (!offset.ok()) co_return offset;
+    Status s = co_await update_refcount(*offset, n << geo_.cluster_bits, +1, false);
+    if (s.ok()) co_return offset;
+    // EAGAIN: allocating a refcount block took some of the clusters we
+    // found; search again (QEMU's retry loop).
+    if (s.code() != EAGAIN) co_return s.error();
+  }
+}
+
+Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster_index,
+                                                                bool& allocated_block) {
+  uint64_t rt = cluster_index >> refblock_bits_;
+  while (rt >= reftable_.size()) {
+    UQ_CO_TRY(co_await grow_refcount_table(rt + 1));
+  }
+  if ((reftable_[rt] & kReftableOffsetMask) != 0) co_return co_await load_refcount_block(rt);
+
+  // No block covers this cluster yet: allocate one. It may describe itself.
+  allocated_block = true;
+  auto found = co_await find_free_clusters(1);
+  if (!found.ok()) co_return std::move(found).error();
+  uint64_t block = *found;
+  uint64_t block_index = block >> geo_.cluster_bits;
+  UQ_CO_TRY(check_metadata_write(block, geo_.cluster_size, "refcount block"));
+  MetadataCache::Ref ref;
+  if ((block_index >> refblock_bits_) == rt) {
+    auto fresh = co_await refcount_cache_->get(block, /*fresh=*/true);
+    if (!fresh.ok()) co_return std::move(fresh).error();
+    ref = std::move(fresh).value();
+    set_refcount_entry(ref.data(), block_index & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
+  } else {
+    // Counted by another block (allocated on demand by this same path).
+    UQ_CO_TRY(co_await update_refcount(block, geo_.cluster_size, +1, false));
+    auto fresh = co_await refcount_cache_->get(block, /*fresh=*/true);
+    if (!fresh.ok()) co_return std::move(fresh).error();
+    ref = std::move(fresh).value();
+  }
+  refcount_cache_->mark_dirty(ref);
+  // The block must be on disk before the refcount table points at it.
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  reftable_[rt] = block;
+  uint8_t entry[8];
+  store_be64(entry, block);
+  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table"));
+  UQ_CO_TRY(co_await file_->co_write(header_.refcount_table_offset + rt * 8,
+                                     std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8)));
+  overlap_add(block, geo_.cluster_size, "refcount block");
+  co_return ref;
+}
+
+Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64_t delta,
+                                         bool discard_freed) {
+  if (length == 0) co_return Status();
+  const uint64_t first = offset >> geo_.cluster_bits;
+  const uint64_t last = (offset + length - 1) >> geo_.cluster_bits;
+  const uint64_t max = max_refcount(header_.refcount_order);
+  if (delta < 0) {
+    // Freeing: the L2 tables that dropped these references must reach the
+    // disk before the refcount blocks that free the clusters.
+    UQ_CO_TRY(co_await set_cache_dependency(*refcount_cache_, *l2_cache_));
+  }
+  bool retried_block = false;
+  for (uint64_t c = first; c <= last;) {
+    bool allocated_block = false;
+    auto ref = co_await refcount_block_for(c, allocated_block);
+    if (!ref.ok()) co_return std::move(ref).error();
+    if (allocated_block && delta > 0 && !retried_block) {
+      // The new block may have landed on one of the clusters we are about to
+      // count (they were free when found): the caller must search again.
+      uint64_t block_index = ref->offset() >> geo_.cluster_bits;
+      if (block_index >= first && block_index <= last) {
+        retried_block = true;
+        // Undo what this call counted so far.
+        if (c > first) UQ_CO_TRY(co_await update_refcount(offset, (c - first) << geo_.cluster_bits, -delta, false));
+        co_return Error(EAGAIN, "refcount block allocation overlapped the request");
+      }
+    }
+    uint64_t block_end = ((c >> refblock_bits_) + 1) << refblock_bits_;
+    for (; c <= last && c < block_end; ++c) {
+      uint64_t idx = c & ((1ull << refblock_bits_) - 1);
+      uint64_t old = get_refcount_entry(ref->data(), idx, header_.refcount_order);
+      if ((delta < 0 && old < static_cast<uint64_t>(-delta)) ||
+          (delta > 0 && max - old < static_cast<uint64_t>(delta))) {
+        co_return corruption("refcount of cluster " + std::to_string(c) + " would " +
+                             (delta < 0 ? "underflow" : "overflow") + " (refcount " + std::to_string(old) + ")");
+      }
+      uint64_t now = old + static_cast<uint64_t>(delta);
+      set_refcount_entry(ref->data(), idx, header_.refcount_order, now);
+      if (now == 0) {
+        free_cluster_index_ = std::min(free_cluster_index_, c);
+        l2_cache_->discard(c << geo_.cluster_bits);
+        refcount_cache_->discard(c << geo_.cluster_bits);
+        overlap_remove(c << geo_.cluster_bits, geo_.cluster_size);
+        if (discard_freed) pending_discards_.push_back(c << geo_.cluster_bits);
+      }
+    }
+    refcount_cache_->mark_dirty(*ref);
+  }
+  // Punch freed clusters now, under the lock, before anything can reuse
+  // them (a later punch would destroy the new owner's data), as QEMU does.
+  if (!pending_discards_.empty()) UQ_CO_TRY(co_await process_discards());
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
+  // The new table and the refcount blocks that count it (and themselves) go
+  // in a fresh area at the end of the image: [area, area + blocks + table).
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t entries_per_cluster = cs / 8;
+  const uint64_t area = alloc_end_ >> geo_.cluster_bits;
+  uint64_t new_entries = std::max<uint64_t>(min_entries, reftable_.size() + reftable_.size() / 2 + 1);
+  uint64_t blocks = 0;
+  std::vector<uint64_t> uncovered;  // reftable indices that get a new block
+  for (int iter = 0;; ++iter) {
+    uint64_t table_clusters = (new_entries + entries_per_cluster - 1) / entries_per_cluster;
+    uint64_t end = area + blocks + table_clusters;  // exclusive, in clusters
+    uint64_t last_rt = (end - 1) >> refblock_bits_;
+    new_entries = std::max(new_entries, last_rt + 1);
+    uncovered.clear();
+    for (uint64_t rt = area >> refblock_bits_; rt <= last_rt; ++rt) {
+      if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) uncovered.push_back(rt);
+    }
+    uint64_t new_table_clusters = (new_entries + entries_per_cluster - 1) / entries_per_cluster;
+    if (uncovered.size() == blocks && new_table_clusters == table_clusters) break;
+    blocks = uncovered.size();
+    if (iter > 64) co_return Error(EIO, "refcount table growth did not converge");
+  }
+  const uint64_t table_clusters = (new_entries + entries_per_cluster - 1) / entries_per_cluster;
+  if (table_clusters * cs > kMaxRefcountTableBytes) {
+    co_return Error(EFBIG, file_->name() + ": the refcount table would exceed 8 MiB");
+  }
+  const uint64_t table_offset = (area + blocks) * cs;
+  const uint64_t end = area + blocks + table_clusters;
+
+  // Build the new blocks: refcount 1 for every area cluster they cover.
+  std::vector<uint8_t> block_buf(blocks * cs, 0);
+  std::vector<uint64_t> table(table_clusters * entries_per_cluster, 0);
+  std::copy(reftable_.begin(), reftable_.end(), table.begin());
+  for (uint64_t b = 0; b < blocks; ++b) {
+    uint64_t rt = uncovered[b];
+    table[rt] = (area + b) * cs;
+    uint64_t lo = std::max(area, rt << refblock_bits_);
+    uint64_t hi = std::min(end, (rt + 1) << refblock_bits_);
+    for (uint64_t c = lo; c < hi; ++c) {
+      set_refcount_entry(&block_buf[b * cs], c & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
+    }
+  }
+  // Area clusters that existing blocks cover are counted through the cache.
+  for (uint64_t c = area; c < end; ++c) {
+    uint64_t rt = c >> refblock_bits_;
+    if (rt < reftable_.size() && (reftable_[rt] & kReftableOffsetMask) != 0) {
+      auto ref = co_await load_refcount_block(rt);
+      if (!ref.ok()) co_return std::move(ref).error();
+      set_refcount_entry(ref->data(), c & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
+      refcount_cache_->mark_dirty(*ref);
+    }
+  }
+  std::vector<uint8_t> table_buf(table_clusters * cs);
+  for (uint64_t i = 0; i < table.size(); ++i) store_be64(&table_buf[i * 8], table[i]);
+
+  UQ_CO_TRY(check_metadata_write(area * cs, (end - area) * cs, "refcount table growth"));
+  if (blocks) UQ_CO_TRY(co_await file_->co_write(area * cs, as_bytes(block_buf)));
+  UQ_CO_TRY(co_await file_->co_write(table_offset, as_bytes(table_buf)));
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  // Switch the header to the new table in one write of both fields.
+  uint8_t fields[12];
+  store_be64(fields, table_offset);
+  store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
+  UQ_CO_TRY(co_await file_->co_write(48, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
+  UQ_CO_TRY(co_await file_->co_flush());
+
+  const uint64_t old_offset = header_.refcount_table_offset;
+  const uint64_t old_clusters = header_.refcount_table_clusters;
+  overlap_remove(old_offset, old_clusters * cs);
+  header_.refcount_table_offset = table_offset;
+  header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+  reftable_ = std::move(table);
+  alloc_end_ = std::max(alloc_end_, end * cs);
+  overlap_add(table_offset, table_clusters * cs, "refcount table");
+  for (uint64_t b = 0; b < blocks; ++b) overlap_add((area + b) * cs, cs, "refcount block");
+  // Only now can the old table go.
+  co_return co_await update_refcount(old_offset, old_clusters * cs, -1, true);
+}
+
+Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
+  // QEMU's qcow2_alloc_bytes: pack compressed clusters into a partly used
+  // host cluster; each host cluster touched gains one reference.
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t offset = free_byte_offset_;
+  if (offset) {
+    auto rc = co_await get_refcount(offset >> geo_.cluster_bits);
+    if (!rc.ok()) co_return std::move(rc).error();
+    if (*rc == max_refcount(header_.refcount_order)) offset = 0;
+  }
+  uint64_t free_in_cluster = offset ? cs - (offset & (cs - 1)) : 0;
+  while (true) {
+    if (!offset || free_in_cluster < size) {
+      auto found = co_await find_free_clusters(1);
+      if (!found.ok()) co_return std::move(found).error();
+      if (!offset || ((offset + cs - 1) & ~(cs - 1)) != *found) {
+        offset = *found;
+        free_in_cluster = cs;
+      } else {
+        free_in_cluster += cs;
+      }
+    }
+    Status s = co_await update_refcount(offset, size, +1, false);
+    if (s.ok()) break;
+    if (s.code() != EAGAIN) co_return s.error();
+    offset = 0;
+  }
+  free_byte_offset_ = offset + size;
+  if ((free_byte_offset_ & (cs - 1)) == 0) free_byte_offset_ = 0;
+  co_return offset;
+}
+
+}  // namespace uqcow::qcow2

@@ -1,0 +1,215 @@
+// Zero writes, discards and compressed writes: QEMU's zero_in_l2_slice,
+// discard_in_l2_slice and qcow2_co_pwritev_compressed. Member functions of
+// Qcow2Image.
+#include <algorithm>
+#include <cstring>
+
+#include "qcow2/compress.h"
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+
+namespace uqcow::qcow2 {
+namespace {
+constexpr uint64_t kAllocMask = 0xffffffffull;
+constexpr uint64_t kZeroMask = 0xffffffffull << 32;
+}  // namespace
+
+// Writes explicit zero buffers (the fallback when the metadata cannot say
+// "zero", as QEMU's block layer does on -ENOTSUP).
+static Task<Status> write_zero_buffers(Qcow2Image& img, uint64_t offset, uint64_t len) {
+  std::vector<std::byte> zeros(std::min<uint64_t>(len, 1 << 20));
+  while (len) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
+    UQ_CO_TRY(co_await img.write(offset, std::span<const std::byte>(zeros.data(), n)));
+    offset += n;
+    len -= n;
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) {
+  UQ_CO_TRY(check_writable(offset, len));
+  if (len == 0) co_return Status();
+  if (!v3_) co_return co_await write_zero_buffers(*this, offset, len);  // no zero flag in v2
+  const uint64_t gran = geo_.subcluster_size;
+  uint64_t start = (offset + gran - 1) & ~(gran - 1);
+  uint64_t end = (offset + len) & ~(gran - 1);
+  if (offset + len == size_) end = offset + len;  // the disk's partial last (sub)cluster
+  if (start >= end) co_return co_await write_zero_buffers(*this, offset, len);
+  if (start > offset) UQ_CO_TRY(co_await write_zero_buffers(*this, offset, start - offset));
+  UQ_CO_TRY(co_await zero_clusters(start, end - start, may_unmap, false));
+  if (offset + len > end) UQ_CO_TRY(co_await write_zero_buffers(*this, end, offset + len - end));
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
+  UQ_CO_TRY(check_writable(offset, len));
+  // Only whole clusters are discarded (and the disk's partial last cluster);
+  // partial clusters are left alone, as QEMU does.
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t start = (offset + cs - 1) & ~(cs - 1);
+  uint64_t end = (offset + len) & ~(cs - 1);
+  if (offset + len == size_ && size_ > end) end = size_;
+  if (start >= end) co_return Status();
+  co_return co_await zero_clusters(start, end - start, true, true);
+}
+
+Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_unmap, bool discard_mode) {
+  auto guard = co_await lock_.scoped_lock();
+  UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
+  const uint64_t end = offset + len;
+  std::vector<uint64_t> to_free;
+  while (offset < end) {
+    const uint64_t guest_cluster = geo_.start_of_cluster(offset);
+    const uint64_t chunk_end = std::min(end, guest_cluster + geo_.cluster_size);
+    const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + geo_.cluster_size || chunk_end == size_);
+    auto l2_now = l2_table_of(offset);
+    if (!l2_now.ok()) co_return std::move(l2_now).error();
+    if (discard_mode && *l2_now == 0 && !backing_) {  // nothing allocated here
+      offset = chunk_end;
+      continue;
+    }
+    auto l2 = co_await l2_table_for_write(offset);
+    if (!l2.ok()) co_return std::move(l2).error();
+    const uint64_t slice = slice_offset(*l2, offset);
+    auto ref = co_await l2_cache_->get(slice);
+    if (!ref.ok()) co_return std::move(ref).error();
+    uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+    const uint64_t old = load_be64(p);
+    const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+    const bool compressed = old & kOflagCompressed;
+    const bool allocated = compressed || (old & kL2OffsetMask);
+    uint64_t entry = old, bitmap = old_bitmap;
+    bool free_old = false;
+    if (discard_mode) {
+      if (backing_ || allocated) {
+        entry = geo_.extended_l2 ? 0 : (v3_ ? kOflagZero : 0);
+        bitmap = geo_.extended_l2 ? kZeroMask : 0;
+        free_old = allocated;
+      }
+    } else if (whole) {
+      const bool unmap = compressed || (may_unmap && allocated);
+      entry = unmap ? 0 : old;
+      if (geo_.extended_l2) {
+        bitmap = kZeroMask;
+      } else {
+        entry |= kOflagZero;
+      }
+      free_old = unmap;
+    } else {
+      // Part of a cluster (extended L2 only): mark those subclusters zero.
+      if (compressed) {
+        guard.unlock();
+        co_return co_await write_zero_buffers(*this, offset, chunk_end - offset);
+      }
+      uint32_t sc0 = geo_.subcluster_index(offset);
+      uint32_t sc1 = static_cast<uint32_t>((chunk_end - guest_cluster + geo_.subcluster_size - 1) >> geo_.subcluster_bits);
+      uint64_t range = ((sc1 >= 32 ? kAllocMask : ((1ull << sc1) - 1))) & ~((1ull << sc0) - 1);
+      bitmap = (old_bitmap | (range << 32)) & ~range;
+    }
+    if (entry != old || bitmap != old_bitmap) {
+      store_be64(p, entry);
+      if (geo_.extended_l2) store_be64(p + 8, bitmap);
+      l2_cache_->mark_dirty(*ref);
+      if (free_old) to_free.push_back(old);
+    }
+    offset = chunk_end;
+  }
+  const bool pass = options_.pass_discard_request;
+  for (uint64_t old : to_free) {
+    if (data_file_ != file_.get() && pass && !(old & kOflagCompressed)) {
+      (void)co_await data_file_->co_discard(old & kL2OffsetMask, geo_.cluster_size);
+    }
+    UQ_CO_TRY(co_await free_cluster_entry(old, pass && data_file_ == file_.get()));
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::byte> buf) {
+  const uint64_t cs = geo_.cluster_size;
+  UQ_CO_TRY(check_writable(offset, buf.size()));
+  if (header_.crypt_method != CryptMethod::kNone) {
+    co_return Error(ENOTSUP, "compressed writes are not allowed in encrypted images");
+  }
+  if (header_.has_data_file()) {
+    co_return Error(ENOTSUP, "compressed writes are not allowed with an external data file");
+  }
+  if (offset & (cs - 1)) co_return Error(EINVAL, "compressed writes must start on a cluster boundary");
+  while (!buf.empty()) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), cs));
+    if (n < cs && offset + n != size_) {
+      co_return Error(EINVAL, "compressed writes must cover whole clusters (or the disk's last one)");
+    }
+    std::vector<uint8_t> in(cs, 0), out(cs);
+    std::memcpy(in.data(), buf.data(), n);
+    auto csize = compress_cluster(header_.compression_type, in, out);
+    if (!csize.ok()) co_return std::move(csize).error();
+    if (*csize == 0) {
+      UQ_CO_TRY(co_await write(offset, buf.first(n)));  // incompressible
+    } else {
+      UQ_CO_TRY(co_await write_compressed_cluster(offset, std::span<const uint8_t>(out.data(), *csize)));
+    }
+    offset += n;
+    buf = buf.subspan(n);
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data) {
+  auto guard = co_await lock_.scoped_lock();
+  while (true) {
+    uint64_t len = geo_.cluster_size;
+    bool waited = false;
+    UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
+    if (!waited) break;
+  }
+  UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
+  auto l2 = co_await l2_table_for_write(offset);
+  if (!l2.ok()) co_return std::move(l2).error();
+  {
+    auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
+    if (!ref.ok()) co_return std::move(ref).error();
+    const uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+    uint64_t old = load_be64(p);
+    // Compression never overwrites: QEMU refuses with EIO as well.
+    if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
+      co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
+                               " (compression can only fill unallocated clusters)");
+    }
+  }
+  auto coffset = co_await alloc_bytes(data.size());
+  if (!coffset.ok()) co_return std::move(coffset).error();
+  const uint64_t nb_csectors = ((*coffset + data.size() - 1) >> 9) - (*coffset >> 9);
+  const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | *coffset;
+  InFlightAlloc flight;
+  flight.start = offset;
+  flight.end = offset + geo_.cluster_size;
+  inflight_add(flight);
+  guard.unlock();
+  Status s = check_data_write(*coffset, data.size());
+  if (s.ok()) {
+    s = co_await file_->co_write(*coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
+  }
+  guard = co_await lock_.scoped_lock();
+  if (s.ok()) {
+    if (!lazy_refcounts_) s = co_await set_cache_dependency(*l2_cache_, *refcount_cache_);
+    auto l2b = co_await l2_table_for_write(offset);
+    if (!l2b.ok()) s = std::move(l2b).error();
+    if (s.ok()) {
+      auto ref = co_await l2_cache_->get(slice_offset(*l2b, offset));
+      if (!ref.ok()) {
+        s = std::move(ref).error();
+      } else {
+        uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+        store_be64(p, l2e);
+        if (geo_.extended_l2) store_be64(p + 8, 0);
+        l2_cache_->mark_dirty(*ref);
+      }
+    }
+  }
+  if (!s.ok()) (void)co_await update_refcount(*coffset, data.size(), -1, false);
+  inflight_remove(flight);
+  co_return s;
+}
+
+}  // namespace uqcow::qcow2
