@@ -243,25 +243,9 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
   inflight_add(flight);
   guard.unlock();
 
-  Status status;
-  {
-    std::vector<std::byte> head(offset - head_start), tail(tail_end - end);
-    status = co_await read_cow(head_start, head);
-    if (status.ok()) status = co_await read_cow(end, tail);
-    if (status.ok()) {
-      uint64_t host = plan.host + (head_start - first_guest);
-      status = check_data_write(host, tail_end - head_start);
-      if (status.ok()) {
-        // Head, guest data and tail in one request.
-        iovec iov[3];
-        int n = 0;
-        if (!head.empty()) iov[n++] = {head.data(), head.size()};
-        iov[n++] = {const_cast<std::byte*>(data.data()), data.size()};
-        if (!tail.empty()) iov[n++] = {tail.data(), tail.size()};
-        status = co_await data_file_->co_writev(host, std::span<iovec>(iov, n));
-      }
-    }
-  }
+  Status status = co_await write_with_cow(plan, offset, data, head_start, tail_end,
+                                         zero_cow(plan.first_old, head_start, offset) &&
+                                             zero_cow(plan.last_old, end, tail_end));
   guard = co_await lock_.scoped_lock();
   if (status.ok()) {
     status = co_await link_l2(plan, first_guest, head_start, tail_end);
@@ -272,6 +256,51 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
   inflight_remove(flight);
   if (!status.ok()) co_return status.error();
   co_return data.size();
+}
+
+bool Qcow2Image::zero_cow(const Mapping& old, uint64_t from, uint64_t to) const {
+  // Does the guest see zeros in [from, to) of a cluster being replaced? Only
+  // decided from the mapping type, without I/O: zero clusters, or unallocated
+  // ones with no backing data there. (Extended L2 clusters with a host
+  // cluster are copied whole and never take this path.)
+  if (from >= to) return true;
+  switch (old.type) {
+    case SubclusterType::kZeroPlain:
+    case SubclusterType::kZeroAlloc:
+      return !geo_.extended_l2 || old.type == SubclusterType::kZeroPlain;
+    case SubclusterType::kUnallocatedPlain:
+      return !backing_ || from >= backing_->size();
+    default:
+      return false;
+  }
+}
+
+Task<Status> Qcow2Image::write_with_cow(const ClusterPlan& plan, uint64_t offset,
+                                        std::span<const std::byte> data, uint64_t head_start,
+                                        uint64_t tail_end, bool cow_is_zero) {
+  const uint64_t first_guest = geo_.start_of_cluster(offset);
+  const uint64_t end = offset + data.size();
+  const uint64_t host = plan.host + (head_start - first_guest);
+  UQ_CO_TRY(check_data_write(host, tail_end - head_start));
+  if (cow_is_zero && (offset > head_start || tail_end > end)) {
+    // QEMU's handle_alloc_space: instead of writing buffers of zeros, let the
+    // file make the whole range zero, then write only the guest data. A new
+    // cluster past the end of the file is a hole and needs nothing.
+    auto file_len = data_file_->length();
+    bool unwritten = plan.kind == ClusterPlan::Kind::kNewClusters && file_len.ok() && host >= *file_len;
+    if (!unwritten) UQ_CO_TRY(co_await data_file_->co_write_zeroes(host, tail_end - head_start, false));
+    co_return co_await data_file_->co_write(plan.host + (offset - first_guest), data);
+  }
+  std::vector<std::byte> head(offset - head_start), tail(tail_end - end);
+  UQ_CO_TRY(co_await read_cow(head_start, head));
+  UQ_CO_TRY(co_await read_cow(end, tail));
+  // Head, guest data and tail in one request.
+  iovec iov[3];
+  int n = 0;
+  if (!head.empty()) iov[n++] = {head.data(), head.size()};
+  iov[n++] = {const_cast<std::byte*>(data.data()), data.size()};
+  if (!tail.empty()) iov[n++] = {tail.data(), tail.size()};
+  co_return co_await data_file_->co_writev(host, std::span<iovec>(iov, n));
 }
 
 Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,

@@ -140,6 +140,9 @@ class Qcow2Image final : public Disk {
   Task<Result<size_t>> write_run(const ClusterPlan& plan, uint64_t offset,
                                  std::span<const std::byte> buf, CoMutex::Guard& guard);
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
+  bool zero_cow(const Mapping& old, uint64_t from, uint64_t to) const;
+  Task<Status> write_with_cow(const ClusterPlan& plan, uint64_t offset, std::span<const std::byte> data,
+                              uint64_t head_start, uint64_t tail_end, bool cow_is_zero);
   Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
                        uint64_t tail_end);
   Task<Status> free_cluster_entry(uint64_t l2e, bool discard);
