@@ -172,10 +172,17 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
   int r = co_await uring::WriteOp(fd_, tmp.data(), tmp.size(), start);
   if (r < 0) co_return io_error(r, "write", offset, buf.size());
   // Writing whole sectors may have extended the file past the request's end;
-  // the file must end where a buffered write would have left it.
+  // the file must end where a buffered write would have left it. Trim only
+  // while the file still ends at `end`: an aligned write (which does not take
+  // rmw_lock_) that completed meanwhile may have extended it further, and
+  // trimming would cut its data off.
   uint64_t want = std::max(*old_length, offset + buf.size());
-  if (end > want && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
-    co_return io_error(errno, "truncate after unaligned write", offset, buf.size());
+  if (end > want) {
+    auto new_length = length();
+    if (!new_length.ok()) co_return std::move(new_length).error();
+    if (*new_length == end && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
+      co_return io_error(errno, "truncate after unaligned write", offset, buf.size());
+    }
   }
   co_return Status();
 }
