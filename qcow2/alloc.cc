@@ -230,12 +230,17 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
             (m.type == SubclusterType::kNormal || m.type == SubclusterType::kZeroAlloc ||
              m.type == SubclusterType::kUnallocatedAlloc));
   };
-  uint64_t head_start = whole_cluster_cow(plan.first_old)
-                            ? first_guest
+  // A head or tail subcluster that already holds data needs no copy: only
+  // the guest's bytes go there. (Copying it would also race with lock-free
+  // in-place writes to the rest of that subcluster.)
+  uint64_t head_start = whole_cluster_cow(plan.first_old) ? first_guest
+                        : plan.first_old.type == SubclusterType::kNormal
+                            ? offset
                             : offset & ~(geo_.subcluster_size - 1);
   uint64_t last_cluster_end = geo_.start_of_cluster(end - 1) + cs;
-  uint64_t tail_end = whole_cluster_cow(plan.last_old)
-                          ? last_cluster_end
+  uint64_t tail_end = whole_cluster_cow(plan.last_old) ? last_cluster_end
+                      : plan.last_old.type == SubclusterType::kNormal
+                          ? end
                           : std::min(last_cluster_end, (end + geo_.subcluster_size - 1) & ~(geo_.subcluster_size - 1));
   InFlightAlloc flight;
   flight.start = first_guest;
