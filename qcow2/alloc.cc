@@ -144,7 +144,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   entry_at(0, l2e0, bm0);
   uint64_t host0 = l2e0 & kL2OffsetMask;
   bool compressed0 = l2e0 & kOflagCompressed;
-  bool copied0 = (l2e0 & kOflagCopied) && host0 && !compressed0;
+  bool copied0 = (l2e0 & kOflagCopied) && !compressed0 && l2_has_host(l2e0, header_.has_data_file());
   if (copied0 && (host0 & (geo_.cluster_size - 1))) {
     co_return co_await mark_corrupt("L2 entry " + std::to_string(l2e0) + " is not cluster aligned");
   }
@@ -169,8 +169,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     for (; nb < max_clusters; ++nb) {
       uint64_t e, bm;
       entry_at(nb, e, bm);
-      uint64_t h = e & kL2OffsetMask;
-      if ((e & kOflagCopied) && h && !(e & kOflagCompressed)) break;
+      if ((e & kOflagCopied) && !(e & kOflagCompressed) && l2_has_host(e, header_.has_data_file())) break;
       plan.old_l2e.push_back(e);
       plan.old_bitmap.push_back(bm);
     }

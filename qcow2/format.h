@@ -135,15 +135,23 @@ struct Geometry {
   }
 };
 
+// Whether a (non-compressed) L2 entry points at a host cluster. Offset 0
+// normally means "none", but it is a valid offset in an external data file;
+// clusters there always have refcount 1, so QEMU disambiguates with COPIED.
+inline bool l2_has_host(uint64_t l2e, bool data_file) {
+  return (l2e & kL2OffsetMask) != 0 || (data_file && (l2e & kOflagCopied));
+}
+
 // Decodes the subcluster type of guest subcluster `sc` of a cluster whose L2
 // entry is `l2e` and extended bitmap is `bitmap` (0 without extended L2).
-// `v3` is false for compat=0.10 images, which have no zero flag.
+// `v3` is false for compat=0.10 images, which have no zero flag; `data_file`
+// is true for images with an external data file.
 inline SubclusterType subcluster_type(const Geometry& g, uint64_t l2e, uint64_t bitmap,
-                                      uint32_t sc, bool v3) {
+                                      uint32_t sc, bool v3, bool data_file = false) {
   if (l2e & kOflagCompressed) {
     return bitmap == 0 ? SubclusterType::kCompressed : SubclusterType::kInvalid;
   }
-  uint64_t host = l2e & kL2OffsetMask;
+  bool host = l2_has_host(l2e, data_file);
   if (!g.extended_l2) {
     if (l2e & kOflagZero) {
       // compat=0.10 has no zero flag: the bit is reserved there.

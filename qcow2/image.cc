@@ -171,15 +171,15 @@ Task<Status> Qcow2Image::prepare_read_write() {
   if (lazy_refcounts_ && header_.version < 3) {
     co_return Error(EINVAL, "lazy-refcounts: lazy refcounts need a compat=1.1 (v3) image");
   }
+  if (header_.dirty()) {
+    // Left dirty by a crash with lazy refcounts: the refcounts on disk may be
+    // too low. They are rebuilt before anything is loaded or allocated.
+    UQ_CO_TRY(co_await repair_after_crash());
+  }
   UQ_CO_TRY(co_await load_refcount_table());
   UQ_CO_TRY(co_await build_metadata_regions());
   l2_cache_->set_write_check(&l2_write_check_);
   refcount_cache_->set_write_check(&refcount_write_check_);
-  if (header_.dirty()) {
-    // Left dirty by a crash with lazy refcounts: the refcounts on disk may be
-    // too low. They are rebuilt before anything is allocated.
-    UQ_CO_TRY(co_await repair_after_crash());
-  }
   // Autoclear bits this implementation does not maintain (bitmaps) must be
   // cleared when the image is opened for writing (docs/interop/qcow2.txt).
   uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
@@ -239,11 +239,9 @@ Task<Status> Qcow2Image::select_snapshot(const std::string& key) {
     }
   }
   if (!found) co_return Error(ENOENT, file_->name() + ": no snapshot with id or name '" + key + "'");
-  if (l1_entries_for(found->disk_size, geo_) > found->l1_size) {
-    co_return Error(EINVAL, "invalid qcow2 image: snapshot '" + key +
-                                "': l1_size is too small for its disk size");
-  }
-  size_ = found->disk_size;
+  // Like qemu-img convert -l, the disk keeps the image's current size: what
+  // the snapshot's (maybe smaller) L1 table does not map reads as
+  // unallocated.
   co_return co_await load_l1(found->l1_table_offset, found->l1_size);
 }
 
@@ -287,7 +285,8 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
   uint64_t l2e, bitmap;
   entry(index, l2e, bitmap);
   uint32_t sc = geo_.subcluster_index(offset);
-  SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_);
+  const bool df = header_.has_data_file();
+  SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_, df);
   Mapping m;
   m.type = type;
   if (type == SubclusterType::kInvalid) return bad_entry(index, l2e, "invalid flag combination");
@@ -322,7 +321,7 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
       if (has_host && (l2e & kL2OffsetMask) != expected_host) break;
       if (((l2e & kOflagCopied) != 0) != m.copied) break;
     }
-    if (subcluster_type(geo_, l2e, bitmap, next_sc, v3_) != type) break;
+    if (subcluster_type(geo_, l2e, bitmap, next_sc, v3_, df) != type) break;
     run += geo_.subcluster_size;
     ++next_sc;
   }
@@ -475,6 +474,14 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
       break;
     case SubclusterType::kZeroPlain:
       st.kind = BlockStatus::Kind::kZero;
+      break;
+    case SubclusterType::kUnallocatedAlloc:
+      // Reserved host cluster, content from the backing file: QEMU reports
+      // the offset without the data flag.
+      st.kind = BlockStatus::Kind::kUnallocated;
+      st.has_offset = true;
+      st.host_offset = m->host_offset;
+      st.file = &data_file_->name();
       break;
     default:
       st.kind = BlockStatus::Kind::kUnallocated;

@@ -84,6 +84,9 @@ class Qcow2Image final : public Disk {
   // unallocated clusters can be written this way (EIO otherwise, as QEMU);
   // an incompressible cluster is written normally.
   Task<Status> write_compressed(uint64_t offset, std::span<const std::byte> buf);
+  // Changes the virtual size: grows (enlarging the L1 table if needed) or
+  // shrinks when nothing is allocated past the new end (ENOTSUP otherwise).
+  Task<Status> resize(uint64_t new_size);
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
 

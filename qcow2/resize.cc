@@ -1,0 +1,72 @@
+// Changing the virtual size (qemu-img resize). Member function of Qcow2Image.
+//
+// Growing may need a larger L1 table: the new table is written and flushed
+// before the header points at it (l1_size and l1_table_offset are adjacent
+// and change in one write), and the old one is freed afterwards, as QEMU's
+// qcow2_grow_l1_table. Shrinking only lowers the size, and is refused while
+// anything beyond the new end is allocated.
+#include <algorithm>
+
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+
+namespace uqcow::qcow2 {
+
+Task<Status> Qcow2Image::resize(uint64_t new_size) {
+  UQ_CO_TRY(check_writable(0, 0));
+  if (!snapshots_.empty() && new_size < size_) {
+    co_return Error(ENOTSUP, "cannot shrink an image with internal snapshots");
+  }
+  if (new_size < size_) {
+    for (uint64_t off = new_size; off < size_;) {
+      auto st = co_await block_status(off, size_ - off);
+      if (!st.ok()) co_return std::move(st).error();
+      if (st->kind != BlockStatus::Kind::kUnallocated) {
+        co_return Error(ENOTSUP, "cannot shrink to " + std::to_string(new_size) + " bytes: data is allocated at " +
+                                     std::to_string(off) + " (discard it first)");
+      }
+      off += st->length;
+    }
+  }
+  auto guard = co_await lock_.scoped_lock();
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t need = l1_entries_for(new_size, geo_);
+  if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
+  if (need > l1_.size()) {
+    // Grow by at least half, as QEMU does, so repeated growth stays cheap.
+    uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, l1_.size() + l1_.size() / 2), kMaxL1Bytes / 8);
+    uint64_t clusters = (entries * 8 + cs - 1) / cs;
+    entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
+    auto table = co_await alloc_clusters(clusters);
+    if (!table.ok()) co_return std::move(table).error();
+    UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
+    std::vector<uint8_t> buf(clusters * cs, 0);
+    for (size_t i = 0; i < l1_.size(); ++i) store_be64(&buf[i * 8], l1_[i]);
+    // The refcount of the new table, then the table itself, before the header.
+    UQ_CO_TRY(co_await refcount_cache_->flush());
+    UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
+    UQ_CO_TRY(co_await file_->co_flush());
+    uint8_t fields[12];
+    store_be32(fields, static_cast<uint32_t>(entries));
+    store_be64(fields + 4, *table);
+    UQ_CO_TRY(co_await file_->co_write(36, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
+    UQ_CO_TRY(co_await file_->co_flush());
+    const uint64_t old_offset = header_.l1_table_offset;
+    const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
+    overlap_remove(old_offset, old_bytes);
+    overlap_add(*table, clusters * cs, "active L1 table");
+    header_.l1_table_offset = *table;
+    header_.l1_size = static_cast<uint32_t>(entries);
+    l1_.resize(entries, 0);
+    if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
+  }
+  uint8_t size_field[8];
+  store_be64(size_field, new_size);
+  UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
+  UQ_CO_TRY(co_await file_->co_flush());
+  header_.size = new_size;
+  size_ = new_size;
+  co_return Status();
+}
+
+}  // namespace uqcow::qcow2
