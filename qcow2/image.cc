@@ -458,7 +458,7 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
   switch (m->type) {
     case SubclusterType::kNormal:
       st.kind = BlockStatus::Kind::kData;
-      st.has_offset = true;
+      st.has_offset = header_.crypt_method == CryptMethod::kNone;  // ciphertext has no guest offset
       st.host_offset = m->host_offset;
       st.file = &data_file_->name();
       break;
@@ -468,7 +468,7 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
       break;
     case SubclusterType::kZeroAlloc:
       st.kind = BlockStatus::Kind::kZero;
-      st.has_offset = true;
+      st.has_offset = header_.crypt_method == CryptMethod::kNone;
       st.host_offset = m->host_offset;
       st.file = &data_file_->name();
       break;
@@ -479,7 +479,7 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
       // Reserved host cluster, content from the backing file: QEMU reports
       // the offset without the data flag.
       st.kind = BlockStatus::Kind::kUnallocated;
-      st.has_offset = true;
+      st.has_offset = header_.crypt_method == CryptMethod::kNone;
       st.host_offset = m->host_offset;
       st.file = &data_file_->name();
       break;
@@ -550,11 +550,8 @@ Task<Status> Qcow2Image::close() {
 }
 
 Result<uint64_t> Qcow2Image::allocated_bytes() const {
-  auto a = file_->allocated_bytes();
-  if (!a.ok() || !data_file_storage_) return a;
-  auto d = data_file_storage_->allocated_bytes();
-  if (!d.ok()) return d;
-  return *a + *d;
+  // Like qemu-img 7.2: the qcow2 file only, not an external data file.
+  return file_->allocated_bytes();
 }
 
 }  // namespace uqcow::qcow2

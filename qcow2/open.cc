@@ -52,7 +52,9 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
   if (format == "raw") {
     auto len = (*file)->length();
     if (!len.ok()) co_return std::move(len).error();
-    co_return std::unique_ptr<Disk>(new RawDisk(std::move(file).value(), *len));
+    // qemu sees a raw file in whole 512-byte sectors; the tail reads as zeros.
+    uint64_t size = (*len + 511) & ~uint64_t{511};
+    co_return std::unique_ptr<Disk>(new RawDisk(std::move(file).value(), size));
   }
   OpenOptions backing_options = options;
   backing_options.read_only = true;

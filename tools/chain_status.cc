@@ -10,22 +10,11 @@
 #include "qcow2/endian.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
+#include "qcow2/refcount_entry.h"
 #include "uring/raw_file.h"
 
 namespace uqcow::cli {
 namespace {
-
-bool refcount_nonzero(const uint8_t* block, uint64_t index, uint32_t order) {
-  switch (order) {
-    case 0: return (block[index / 8] >> (index % 8)) & 0x1;
-    case 1: return (block[index / 4] >> (2 * (index % 4))) & 0x3;
-    case 2: return (block[index / 2] >> (4 * (index % 2))) & 0xf;
-    case 3: return block[index] != 0;
-    case 4: return qcow2::load_be16(block + index * 2) != 0;
-    case 5: return qcow2::load_be32(block + index * 4) != 0;
-    default: return qcow2::load_be64(block + index * 8) != 0;
-  }
-}
 
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
@@ -68,7 +57,7 @@ Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
     }
     UQ_CO_TRY(co_await (*file)->co_read(block_offset, as_bytes(block)));
     for (; i < block_end && count < threshold; ++i) {
-      count += refcount_nonzero(block.data(), i % per_block, h.refcount_order);
+      count += qcow2::get_refcount_entry(block.data(), i % per_block, h.refcount_order) != 0;
     }
   }
   co_return count >= threshold;

@@ -143,8 +143,9 @@ Task<void> compare_chunk(CompareJob& job, uint64_t start, uint64_t len, std::byt
         auto [ok_a, ok_b] = co_await when_all(read_side(job, job.a, offset, a, st_a->zero),
                                                read_side(job, *job.b, offset, b, zero_b));
         if (!ok_a || !ok_b) co_return;
-      } else if (!co_await read_side(job, job.a, offset, a, st_a->zero)) {
-        co_return;
+      } else {
+        bool ok_a = co_await read_side(job, job.a, offset, a, st_a->zero);
+        if (!ok_a) co_return;
       }
       if (auto diff = first_difference(a.data(), job.b ? b.data() : nullptr, n)) {
         co_return job.record({offset + *diff, kDifferent,
@@ -194,11 +195,13 @@ Task<int> compare_images(Side& a, Side& b, bool strict, bool quiet, Progress& pr
     co_return kDifferent;
   }
   const uint64_t common = std::min(size_a, size_b), larger = std::max(size_a, size_b);
-  if (auto o = co_await compare_range(a, &b, strict, 0, common, progress, larger)) co_return report(*o, quiet);
+  auto o = co_await compare_range(a, &b, strict, 0, common, progress, larger);
+  if (o) co_return report(*o, quiet);
   if (size_a != size_b) {
     if (!quiet) std::printf("Warning: Image size mismatch!\n");
     Side& over = size_a > size_b ? a : b;
-    if (auto o = co_await compare_range(over, nullptr, false, common, larger, progress, larger)) {
+    auto o = co_await compare_range(over, nullptr, false, common, larger, progress, larger);
+    if (o) {
       co_return report(*o, quiet);
     }
   }

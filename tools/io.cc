@@ -355,7 +355,9 @@ Task<int> io_task(std::string path, OpenOptions options, std::vector<std::string
     } else {
       break;
     }
-    if (!co_await run_command(session, line)) failed = true;
+    // Awaited outside the condition: GCC 12 miscompiles co_await there.
+    bool ok = co_await run_command(session, line);
+    if (!ok) failed = true;
     std::fflush(stdout);
   }
   Status closed = co_await (*disk)->close();
