@@ -95,6 +95,9 @@ class Qcow2Image final : public Disk {
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
   const CacheSizes& cache_sizes() const { return cache_sizes_; }
   const MetadataCache& l2_cache() const { return *l2_cache_; }
+  // Times the metadata lock was taken since open (benchmarks: the cached
+  // read path must not add to it).
+  uint64_t metadata_lock_acquisitions() const { return lock_.acquisitions(); }
   const std::string& data_file_name() const;
   // The full path of the backing file as resolved at open ("" if none).
   const std::string& backing_path() const { return backing_path_; }
