@@ -63,7 +63,8 @@ Qcow2Image::Qcow2Image(std::unique_ptr<BlockDevice> file, OpenOptions options)
 Qcow2Image::~Qcow2Image() {
   // An image dropped without close() still has its background tasks (the
   // cache-clean timer) in flight on the ring; their frames must not go away
-  // under the kernel. Close synchronously on this thread's reactor.
+  // under the kernel. Close synchronously on this thread's reactor. (Only
+  // for plain code that forgot close(): coroutines always co_await close().)
   if (!closed_ && uring::Reactor::has_current()) {
     (void)sync_wait(uring::Reactor::current(), close());
   }
@@ -82,7 +83,9 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::open(std::unique_ptr<Block
   std::unique_ptr<Qcow2Image> img(new Qcow2Image(std::move(file), std::move(options)));
   Status s = co_await img->load(open_backing);
   if (!s.ok()) {
-    if (img->backing_) (void)co_await img->backing_->close();
+    // Close here, on the reactor, so the destructor has nothing left to do
+    // (it must not drive the reactor from inside this coroutine).
+    (void)co_await img->close();
     co_return Error(s.code(), s.message());
   }
   co_return std::move(img);
@@ -491,7 +494,8 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
 }
 
 Task<Status> Qcow2Image::flush() {
-  if (options_.read_only || closed_) co_return Status();
+  // (No caches yet: an open that failed part-way is being closed.)
+  if (options_.read_only || closed_ || !l2_cache_ || !refcount_cache_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.

@@ -13,6 +13,7 @@
 #include "engine/sync_wait.h"
 #include "engine/task_group.h"
 #include "qcow2/create.h"
+#include "qcow2/endian.h"
 #include "qcow2/image.h"
 #include "qcow2/open.h"
 #include "uring/reactor.h"
@@ -225,6 +226,69 @@ INSTANTIATE_TEST_SUITE_P(Layouts, WriteTest,
                                            "cluster_size=4k,refcount_bits=1", "refcount_bits=64",
                                            "compat=0.10", "extended_l2=on", "lazy_refcounts=on",
                                            "cluster_size=512,refcount_bits=2"));
+
+}  // namespace
+}  // namespace uqcow::qcow2
+
+namespace uqcow::qcow2 {
+namespace {
+
+// QEMU's overlap check: an L2 entry that (by corruption) points at the
+// refcount table must not let a guest write clobber it. The write fails with
+// EIO, the image is marked corrupt on disk, and the refcount table is intact.
+TEST(OverlapCheck, WriteIntoMetadataIsRefusedAndMarksTheImageCorrupt) {
+  if (!have_qemu_img()) GTEST_SKIP() << "qemu-img not installed (tools/bootstrap.sh installs it)";
+  const std::string img = tmpdir() + "/o.qcow2";
+  ASSERT_EQ(sh("qemu-img create -f qcow2 " + img + " 64M"), 0);
+  ASSERT_EQ(sh("qemu-io -c 'write -P 0x11 0 64k' " + img), 0);
+  // Layout of a fresh 64k-cluster image: refcount table at 0x10000, L2 table
+  // at 0x40000. Point guest cluster 0 at the refcount table (COPIED set).
+  {
+    std::fstream f(img, std::ios::in | std::ios::out | std::ios::binary);
+    uint8_t entry[8];
+    store_be64(entry, 0x10000 | kOflagCopied);
+    f.seekp(0x40000);
+    f.write(reinterpret_cast<char*>(entry), 8);
+  }
+  std::vector<char> table_before(512);
+  {
+    std::ifstream f(img, std::ios::binary);
+    f.seekg(0x10000);
+    f.read(table_before.data(), 512);
+  }
+  auto reactor = uring::Reactor::create();
+  ASSERT_TRUE(reactor.ok());
+  OpenOptions oo;
+  oo.read_only = false;
+  auto disk = sync_wait(**reactor, open_disk(img, oo));
+  ASSERT_TRUE(disk.ok()) << disk.error().message();
+  std::vector<std::byte> data(4096, std::byte{0xee});
+  Status s = sync_wait(**reactor, (*disk)->write(0, data));
+  EXPECT_EQ(s.code(), EIO) << s.message();
+  EXPECT_NE(s.message().find("refcount table"), std::string::npos) << s.message();
+  Status again = sync_wait(**reactor, (*disk)->write(1 << 20, data));
+  EXPECT_EQ(again.code(), EIO) << "writes after the corruption must be refused";
+  (void)sync_wait(**reactor, (*disk)->close());
+  disk->reset();
+  std::vector<char> table_after(512);
+  {
+    std::ifstream f(img, std::ios::binary);
+    f.seekg(0x10000);
+    f.read(table_after.data(), 512);
+    uint8_t incompat[8];
+    f.seekg(72);
+    f.read(reinterpret_cast<char*>(incompat), 8);
+    EXPECT_TRUE(load_be64(incompat) & kIncompatCorrupt) << "corrupt bit not set on disk";
+  }
+  EXPECT_EQ(table_before, table_after) << "the refcount table was overwritten";
+  // A read-write open of a corrupt image is refused; read-only works.
+  auto rw = sync_wait(**reactor, open_disk(img, oo));
+  EXPECT_FALSE(rw.ok());
+  OpenOptions ro;
+  auto r = sync_wait(**reactor, open_disk(img, ro));
+  EXPECT_TRUE(r.ok());
+  if (r.ok()) (void)sync_wait(**reactor, (*r)->close());
+}
 
 }  // namespace
 }  // namespace uqcow::qcow2
