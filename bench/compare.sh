@@ -3,7 +3,7 @@
 # the raw file, fio and qemu-img bench, on the same machine and images, in one
 # go. Prints every run as it finishes, then the ratios against the targets.
 #
-#   bench/compare.sh                       # about 3 to 4 minutes
+#   bench/compare.sh                       # about 2 to 3 minutes
 #   UQCOW_CMP_RUNTIME=2 bench/compare.sh   # shorter runs
 #
 # Environment:
@@ -13,7 +13,8 @@
 #   UQCOW_CMP_COUNT     requests per counted strided read/in-place run
 #                       (default 200000 per second of runtime)
 #   UQCOW_CMP_REPEAT    runs per measurement, alternating the tools; the
-#                       best run counts (default 1)
+#                       ratios use the median run (default 1; on a shared
+#                       machine use 5 with UQCOW_CMP_RUNTIME=2)
 #   UQCOW_CMP_ALLOC_SIZE  virtual size of the fresh images for allocating
 #                       writes (default 2G; qemu-img fills most of it on tmpfs)
 #   UQCOW_CMP_INSN      0 skips the instructions-per-I/O section
@@ -42,7 +43,13 @@ fi
 
 shm=$(mktemp -d /dev/shm/uqcow-compare.XXXXXX)
 disk=""
-cleanup() { rm -rf "$shm"; [[ -z $disk ]] || rm -rf "$disk"; }
+child=""  # the measurement running now, stopped at once on INT or TERM
+cleanup() {
+  set +e  # errexit applies in traps too: a killed child must not stop the clean-up
+  if [[ -n $child ]]; then kill "$child" 2>/dev/null; wait "$child" 2>/dev/null; fi
+  rm -rf "$shm"
+  [[ -z $disk ]] || rm -rf "$disk"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -55,8 +62,10 @@ helper="$shm/compare.py"
 # whole process (all threads, io_uring's io-wq workers included, and the
 # tool's start-up), the same yardstick for uqcow, fio and qemu-img.
 cat >"$helper" <<'PY'
-import json, os, re, resource, subprocess, sys
+import json, os, re, resource, signal, subprocess, sys
 
+# subprocess.run kills the tool when an exception (this exit) interrupts it.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 results = os.environ["RESULTS"]
 ROW = "  {:<62} {:>10} {:>10}  {}"
 
@@ -102,13 +111,14 @@ def insn(key, label, n, a, b):
         f.write(f"{key}\t{per_io}\t0\t{label}\n")
     print("  {:<62} {:>10}".format(label, f"{per_io:,.0f}"), flush=True)
 
-def best():
-    rows = {}
+def median_runs():
+    # The run with the median IOPS of each measurement (the lower middle
+    # one for an even count), with its CPU figure.
+    runs = {}
     for line in open(results):
         key, iops, cpu, label = line.rstrip("\n").split("\t")
-        if key not in rows or float(iops) > rows[key][0]:
-            rows[key] = (float(iops), float(cpu), label)
-    return rows
+        runs.setdefault(key, []).append((float(iops), float(cpu), label))
+    return {k: sorted(v)[(len(v) - 1) // 2] for k, v in runs.items()}
 
 CHECKS = [
     # (what, numerator, denominator, target or None)
@@ -126,7 +136,7 @@ CHECKS = [
 ]
 
 def report():
-    rows = best()
+    rows = median_runs()
     print("  {:<56} {:>6} {:>7}  {:<15} {:>9}".format("", "IOPS", "", "", "CPU/IO"))
     print("  {:<56} {:>6} {:>7}  {:<15} {:>9}".format("left / right", "ratio", "target", "verdict", "ratio"))
     for what, a, b, target in CHECKS:
@@ -150,7 +160,14 @@ def report():
  "report": report}[sys.argv[1]]()
 PY
 export RESULTS="$results"
-measure() { python3 "$helper" run "$@"; }
+# In the background and waited for, so that a trap runs without waiting for
+# the end of the measurement.
+measure() {
+  python3 "$helper" run "$@" &
+  child=$!
+  wait "$child" || true
+  child=""
+}
 
 # A fresh, empty qcow2 image made by qemu-img, the same for both tools.
 fresh() { rm -f "$1"; qemu-img create -q -f qcow2 -o cluster_size=64k "$1" "$2"; }
@@ -166,8 +183,12 @@ echo "uqcow bench comparison ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 echo "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p')), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, Linux $(uname -r)"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "uqcow $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' (tree has local changes)'), $(qemu-img --version | head -1), $(fio --version)"
-echo "runtime ${RUNTIME}s per timed run, count ${COUNT} per counted run, best of ${REPEAT}, queue depth ${DEPTH}, 4 KiB requests unless stated"
+echo "uqcow binary: $UQCOW (built $(date -u -r "$UQCOW" '+%Y-%m-%d %H:%M UTC'))"
+echo "runtime ${RUNTIME}s per timed run, count ${COUNT} per counted run, ${REPEAT} run(s) each, queue depth ${DEPTH}, 4 KiB requests unless stated"
 
+echo "images: qcow2 made by uqcow create -o cluster_size=64k and filled with 1 MiB writes; raw = qemu-img"
+echo "convert -O raw of it; fresh images for writes: qemu-img create -f qcow2 -o cluster_size=64k"
+echo "CPU ns/IO: CPU time of the whole process (all threads, io_uring io-wq workers included) per request"
 img="$shm/full.qcow2"
 raw="$shm/full.raw"
 "$UQCOW" create -q -f qcow2 -o cluster_size=64k "$img" 1G
@@ -216,12 +237,16 @@ for _ in $(seq "$REPEAT"); do
   measure uqcow t2.write.uq "uqcow --rw write --step ${STEP_KIB}k --count $alloc_n, fresh $ALLOC_SIZE" \
     "${UQB[@]}" --rw write --step "${STEP_KIB}k" --count "$alloc_n" "$w"
   qemu-img check -q "$w" || echo "  qemu-img check FAILED on the image uqcow wrote"
+  used_uqcow=$(du -m "$w" | cut -f1)
   fresh "$w" "$ALLOC_SIZE"
   measure qemu t2.write.qemu "qemu-img bench -w -c $alloc_n -S ${STEP_KIB}k, fresh $ALLOC_SIZE" \
     "${QIB[@]}" -f qcow2 -t writeback -w -c "$alloc_n" -s 4k -S "${STEP_KIB}k" "$w"
+  used_qemu=$(du -m "$w" | cut -f1)
   rm -f "$w"
 done
-echo "  (one pass: every write allocates a cluster and copies 60 KiB of head/tail around it)"
+echo "  (one pass: every write allocates a new cluster whose other 60 KiB must read as zeros; space used:"
+echo "  uqcow ${used_uqcow} MiB, it leaves a hole past the end of the file; qemu-img ${used_qemu} MiB, it writes"
+echo "  the zeros when the file system has no FALLOC_FL_ZERO_RANGE, as tmpfs)"
 
 eighth=$((coverage / 8))  # of the 1 GiB before it grew: the tail cluster is never read
 header "3. L2 cache 1/8 of full coverage: l2-cache-size=$((eighth / 1024))k, 4 KiB slices"
@@ -229,9 +254,9 @@ echo "  qemu-img bench has no random pattern: the comparison uses the strided re
 echo "  uqcow's random reads at the same cache size are listed for reference"
 qemu_opts="driver=qcow2,file.filename=$img,l2-cache-size=$eighth,l2-cache-entry-size=4096"
 for _ in $(seq "$REPEAT"); do
-  measure uqcow t3.uq "uqcow --rw read --step ${STEP_KIB}k --count $COUNT" \
+  measure uqcow t3.uq "uqcow --rw read --step ${STEP_KIB}k --count $COUNT, 1/8 cache" \
     "${UQB[@]}" --l2-cache-size "$eighth" --l2-cache-entry-size 4k --rw read --step "${STEP_KIB}k" --count "$COUNT" "$img"
-  measure qemu t3.qemu "qemu-img bench --image-opts ...l2-cache-size=$eighth,l2-cache-entry-size=4096" \
+  measure qemu t3.qemu "qemu-img bench --image-opts l2-cache-size=$((eighth / 1024))k,4k slices, same" \
     "${QIB[@]}" --image-opts -t writeback -c "$COUNT" -s 4k -S "${STEP_KIB}k" "$qemu_opts"
   measure uqcow t3.uq.rand "uqcow --rw randread (reference; QEMU cannot)" \
     "${UQB[@]}" --l2-cache-size "$eighth" --l2-cache-entry-size 4k --rw randread --runtime "$RUNTIME" "$img"
@@ -304,12 +329,12 @@ if [[ ${UQCOW_CMP_INSN:-1} != 0 ]]; then
   if [[ -n $method ]]; then
     echo
     echo "== $what, from two runs of N and 2N requests (the difference leaves out start-up)"
-    insn_pair() {  # key label N prep-or-"" command with @N@ in place of the count
-      local key=$1 label=$2 n=$3 prep=$4 a b
+    insn_pair() {  # key label N fresh|same command-with-@N@-for-the-count
+      local key=$1 label=$2 n=$3 image=$4 a b
       shift 4
-      [[ -z $prep ]] || eval "$prep"
+      [[ $image != fresh ]] || fresh "$w" "$ALLOC_SIZE"
       a=$(count_insn "${@//@N@/$n}")
-      [[ -z $prep ]] || eval "$prep"
+      [[ $image != fresh ]] || fresh "$w" "$ALLOC_SIZE"
       b=$(count_insn "${@//@N@/$((2 * n))}")
       if [[ -n $a && -n $b ]]; then
         python3 "$helper" insn "$key" "$label (N=$n)" "$n" "$a" "$b"
@@ -317,25 +342,26 @@ if [[ ${UQCOW_CMP_INSN:-1} != 0 ]]; then
         echo "  $label: not measured"
       fi
     }
-    insn_pair insn.t1.qcow2 "uqcow qcow2 randread, L2 cached" 20000 "" \
+    insn_pair insn.t1.qcow2 "uqcow qcow2 randread, L2 cached" 20000 same \
       "$UQCOW" bench --depth "$DEPTH" --rw randread --count @N@ "$img"
-    insn_pair insn.t1.raw "uqcow raw randread" 20000 "" \
+    insn_pair insn.t1.raw "uqcow raw randread" 20000 same \
       "$UQCOW" bench --depth "$DEPTH" --rw randread --count @N@ "$raw"
-    insn_pair insn.t2.uq "uqcow qcow2 read --step ${STEP_KIB}k" 20000 "" \
+    insn_pair insn.t2.uq "uqcow qcow2 read --step ${STEP_KIB}k" 20000 same \
       "$UQCOW" bench --depth "$DEPTH" --rw read --step "${STEP_KIB}k" --count @N@ "$img"
-    insn_pair insn.t2.qemu "qemu-img bench qcow2 -S ${STEP_KIB}k" 20000 "" \
+    insn_pair insn.t2.qemu "qemu-img bench qcow2 -S ${STEP_KIB}k" 20000 same \
       qemu-img bench -d "$DEPTH" -i io_uring -f qcow2 -t writeback -c @N@ -s 4k -S "${STEP_KIB}k" "$img"
-    # Within one pass of the fresh image, so that every write allocates.
-    insn_pair insn.t2w.uq "uqcow allocating write --step ${STEP_KIB}k" 5000 "fresh '$w' '$ALLOC_SIZE'" \
+    # 2N requests within one pass of the fresh image, so that every write allocates.
+    alloc_insn_n=$((alloc_n / 2 < 5000 ? alloc_n / 2 : 5000))
+    insn_pair insn.t2w.uq "uqcow allocating write --step ${STEP_KIB}k" "$alloc_insn_n" fresh \
       "$UQCOW" bench --depth "$DEPTH" --rw write --step "${STEP_KIB}k" --count @N@ "$w"
-    insn_pair insn.t2w.qemu "qemu-img bench -w allocating -S ${STEP_KIB}k" 5000 "fresh '$w' '$ALLOC_SIZE'" \
+    insn_pair insn.t2w.qemu "qemu-img bench -w allocating -S ${STEP_KIB}k" "$alloc_insn_n" fresh \
       qemu-img bench -d "$DEPTH" -i io_uring -f qcow2 -t writeback -w -c @N@ -s 4k -S "${STEP_KIB}k" "$w"
     rm -f "$w"
   fi
 fi
 
 echo
-echo "== ratios (best of $REPEAT; IOPS of the left over the right)"
+echo "== ratios (median of $REPEAT run(s); IOPS of the left over the right, process CPU per I/O likewise)"
 python3 "$helper" report
 echo
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -90,6 +90,33 @@ class Qcow2Image final : public Disk {
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
 
+  // --- Internal snapshots (snapshot_ops.cc), qemu-img snapshot -c/-a/-d ---
+  // Each returns OK or the error: EEXIST (name taken), ENOENT (no such id or
+  // name), ENOTSUP (external data file), or an I/O / corruption error. A
+  // crash at any point leaves at most leaked clusters.
+  // Records the active state as snapshot `name` (id = highest id + 1).
+  Task<Status> snapshot_create(const std::string& name);
+  // Makes the snapshot (by id, else by name) the active state.
+  Task<Status> snapshot_apply(const std::string& id_or_name);
+  // Removes the snapshot and frees what only it referenced.
+  Task<Status> snapshot_delete(const std::string& id_or_name);
+
+ private:
+  const Snapshot* find_snapshot(const std::string& id_or_name) const;
+  Status check_snapshot_support() const;
+  Task<Status> snapshot_entry_refcount(uint64_t& l2e, int64_t addend, bool discard, bool& changed);
+  Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
+  Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
+                                        bool& l1_changed);
+  Task<Status> write_active_l1();
+  Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, const char* what);
+  Task<Status> switch_snapshot_table(std::vector<Snapshot> next);
+  Task<Status> flush_metadata();
+  Task<Result<std::vector<uint64_t>>> read_l1_table(uint64_t offset, uint32_t entries);
+  // --- End of internal snapshots --------------------------------------------
+
+ public:
+
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }

@@ -191,6 +191,9 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
       set_refcount_entry(ref->data(), idx, header_.refcount_order, now);
       if (now == 0) {
         free_cluster_index_ = std::min(free_cluster_index_, c);
+        // The partly filled compressed-data cluster is gone: never pack more
+        // compressed data into a cluster that may be reallocated whole.
+        if (free_byte_offset_ && (free_byte_offset_ >> geo_.cluster_bits) == c) free_byte_offset_ = 0;
         l2_cache_->discard(c << geo_.cluster_bits);
         refcount_cache_->discard(c << geo_.cluster_bits);
         overlap_remove(c << geo_.cluster_bits, geo_.cluster_size);

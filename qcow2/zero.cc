@@ -44,6 +44,9 @@ Task<Status> Qcow2Image::write_zeroes(uint64_t offset, uint64_t len, bool may_un
 
 Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
   UQ_CO_TRY(check_writable(offset, len));
+  // A compat=0.10 image has no zero flag: a discarded cluster would show the
+  // backing file's data, so with a backing file nothing is discarded (QEMU).
+  if (!v3_ && backing_) co_return Status();
   // Only whole clusters are discarded (and the disk's partial last cluster);
   // partial clusters are left alone, as QEMU does.
   const uint64_t cs = geo_.cluster_size;

@@ -1,16 +1,27 @@
-// uqcow convert: writes the guest-visible content of an image (or of one of
-// its internal snapshots) to a raw file, like `qemu-img convert -O raw`.
+// uqcow convert: copies the guest-visible content of an image (or of one of
+// its internal snapshots) to a new raw file or qcow2 image, like `qemu-img
+// convert -O raw|qcow2`. The output is a full copy: no backing file.
 //
-// The output is sparse: it starts as one hole of the virtual size, ranges
-// that the backing chain reports as zeros are skipped without being read, and
-// of the data read only the 4 KiB blocks that are not all zeros are written.
+// Only what may hold non-zero data is copied. Ranges that the backing chain
+// reports as zeros are skipped without being read, and of the data read, the
+// 4 KiB blocks that are all zeros are not written: the new target already
+// reads zeros everywhere (a sparse raw file; a fresh qcow2 image, whose
+// preallocated clusters read as zeros too). With -c the unit is the target's
+// cluster: every cluster holding data is written whole through the
+// compressed path (the library stores an incompressible one normally), and a
+// cluster is skipped only when all of it is zeros.
+//
 // Several workers copy 2 MiB chunks concurrently to keep requests in flight.
+// Compression runs on the reactor thread, inside the library's
+// write_compressed().
 #include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "engine/task_group.h"
+#include "qcow2/create.h"
+#include "qcow2/image.h"
 #include "qcow2/open.h"
 #include "tools/chain_status.h"
 #include "tools/cli.h"
@@ -20,13 +31,18 @@
 namespace uqcow::cli {
 namespace {
 
-constexpr char kUsage[] = "uqcow convert [-f FMT] [-O raw] [-l SNAPSHOT] [-p] SRC DST";
+constexpr char kUsage[] =
+    "uqcow convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
 constexpr char kDescription[] =
-    "Writes the guest-visible content of SRC (through its backing chain) to DST as a sparse\n"
-    "raw file of the virtual size. DST is created or truncated. -l reads an internal snapshot\n"
-    "of SRC instead of its current state. Writing qcow2 (-O qcow2) is not available yet.";
+    "Copies the guest-visible content of SRC (through its backing chain) to DST, which is\n"
+    "created or truncated: a sparse raw file (-O raw, the default) or a qcow2 image without\n"
+    "backing file (-O qcow2). -o takes qemu-img's qcow2 creation options (cluster_size,\n"
+    "compat, refcount_bits, lazy_refcounts, preallocation, compression_type, extended_l2,\n"
+    "data_file, data_file_raw); the defaults are those of `uqcow create`. -c compresses the\n"
+    "data clusters of a qcow2 DST. -l reads an internal snapshot of SRC instead of its\n"
+    "current state.";
 
-constexpr uint64_t kChunkBytes = 2ull << 20;
+constexpr uint64_t kChunkBytes = 2ull << 20;  // a multiple of every cluster size
 constexpr int kWorkers = 8;
 // The granularity at which read data is checked for zeros (qemu-img -S 4k).
 constexpr uint64_t kSparseBlock = 4096;
@@ -35,10 +51,24 @@ bool all_zero(const std::byte* p, size_t n) {
   return n == 0 || (p[0] == std::byte{0} && std::memcmp(p, p + 1, n - 1) == 0);
 }
 
+// Where the data goes. Exactly one of `raw` and `disk` is set.
+struct Target {
+  RawFile* raw = nullptr;
+  Disk* disk = nullptr;
+  qcow2::Qcow2Image* compressed = nullptr;  // with -c: the qcow2 `disk`
+  uint64_t cluster_size = 0;                // with -c: the unit of writes
+  uint64_t size = 0;                        // virtual size, >= the source's
+
+  Task<Status> write(uint64_t offset, std::span<const std::byte> data) {
+    if (raw) return raw->co_write(offset, data);
+    return disk->write(offset, data);
+  }
+};
+
 struct ConvertJob {
-  ConvertJob(Disk& s, RawFile& d, bool progress) : src(s), dst(d), status(s), progress(progress) {}
+  ConvertJob(Disk& s, Target& t, bool progress) : src(s), target(t), status(s), progress(progress) {}
   Disk& src;
-  RawFile& dst;
+  Target& target;
   ChainStatusReader status;
   uint64_t next = 0;  // start of the next chunk to hand out
   uint64_t done = 0;  // bytes copied
@@ -46,10 +76,18 @@ struct ConvertJob {
   Progress progress;
 };
 
+// One chunk in progress: guest range [start, end) of the target, staged in
+// `buf` (which holds the byte at `start` first).
+struct Chunk {
+  uint64_t start = 0;
+  uint64_t end = 0;
+  std::byte* buf = nullptr;
+  uint64_t copied_to = 0;  // with -c: clusters before this one are written
+};
+
 // Writes the 4 KiB blocks (aligned to guest offsets) of `data` that are not
-// all zeros, merging neighbours into one request. The output already reads
-// zeros everywhere else.
-Task<Status> write_nonzero(RawFile& dst, uint64_t offset, std::span<const std::byte> data) {
+// all zeros, merging neighbours into one request.
+Task<Status> write_nonzero(Target& target, uint64_t offset, std::span<const std::byte> data) {
   size_t run_start = 0;
   bool in_run = false;
   for (size_t pos = 0; pos < data.size();) {
@@ -57,69 +95,89 @@ Task<Status> write_nonzero(RawFile& dst, uint64_t offset, std::span<const std::b
     const size_t n = static_cast<size_t>(std::min<uint64_t>(boundary - offset, data.size()) - pos);
     const bool zero = all_zero(data.data() + pos, n);
     if (!zero && !in_run) run_start = pos;
-    if (zero && in_run) UQ_CO_TRY(co_await dst.co_write(offset + run_start, data.subspan(run_start, pos - run_start)));
+    if (zero && in_run) {
+      UQ_CO_TRY(co_await target.write(offset + run_start, data.subspan(run_start, pos - run_start)));
+    }
     in_run = !zero;
     pos += n;
   }
-  if (in_run) UQ_CO_TRY(co_await dst.co_write(offset + run_start, data.subspan(run_start)));
+  if (in_run) UQ_CO_TRY(co_await target.write(offset + run_start, data.subspan(run_start)));
   co_return Status();
 }
 
-// Reads guest range [run_start, run_end) into its place in `buf` (which
-// holds the chunk starting at `chunk_start`) and writes what is not zeros.
-Task<Status> copy_run(ConvertJob& job, uint64_t chunk_start, std::byte* buf, uint64_t run_start,
-                      uint64_t run_end) {
-  if (run_end == run_start) co_return Status();
-  std::span<std::byte> data(buf + (run_start - chunk_start), run_end - run_start);
-  UQ_CO_TRY(co_await job.src.read(run_start, data));
-  co_return co_await write_nonzero(job.dst, run_start, data);
+// Writes each cluster of `data` (cluster aligned; the last one may be the
+// disk's partial last cluster) that is not all zeros, compressed.
+Task<Status> write_clusters_compressed(Target& target, uint64_t offset, std::span<const std::byte> data) {
+  for (size_t pos = 0; pos < data.size(); pos += target.cluster_size) {
+    auto cluster = data.subspan(pos, std::min<size_t>(target.cluster_size, data.size() - pos));
+    if (all_zero(cluster.data(), cluster.size())) continue;
+    UQ_CO_TRY(co_await target.compressed->write_compressed(offset + pos, cluster));
+  }
+  co_return Status();
 }
 
-// Copies guest range [start, start + len) (len <= kChunkBytes) through `buf`:
-// ranges that read as zeros are skipped, neighbouring data ranges are read
-// with one request.
-Task<Status> convert_chunk(ConvertJob& job, uint64_t start, uint64_t len, std::byte* buf) {
-  const uint64_t end = start + len;
-  uint64_t run_start = start, run_end = start;  // data not copied yet
-  for (uint64_t offset = start; offset < end;) {
-    auto st = co_await job.status.status(offset, end - offset);
+// Copies guest range [run_start, run_end) of data through its place in the
+// chunk's buffer. With -c the range grows to whole clusters, minus those an
+// earlier run of the chunk wrote already (a cluster is compressed once).
+// Bytes past the end of the source (the target rounds its size up to whole
+// sectors) read as zeros.
+Task<Status> copy_run(ConvertJob& job, Chunk& chunk, uint64_t run_start, uint64_t run_end) {
+  Target& target = job.target;
+  if (target.compressed) {
+    const uint64_t cs = target.cluster_size;
+    run_start = std::max(run_start / cs * cs, chunk.copied_to);
+    run_end = std::min((run_end + cs - 1) / cs * cs, chunk.end);
+  }
+  if (run_end <= run_start) co_return Status();
+  chunk.copied_to = run_end;
+  std::span<std::byte> data(chunk.buf + (run_start - chunk.start), run_end - run_start);
+  const uint64_t read_end = std::clamp(job.src.size(), run_start, run_end);
+  UQ_CO_TRY(co_await job.src.read(run_start, data.first(read_end - run_start)));
+  std::memset(data.data() + (read_end - run_start), 0, run_end - read_end);
+  if (target.compressed) co_return co_await write_clusters_compressed(target, run_start, data);
+  co_return co_await write_nonzero(target, run_start, data);
+}
+
+// Copies the chunk: ranges that read as zeros are skipped, neighbouring data
+// ranges are read with one request.
+Task<Status> convert_chunk(ConvertJob& job, Chunk& chunk) {
+  const uint64_t data_end = std::min(chunk.end, job.src.size());
+  uint64_t run_start = chunk.start, run_end = chunk.start;  // data not copied yet
+  for (uint64_t offset = chunk.start; offset < data_end;) {
+    auto st = co_await job.status.status(offset, data_end - offset);
     if (!st.ok()) co_return std::move(st).error().with_context("block status");
     offset += st->length;
     if (st->zero) {
-      UQ_CO_TRY(co_await copy_run(job, start, buf, run_start, run_end));
+      UQ_CO_TRY(co_await copy_run(job, chunk, run_start, run_end));
       run_start = offset;
     }
     run_end = offset;
   }
-  co_return co_await copy_run(job, start, buf, run_start, run_end);
+  co_return co_await copy_run(job, chunk, run_start, run_end);
 }
 
 // Takes chunks in offset order until none are left or one failed.
 Task<void> convert_worker(ConvertJob& job) {
   AlignedBuffer buf(kChunkBytes);
-  const uint64_t size = job.src.size();
+  const uint64_t size = job.target.size;
   while (job.error.ok() && job.next < size) {
-    const uint64_t start = job.next;
-    const uint64_t len = std::min(kChunkBytes, size - start);
-    job.next += len;
-    Status s = co_await convert_chunk(job, start, len, buf.data());
+    Chunk chunk;
+    chunk.start = chunk.copied_to = job.next;
+    chunk.end = std::min(chunk.start + kChunkBytes, size);
+    chunk.buf = buf.data();
+    job.next = chunk.end;
+    Status s = co_await convert_chunk(job, chunk);
     if (!s.ok()) {
       if (job.error.ok()) job.error = std::move(s);
       co_return;
     }
-    job.done += len;
+    job.done += chunk.end - chunk.start;
     job.progress.update(job.done, size);
   }
 }
 
-Task<Status> copy_to(Disk& src, const std::string& dst_path, bool progress) {
-  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true});
-  if (!dst.ok()) co_return std::move(dst).error();
-  // Truncating to 0 first drops whatever DST held: every byte not written
-  // below must read as zero.
-  UQ_CO_TRY((*dst)->truncate(0));
-  UQ_CO_TRY((*dst)->truncate(src.size()));
-  ConvertJob job(src, **dst, progress);
+Task<Status> copy(Disk& src, Target& target, bool progress) {
+  ConvertJob job(src, target, progress);
   TaskGroup workers;
   for (int i = 0; i < kWorkers; ++i) workers.spawn(convert_worker(job));
   co_await workers.join();
@@ -128,10 +186,64 @@ Task<Status> copy_to(Disk& src, const std::string& dst_path, bool progress) {
   co_return Status();
 }
 
-Task<int> convert_task(std::string src_path, std::string dst_path, OpenOptions options, bool progress) {
-  auto src = co_await open_disk(src_path, options);
+Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress) {
+  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true});
+  if (!dst.ok()) co_return std::move(dst).error();
+  // Truncating to 0 first drops whatever DST held: every byte not written
+  // below must read as zero.
+  UQ_CO_TRY((*dst)->truncate(0));
+  UQ_CO_TRY((*dst)->truncate(src.size()));
+  Target target;
+  target.raw = dst->get();
+  target.size = src.size();
+  UQ_CO_TRY(co_await copy(src, target, progress));
+  co_return co_await (*dst)->co_flush();
+}
+
+Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::CreateOptions create,
+                              bool compress, bool progress) {
+  // qcow2 sizes are whole sectors; qemu-img rounds up the same way.
+  create.size = (src.size() + 511) / 512 * 512;
+  UQ_CO_TRY(co_await qcow2::create_image(dst_path, create));
+  OpenOptions options;
+  options.read_only = false;
+  options.format = "qcow2";
+  auto dst = co_await open_disk(dst_path, options);
+  if (!dst.ok()) co_return std::move(dst).error();
+  Target target;
+  target.disk = dst->get();
+  target.size = (*dst)->size();
+  if (compress) {
+    target.compressed = dynamic_cast<qcow2::Qcow2Image*>(dst->get());
+    if (!target.compressed) co_return Error(EINVAL, dst_path + ": not opened as qcow2");
+    target.cluster_size = target.compressed->geometry().cluster_size;
+  }
+  Status copied = co_await copy(src, target, progress);
+  // close() flushes: the image is complete and clean once it returns.
+  Status closed = co_await (*dst)->close();
+  if (!copied.ok()) co_return copied;
+  co_return closed;
+}
+
+struct ConvertRequest {
+  std::string src_path;
+  std::string dst_path;
+  OpenOptions src_options;
+  bool qcow2 = false;  // else raw
+  qcow2::CreateOptions create;
+  bool compress = false;
+  bool progress = false;
+};
+
+Task<int> convert_task(ConvertRequest req) {
+  auto src = co_await open_disk(req.src_path, req.src_options);
   if (!src.ok()) co_return fail(src.error());
-  Status copied = co_await copy_to(**src, dst_path, progress);
+  Status copied;
+  if (req.qcow2) {
+    copied = co_await convert_to_qcow2(**src, req.dst_path, req.create, req.compress, req.progress);
+  } else {
+    copied = co_await convert_to_raw(**src, req.dst_path, req.progress);
+  }
   Status closed = co_await (*src)->close();
   if (!copied.ok()) co_return fail(copied);
   if (!closed.ok()) co_return fail(closed);
@@ -147,11 +259,28 @@ std::string snapshot_key(const std::string& arg) {
   return arg;
 }
 
+// The qcow2 creation options of -o (repeatable, comma separated), checked
+// against what a conversion can honour. Returns "" or what is wrong.
+std::string target_options(const Args& args, bool compress, qcow2::CreateOptions& create) {
+  std::string list;
+  for (const auto& o : args.all("-o")) list += (list.empty() ? "" : ",") + o;
+  if (Status s = qcow2::parse_create_options(list, create); !s.ok()) return s.message();
+  if (!create.backing_file.empty() || !create.backing_format.empty()) {
+    return "backing_file/backing_fmt are not supported: the output is a full copy";
+  }
+  if (compress && create.preallocation != qcow2::Preallocation::kOff) {
+    return "Compression and preallocation not supported at the same time";
+  }
+  return "";
+}
+
 }  // namespace
 
 int cmd_convert(int argc, char** argv) {
   Args args;
-  args.option("-O,--target-format", "output format: raw (the default; qcow2 is not available yet)", "FMT")
+  args.option("-O,--target-format", "output format: raw (the default) or qcow2", "FMT")
+      .option("-o,--target-options", "qcow2 creation options, comma separated (repeatable)", "OPTIONS")
+      .flag("-c,--compress", "write the data clusters compressed (qcow2 only)")
       .option("-l,--snapshot", "convert an internal snapshot (ID, NAME, snapshot.id=ID or snapshot.name=NAME)",
               "SNAPSHOT")
       .flag("-p,--progress", "show progress on stderr (when it is a terminal)");
@@ -161,17 +290,27 @@ int cmd_convert(int argc, char** argv) {
     print_help(kUsage, kDescription, args);
     return 0;
   }
+  ConvertRequest req;
   const std::string out_format = args.get_or("-O", "raw");
-  if (out_format == "qcow2") {
-    return fail("convert: -O qcow2 is not supported yet (writing qcow2 images lands with the write "
-                "path); use -O raw");
+  if (out_format != "raw" && out_format != "qcow2") {
+    return fail("convert: output format '" + out_format + "' is not supported (raw, qcow2)");
   }
-  if (out_format != "raw") return fail("convert: output format '" + out_format + "' is not supported (use -O raw)");
+  req.qcow2 = out_format == "qcow2";
+  req.compress = args.has("-c");
+  if (!req.qcow2 && req.compress) return fail("convert: Compression not supported for this file format");
+  if (!req.qcow2 && args.has("-o")) return fail("convert: -o is only supported with -O qcow2");
+  if (req.qcow2) {
+    if (std::string e = target_options(args, req.compress, req.create); !e.empty()) return fail("convert: " + e);
+  }
   if (args.positional().size() != 2) return fail("convert: expecting a source and a destination file name (see --help)");
   auto options = open_options(args, /*read_only=*/true);
   if (!options.ok()) return fail(options.error());
   if (auto snapshot = args.get("-l")) options->snapshot = snapshot_key(*snapshot);
-  return run(convert_task(args.positional()[0], args.positional()[1], std::move(*options), args.has("-p")));
+  req.src_path = args.positional()[0];
+  req.dst_path = args.positional()[1];
+  req.src_options = std::move(*options);
+  req.progress = args.has("-p");
+  return run(convert_task(std::move(req)));
 }
 
 }  // namespace uqcow::cli

@@ -1,11 +1,13 @@
-// uqcow io: a qemu-io style driver. Opens one image and runs commands on it
-// in order (-c CMD, repeatable; without -c, one command per line of stdin),
-// printing what qemu-io prints. The exit status is 1 if any command failed
-// (including a pattern mismatch).
+// uqcow io: a qemu-io style driver. Opens one image (read-write unless -r)
+// and runs commands on it in order (-c CMD, repeatable; without -c, one
+// command per line of stdin), printing what qemu-io prints. The exit status
+// is 1 if any command failed (including a pattern mismatch). On a normal end
+// the image is flushed and closed; `abort` ends the process at once with
+// abort(3), as qemu-io does, leaving the image as a crash would.
 //
-// Commands live in kCommands: a name, qemu-io's argument counts, synopsis and
-// one-line help, and a function. A new command (write, discard, flush...) is
-// one more function and one more row.
+// Commands live in kCommands, sorted by name as qemu-io lists them: a name,
+// qemu-io's argument counts, synopsis and one-line help, whether the command
+// needs a writable image, and a function.
 #include <time.h>
 #include <unistd.h>
 
@@ -13,12 +15,15 @@
 #include <cinttypes>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "qcow2/image.h"
 #include "qcow2/open.h"
 #include "tools/cli.h"
 #include "uring/aligned_buffer.h"
@@ -49,10 +54,14 @@ struct IoCommand {
   int argmax;
   const char* args;     // synopsis
   const char* oneline;  // help text
+  bool writes;          // needs a writable image (qemu-io's BLK_PERM_WRITE)
   CommandFn run;
 };
 
-void print_usage(const IoCommand& c) { std::printf("%s %s -- %s\n", c.name, c.args, c.oneline); }
+// qemu-io's help line; commands without arguments have no synopsis.
+void print_usage(const IoCommand& c) {
+  std::printf("%s %s%s-- %s\n", c.name, c.args ? c.args : "", c.args ? " " : "", c.oneline);
+}
 
 // The options of one command, parsed like glibc getopt() with `spec`
 // ("bCl:P:..."): options may follow positional arguments, "--" ends them.
@@ -203,6 +212,21 @@ void dump_buffer(const std::byte* buf, uint64_t offset, uint64_t len) {
   }
 }
 
+// QEMU's blk_check_byte_request(): a request past the end of the disk is an
+// I/O error, whatever the format.
+Status check_request(const Disk& disk, uint64_t offset, uint64_t count) {
+  if (offset > disk.size() || count > disk.size() - offset) return Error(EIO, std::strerror(EIO));
+  return Status();
+}
+
+// qemu-io's "<op> failed: <strerror>" line. The library's message says more
+// than strerror(); it goes to stderr so that stdout stays what qemu-io prints.
+void print_failure(const char* op, const Status& status) {
+  const char* text = std::strerror(status.code());
+  std::printf("%s failed: %s\n", op, text);
+  if (status.message() != text) std::fprintf(stderr, "uqcow: %s: %s\n", op, status.message().c_str());
+}
+
 // read [-bCqv] [-P pattern [-s off] [-l len]] off len
 Task<bool> read_command(IoSession& session, const IoCommand& cmd, const std::vector<std::string>& argv) {
   CommandOptions o;
@@ -237,15 +261,11 @@ Task<bool> read_command(IoSession& session, const IoCommand& cmd, const std::vec
   AlignedBuffer buf(count);
   timespec t1{}, t2{};
   clock_gettime(CLOCK_MONOTONIC, &t1);
-  // Like QEMU's block layer, a request past the end of the disk is an I/O
-  // error.
-  Status status = Error(EIO, std::strerror(EIO));
-  if (offset <= session.disk.size() && count <= session.disk.size() - offset) {
-    status = co_await session.disk.read(offset, buf.span());
-  }
+  Status status = check_request(session.disk, offset, count);
+  if (status.ok()) status = co_await session.disk.read(offset, buf.span());
   clock_gettime(CLOCK_MONOTONIC, &t2);
   if (!status.ok()) {
-    std::printf("read failed: %s\n", status.message().c_str());
+    print_failure("read", status);
     co_return false;
   }
 
@@ -267,6 +287,152 @@ Task<bool> read_command(IoSession& session, const IoCommand& cmd, const std::vec
   co_return ok;
 }
 
+// qemu-io's qemu_io_alloc_from_file(): the file's first `count` bytes,
+// repeated until the buffer is full. Errors go to stderr as qemu-io's do.
+bool fill_from_file(const std::string& name, std::span<std::byte> buf) {
+  std::ifstream in(name, std::ios::binary);
+  if (!in) {
+    std::fprintf(stderr, "%s: %s\n", name.c_str(), std::strerror(errno));
+    return false;
+  }
+  in.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+  if (in.bad()) {
+    std::fprintf(stderr, "%s: %s\n", name.c_str(), std::strerror(errno));
+    return false;
+  }
+  const size_t pattern_len = static_cast<size_t>(in.gcount());
+  if (pattern_len == 0) {
+    std::fprintf(stderr, "%s: file is empty\n", name.c_str());
+    return false;
+  }
+  for (size_t pos = pattern_len; pos < buf.size(); pos += pattern_len) {
+    std::memcpy(buf.data() + pos, buf.data(), std::min(pattern_len, buf.size() - pos));
+  }
+  return true;
+}
+
+// write -c: whole clusters through the qcow2 compressed path. Other formats
+// cannot compress (qemu-io: ENOTSUP).
+Task<Status> write_compressed(Disk& disk, uint64_t offset, std::span<const std::byte> buf) {
+  auto* image = dynamic_cast<qcow2::Qcow2Image*>(&disk);
+  if (!image) co_return Error(ENOTSUP, std::strerror(ENOTSUP));
+  co_return co_await image->write_compressed(offset, buf);
+}
+
+// write [-bcCfquz] [-P pattern | -s source_file] off len
+Task<bool> write_command(IoSession& session, const IoCommand& cmd, const std::vector<std::string>& argv) {
+  CommandOptions o;
+  if (!parse_command_options(argv, "bcCfpP:qs:uz", o) || o.positional.size() != 2) {
+    print_usage(cmd);
+    co_return false;
+  }
+  if (o.has('b')) {
+    std::printf("write: -b (VM state) is not supported\n");
+    co_return false;
+  }
+  const bool zero = o.has('z'), compressed = o.has('c'), fua = o.has('f');
+  if (fua && compressed) {
+    std::printf("-f and -b or -c cannot be specified at the same time\n");
+    co_return false;
+  }
+  if (o.has('u') && !zero) {
+    std::printf("-u requires -z to be specified\n");
+    co_return false;
+  }
+  if (int(zero) + int(o.has('P')) + int(o.has('s')) > 1) {
+    std::printf("Only one of -z, -P, and -s can be specified at the same time\n");
+    co_return false;
+  }
+  int pattern = 0xcd;
+  uint64_t offset = 0, count = 0;
+  if (o.has('P') && !parse_pattern(o.values['P'], pattern)) co_return false;
+  if (!parse_number(o.positional[0], offset) || !parse_number(o.positional[1], count)) co_return false;
+  if (count > kRequestMaxBytes) {
+    std::printf("length cannot exceed %" PRIu64 " without -n, given %s\n", kRequestMaxBytes,
+                o.positional[1].c_str());
+    co_return false;
+  }
+  if (compressed && offset % 512) {
+    std::printf("%" PRIu64 " is not a sector-aligned value for 'offset'\n", offset);
+    co_return false;
+  }
+  if (compressed && count % 512) {
+    std::printf("%" PRIu64 " is not a sector-aligned value for 'count'\n", count);
+    co_return false;
+  }
+
+  AlignedBuffer buf(zero ? 0 : count);
+  if (!zero) {
+    if (o.has('s')) {
+      if (!fill_from_file(o.values['s'], buf.span())) co_return false;
+    } else {
+      std::memset(buf.data(), pattern, count);
+    }
+  }
+  timespec t1{}, t2{};
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  Disk& disk = session.disk;
+  Status status = check_request(disk, offset, count);
+  // -z wins over -c, as in qemu-io.
+  if (status.ok() && zero) status = co_await disk.write_zeroes(offset, count, o.has('u'));
+  else if (status.ok() && compressed) status = co_await write_compressed(disk, offset, buf.span());
+  else if (status.ok()) status = co_await disk.write(offset, buf.span());
+  // QEMU emulates FUA on qcow2 with a flush once the write is done.
+  if (status.ok() && fua) status = co_await disk.flush();
+  clock_gettime(CLOCK_MONOTONIC, &t2);
+  if (!status.ok()) {
+    print_failure("write", status);
+    co_return false;
+  }
+  if (!o.has('q')) print_report("wrote", elapsed(t1, t2), offset, count, count, 1, o.has('C'));
+  co_return true;
+}
+
+// discard [-Cq] off len
+Task<bool> discard_command(IoSession& session, const IoCommand& cmd, const std::vector<std::string>& argv) {
+  CommandOptions o;
+  if (!parse_command_options(argv, "Cq", o) || o.positional.size() != 2) {
+    print_usage(cmd);
+    co_return false;
+  }
+  uint64_t offset = 0, count = 0;
+  if (!parse_number(o.positional[0], offset) || !parse_number(o.positional[1], count)) co_return false;
+  if (count > kRequestMaxBytes) {
+    std::printf("length cannot exceed %" PRIu64 ", given %s\n", kRequestMaxBytes, o.positional[1].c_str());
+    co_return false;
+  }
+  timespec t1{}, t2{};
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  Status status = check_request(session.disk, offset, count);
+  if (status.ok()) status = co_await session.disk.discard(offset, count);
+  clock_gettime(CLOCK_MONOTONIC, &t2);
+  if (!status.ok()) {
+    print_failure("discard", status);
+    co_return false;
+  }
+  if (!o.has('q')) print_report("discard", elapsed(t1, t2), offset, count, count, 1, o.has('C'));
+  co_return true;
+}
+
+// flush: prints nothing, as qemu-io; a failure only shows in the exit status
+// (and uqcow's message on stderr).
+Task<bool> flush_command(IoSession& session, const IoCommand&, const std::vector<std::string>&) {
+  Status status = co_await session.disk.flush();
+  if (!status.ok()) std::fprintf(stderr, "uqcow: flush: %s\n", status.message().c_str());
+  co_return status.ok();
+}
+
+// abort: a crash, for crash-consistency tests. Nothing is flushed or closed:
+// the image is left as the kernel holds it (what earlier flushes made
+// durable, plus whatever writes reached the file). What this process printed
+// so far is flushed first, unlike qemu-io whose buffered stdout is lost.
+Task<bool> abort_command(IoSession&, const IoCommand&, const std::vector<std::string>&) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::abort();
+  co_return false;
+}
+
 Task<bool> help_command(IoSession&, const IoCommand&, const std::vector<std::string>& argv);
 
 Task<bool> quit_command(IoSession& session, const IoCommand&, const std::vector<std::string>&) {
@@ -275,10 +441,16 @@ Task<bool> quit_command(IoSession& session, const IoCommand&, const std::vector<
 }
 
 const IoCommand kCommands[] = {
-    {"help", "?", 0, 1, "[command]", "help for one or all commands", help_command},
-    {"quit", "q", 0, 0, "", "exit the program", quit_command},
+    {"abort", nullptr, 0, 0, nullptr, "simulate a program crash using abort(3)", false, abort_command},
+    {"discard", "d", 2, -1, "[-Cq] off len", "discards a number of bytes at a specified offset", true,
+     discard_command},
+    {"flush", "f", 0, 0, nullptr, "flush all in-core file state to disk", false, flush_command},
+    {"help", "?", 0, 1, "[command]", "help for one or all commands", false, help_command},
+    {"quit", "q", 0, 0, nullptr, "exit the program", false, quit_command},
     {"read", "r", 2, -1, "[-abCqv] [-P pattern [-s off] [-l len]] off len",
-     "reads a number of bytes at a specified offset", read_command},
+     "reads a number of bytes at a specified offset", false, read_command},
+    {"write", "w", 2, -1, "[-bcCfquz] [-P pattern | -s source_file] off len",
+     "writes a number of bytes at a specified offset", true, write_command},
 };
 
 const IoCommand* find_command(const std::string& name) {
@@ -331,6 +503,10 @@ Task<bool> run_command(IoSession& session, const std::string& line) {
       std::fprintf(stderr, "bad argument count %d to %s, expected between %d and %d arguments\n", args,
                    argv[0].c_str(), c->argmin, c->argmax);
     }
+    co_return false;
+  }
+  if (c->writes && session.disk.read_only()) {
+    std::fprintf(stderr, "uqcow: Block node is read-only\n");
     co_return false;
   }
   co_return co_await c->run(session, *c, argv);

@@ -19,9 +19,11 @@ const Command kCommands[] = {
     {"convert", uqcow::cli::cmd_convert, "copy an image to another format or file"},
     {"compare", uqcow::cli::cmd_compare, "compare the guest-visible content of two images"},
     {"resize", uqcow::cli::cmd_resize, "change the virtual size of an image"},
+    {"snapshot", uqcow::cli::cmd_snapshot, "list, create, apply or delete internal snapshots"},
     {"io", uqcow::cli::cmd_io, "run qemu-io style commands against an image"},
     {"bench", uqcow::cli::cmd_bench, "benchmark random or sequential I/O on an image"},
     {"check", uqcow::cli::cmd_check, "check (and repair) an image's metadata"},
+    {"serve", uqcow::cli::cmd_serve, "export an image over NBD"},
 };
 
 void usage(FILE* out) {

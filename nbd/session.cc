@@ -1,0 +1,256 @@
+// The transmission phase. A reader loop receives requests in order and
+// spawns one coroutine per request into a TaskGroup; those run concurrently
+// on the Disk and reply in whatever order they finish. A CoMutex around the
+// socket's send side keeps each reply (all chunks of it) contiguous.
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "engine/co_mutex.h"
+#include "engine/co_queue.h"
+#include "engine/task_group.h"
+#include "nbd/protocol.h"
+#include "nbd/session.h"
+#include "nbd/socket.h"
+
+namespace uqcow::nbd {
+
+uint32_t to_nbd_error(int errno_value) {
+  switch (errno_value) {
+    case EPERM: case EROFS: return kEperm;
+    case ENOMEM: return kEnomem;
+    case EINVAL: return kEinval;
+    case ENOSPC: case EFBIG: return kEnospc;
+    case EOVERFLOW: return kEoverflow;
+    case ENOTSUP: return kEnotsup;
+    case ESHUTDOWN: return kEshutdown;
+    default: return kEio;
+  }
+}
+
+namespace {
+
+// Requests in flight per client: the reader stops receiving at this count,
+// so one client can hold at most this many payload buffers.
+constexpr size_t kMaxInFlight = 64;
+// Extents per BLOCK_STATUS reply (bounds the reply and the time spent).
+constexpr size_t kMaxExtents = 1024;
+
+class Session {
+ public:
+  Session(int fd, const Export& exp, Negotiated n) : fd_(fd), exp_(exp), negotiated_(n) {}
+  Task<void> run();
+
+ private:
+  Task<void> handle(Request req, std::vector<std::byte> payload);
+  Task<Status> do_read(const Request& req);
+  Task<Status> do_block_status(const Request& req);
+  Task<Status> execute(const Request& req, const std::vector<std::byte>& payload);
+  // Sends `len` bytes under the send lock; a failed send shuts the socket
+  // down so the reader loop ends too.
+  Task<void> send_reply(const std::byte* data, size_t len);
+  Task<void> reply_error(const Request& req, uint32_t error, const std::string& message);
+  Task<void> reply_ok(const Request& req);
+  // 0 or the NBD error for a request whose range or length is invalid.
+  uint32_t validate(const Request& req) const;
+
+  int fd_;
+  const Export& exp_;
+  Negotiated negotiated_;
+  CoMutex send_mutex_;
+  TaskGroup requests_;
+  CoQueue slot_freed_;
+  bool broken_ = false;
+};
+
+Task<void> Session::send_reply(const std::byte* data, size_t len) {
+  auto guard = co_await send_mutex_.scoped_lock();
+  if (broken_) co_return;
+  Status s = co_await send_all(fd_, data, len);
+  if (!s.ok()) {
+    broken_ = true;
+    ::shutdown(fd_, SHUT_RDWR);
+  }
+}
+
+Task<void> Session::reply_error(const Request& req, uint32_t error, const std::string& message) {
+  std::vector<std::byte> buf;
+  if (negotiated_.structured_replies) {
+    buf.resize(ChunkHeader::kSize + 6 + message.size());
+    ChunkHeader{kReplyFlagDone, kReplyTypeError, req.handle, static_cast<uint32_t>(6 + message.size())}
+        .store(buf.data());
+    store_be32(buf.data() + ChunkHeader::kSize, error);
+    store_be16(buf.data() + ChunkHeader::kSize + 4, static_cast<uint16_t>(message.size()));
+    std::memcpy(buf.data() + ChunkHeader::kSize + 6, message.data(), message.size());
+  } else {
+    buf.resize(SimpleReply::kSize);
+    SimpleReply{error, req.handle}.store(buf.data());
+  }
+  co_await send_reply(buf.data(), buf.size());
+}
+
+Task<void> Session::reply_ok(const Request& req) {
+  std::byte buf[SimpleReply::kSize];
+  // A simple reply is valid for every command but READ and BLOCK_STATUS,
+  // structured replies or not.
+  SimpleReply{0, req.handle}.store(buf);
+  co_await send_reply(buf, sizeof buf);
+}
+
+uint32_t Session::validate(const Request& req) const {
+  if (req.length > kMaxPayload && req.type != kCmdTrim && req.type != kCmdWriteZeroes &&
+      req.type != kCmdBlockStatus) {
+    return kEinval;
+  }
+  uint64_t size = exp_.disk->size();
+  if (req.offset > size || req.length > size - req.offset) {
+    return req.type == kCmdWrite || req.type == kCmdWriteZeroes ? kEnospc : kEinval;
+  }
+  bool writes = req.type == kCmdWrite || req.type == kCmdTrim || req.type == kCmdWriteZeroes;
+  if (writes && exp_.read_only) return kEperm;
+  if (req.type == kCmdBlockStatus && !negotiated_.base_allocation) return kEinval;
+  return 0;
+}
+
+// One OFFSET_DATA chunk (or a simple reply) carrying the whole range: the
+// data is read straight into the reply buffer behind the header.
+Task<Status> Session::do_read(const Request& req) {
+  size_t header = negotiated_.structured_replies ? ChunkHeader::kSize + 8 : SimpleReply::kSize;
+  std::vector<std::byte> buf(header + req.length);
+  UQ_CO_TRY(co_await exp_.disk->read(req.offset, std::span(buf).subspan(header)));
+  if (negotiated_.structured_replies) {
+    ChunkHeader{kReplyFlagDone, kReplyTypeOffsetData, req.handle, 8 + req.length}.store(buf.data());
+    store_be64(buf.data() + ChunkHeader::kSize, req.offset);
+  } else {
+    SimpleReply{0, req.handle}.store(buf.data());
+  }
+  co_await send_reply(buf.data(), buf.size());
+  co_return ok_status();
+}
+
+// Status of [offset, offset + max_len) through the backing chain: the first
+// layer that allocates the range decides; past the end of the chain, or of a
+// shorter backing file, the range reads as zeros.
+Task<Result<std::pair<uint64_t, uint32_t>>> chain_status(Disk* top, uint64_t offset, uint64_t max_len) {
+  for (Disk* layer = top; layer; layer = layer->backing()) {
+    if (offset >= layer->size()) break;
+    uint64_t len = std::min(max_len, layer->size() - offset);
+    auto st = co_await layer->block_status(offset, len);
+    if (!st.ok()) co_return std::move(st).error();
+    max_len = st->length;
+    if (st->kind == BlockStatus::Kind::kData) co_return std::pair{max_len, uint32_t{0}};
+    if (st->kind == BlockStatus::Kind::kZero) {
+      co_return std::pair{max_len, st->has_offset ? kStateZero : kStateHole | kStateZero};
+    }
+  }
+  co_return std::pair{max_len, kStateHole | kStateZero};
+}
+
+Task<Status> Session::do_block_status(const Request& req) {
+  // Extents as (length, flags) pairs, adjacent equal flags merged; each
+  // length fits u32 because the request length does.
+  std::vector<std::pair<uint32_t, uint32_t>> extents;
+  uint64_t offset = req.offset, end = req.offset + req.length;
+  size_t limit = (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
+  while (offset < end) {
+    auto st = co_await chain_status(exp_.disk, offset, end - offset);
+    if (!st.ok()) co_return std::move(st).error();
+    auto [len, flags] = *st;
+    if (!extents.empty() && extents.back().second == flags) {
+      extents.back().first += static_cast<uint32_t>(len);
+    } else if (extents.size() == limit) {
+      break;
+    } else {
+      extents.emplace_back(static_cast<uint32_t>(len), flags);
+    }
+    offset += len;
+  }
+  uint32_t payload = static_cast<uint32_t>(4 + 8 * extents.size());
+  std::vector<std::byte> buf(ChunkHeader::kSize + payload);
+  ChunkHeader{kReplyFlagDone, kReplyTypeBlockStatus, req.handle, payload}.store(buf.data());
+  std::byte* p = buf.data() + ChunkHeader::kSize;
+  store_be32(p, kBaseAllocationId);
+  for (size_t i = 0; i < extents.size(); ++i) {
+    store_be32(p + 4 + 8 * i, extents[i].first);
+    store_be32(p + 8 + 8 * i, extents[i].second);
+  }
+  co_await send_reply(buf.data(), buf.size());
+  co_return ok_status();
+}
+
+// Runs a validated request. Returns an error to be sent as the reply; on
+// success the reply has been sent (or the socket is broken).
+Task<Status> Session::execute(const Request& req, const std::vector<std::byte>& payload) {
+  Disk& disk = *exp_.disk;
+  switch (req.type) {
+    case kCmdRead:
+      co_return co_await do_read(req);
+    case kCmdBlockStatus:
+      co_return co_await do_block_status(req);
+    case kCmdWrite:
+      UQ_CO_TRY(co_await disk.write(req.offset, payload));
+      break;
+    case kCmdWriteZeroes:
+      UQ_CO_TRY(co_await disk.write_zeroes(req.offset, req.length, !(req.flags & kCmdFlagNoHole)));
+      break;
+    case kCmdTrim:
+      UQ_CO_TRY(co_await disk.discard(req.offset, req.length));
+      break;
+    case kCmdFlush:
+    case kCmdCache:  // advisory; nothing to prefetch into
+      break;
+    default:
+      co_return Error(EINVAL, "unknown command");
+  }
+  if (req.type == kCmdFlush || (req.flags & kCmdFlagFua)) UQ_CO_TRY(co_await disk.flush());
+  co_await reply_ok(req);
+  co_return ok_status();
+}
+
+Task<void> Session::handle(Request req, std::vector<std::byte> payload) {
+  uint32_t invalid = validate(req);
+  if (invalid != 0) {
+    co_await reply_error(req, invalid, "invalid request");
+  } else {
+    Status s = co_await execute(req, payload);
+    if (!s.ok()) co_await reply_error(req, to_nbd_error(s.code()), s.message());
+  }
+  slot_freed_.wake_one();
+}
+
+Task<void> Session::run() {
+  for (;;) {
+    while (requests_.active() >= kMaxInFlight) co_await slot_freed_.wait();
+    std::byte raw[Request::kSize];
+    Status got = co_await recv_exact(fd_, raw, sizeof raw);
+    if (!got.ok() || broken_) break;
+    Request req = Request::load(raw);
+    // A bad magic means the stream is out of step: nothing after it can be
+    // trusted, so the connection ends (as the spec allows).
+    if (req.magic != kRequestMagic) break;
+    if (req.type == kCmdDisc) break;
+    std::vector<std::byte> payload;
+    if (req.type == kCmdWrite) {
+      // The payload must be consumed to stay in step; one too large to
+      // buffer ends the connection instead.
+      if (req.length > kMaxPayload) break;
+      payload.resize(req.length);
+      Status body = co_await recv_exact(fd_, payload.data(), payload.size());
+      if (!body.ok()) break;
+    }
+    requests_.spawn(handle(req, std::move(payload)));
+  }
+  co_await requests_.join();
+}
+
+}  // namespace
+
+Task<void> serve_transmission(int fd, const Export& exp, Negotiated negotiated) {
+  Session session(fd, exp, negotiated);
+  co_await session.run();
+}
+
+}  // namespace uqcow::nbd

@@ -1,0 +1,308 @@
+// Creating, applying and deleting internal snapshots (qemu-img snapshot -c,
+// -a, -d), after QEMU's qcow2-snapshot.c and qcow2_update_snapshot_refcount.
+// Member functions of Qcow2Image.
+//
+// Refcount model (QEMU's): a data cluster's refcount is the number of L1
+// tables (active or snapshot) that reach it, an L2 table's the number of L1
+// tables that point at it. OFLAG_COPIED is set in the active tables exactly
+// where that count is 1, which is what makes the write path copy on write.
+//
+// Crash safety: refcounts only ever go up before the header points at a new
+// snapshot table, and only go down after it stopped pointing at the old one,
+// so a crash anywhere leaks clusters at most.
+#include <algorithm>
+#include <cerrno>
+#include <ctime>
+
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+
+namespace uqcow::qcow2 {
+namespace {
+std::span<std::byte> bytes_of(std::vector<uint8_t>& v) { return std::as_writable_bytes(std::span(v)); }
+std::span<const std::byte> cbytes_of(const std::vector<uint8_t>& v) { return std::as_bytes(std::span(v)); }
+
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
+
+// The entry with OFLAG_COPIED recomputed for `refcount`. A walk that drops
+// references never sets the flag: the dropped counts are not on disk yet, and
+// COPIED must never reach the disk before the refcount 1 it promises. The
+// caller's later pass with addend 0, after a refcount flush, sets it.
+uint64_t copied_flag(uint64_t entry, uint64_t refcount, int64_t addend) {
+  if (refcount != 1) return entry & ~kOflagCopied;
+  return addend < 0 ? entry : (entry | kOflagCopied);
+}
+}  // namespace
+
+const Snapshot* Qcow2Image::find_snapshot(const std::string& key) const {
+  // Like QEMU's find_snapshot_by_id_or_name: the id wins over a name.
+  for (const auto& s : snapshots_) {
+    if (s.id == key) return &s;
+  }
+  for (const auto& s : snapshots_) {
+    if (s.name == key) return &s;
+  }
+  return nullptr;
+}
+
+Task<Status> Qcow2Image::snapshot_entry_refcount(uint64_t& l2e, int64_t addend, bool discard, bool& changed) {
+  // One L2 entry of QEMU's qcow2_update_snapshot_refcount.
+  if (l2e & kOflagCompressed) {
+    // Compressed clusters are never written in place: no COPIED flag.
+    if (addend == 0) co_return Status();
+    uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
+    uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
+    co_return co_await update_refcount(coffset, sectors * kSectorSize, addend, discard);
+  }
+  const uint64_t host = l2e & kL2OffsetMask;
+  if (!host) co_return Status();
+  if (host & (geo_.cluster_size - 1)) {
+    co_return co_await mark_corrupt("L2 entry points at unaligned cluster " + std::to_string(host));
+  }
+  if (addend != 0) UQ_CO_TRY(co_await update_refcount(host, geo_.cluster_size, addend, discard));
+  auto rc = co_await get_refcount(host >> geo_.cluster_bits);
+  if (!rc.ok()) co_return std::move(rc).error();
+  const uint64_t updated = copied_flag(l2e, *rc, addend);
+  if (updated != l2e) {
+    l2e = updated;
+    changed = true;
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard) {
+  // Walks every slice of one L2 table; the slices stay pinned across the
+  // refcount updates so the entries we fix are the ones written back.
+  const uint32_t slice_size = cache_sizes_.l2_entry_size;
+  for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
+    auto ref = co_await l2_cache_->get(l2_offset + off);
+    if (!ref.ok()) co_return std::move(ref).error();
+    bool dirty = false;
+    for (uint64_t e = 0; e < slice_size; e += geo_.l2_entry_size) {
+      uint64_t l2e = load_be64(ref->data() + e);
+      bool changed = false;
+      UQ_CO_TRY(co_await snapshot_entry_refcount(l2e, addend, discard, changed));
+      if (changed) {
+        store_be64(ref->data() + e, l2e);
+        dirty = true;
+      }
+    }
+    if (dirty) l2_cache_->mark_dirty(*ref);
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
+                                                  bool& l1_changed) {
+  // QEMU's qcow2_update_snapshot_refcount for one L1 table: adds `addend` to
+  // every L2 table and data cluster `l1` reaches, then recomputes COPIED in
+  // the L2 entries and in `l1` (the caller writes `l1` back if it is active).
+  for (uint64_t& l1e : l1) {
+    const uint64_t l2 = l1e & kL1OffsetMask;
+    if (!l2) continue;
+    if (l2 & (geo_.cluster_size - 1)) {
+      co_return co_await mark_corrupt("L2 table offset " + std::to_string(l2) + " unaligned");
+    }
+    UQ_CO_TRY(co_await snapshot_l2_refcount(l2, addend, discard));
+    if (addend != 0) {
+      // A table that drops to refcount 0 leaves the cache with it.
+      UQ_CO_TRY(co_await update_refcount(l2, geo_.cluster_size, addend, discard));
+    }
+    auto rc = co_await get_refcount(l2 >> geo_.cluster_bits);
+    if (!rc.ok()) co_return std::move(rc).error();
+    const uint64_t updated = copied_flag(l1e, *rc, addend);
+    if (updated != l1e) {
+      l1e = updated;
+      l1_changed = true;
+    }
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::write_active_l1() {
+  std::vector<uint8_t> raw(l1_.size() * 8);
+  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+  UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table"));
+  co_return co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw));
+}
+
+Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>& data, const char* what) {
+  // Allocates clusters for `data` and writes it there; the clusters are
+  // registered as metadata of kind `what`.
+  if (data.empty()) co_return uint64_t{0};
+  const uint64_t bytes = round_up(data.size(), geo_.cluster_size);
+  auto off = co_await alloc_clusters(bytes >> geo_.cluster_bits);
+  if (!off.ok()) co_return off;
+  std::vector<uint8_t> padded(data);
+  padded.resize(bytes, 0);
+  UQ_CO_TRY(check_metadata_write(*off, bytes, what));
+  UQ_CO_TRY(co_await file_->co_write(*off, cbytes_of(padded)));
+  overlap_add(*off, bytes, what);
+  co_return *off;
+}
+
+Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
+  // Writes `next` to new clusters and points the header at it. Everything the
+  // new table references (refcounts, L1 copies, L2 tables) reaches the disk
+  // first; the old table is freed only after the header switched.
+  auto table = serialize_snapshot_table(next);
+  if (!table.ok()) co_return std::move(table).error();
+  auto offset = co_await write_new_clusters(*table, "snapshot table");
+  if (!offset.ok()) co_return std::move(offset).error();
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  // nb_snapshots (offset 60) and snapshots_offset (64) change in one write.
+  uint8_t field[12];
+  store_be32(field, static_cast<uint32_t>(next.size()));
+  store_be64(field + 4, *offset);
+  UQ_CO_TRY(co_await file_->co_write(60, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 12)));
+  UQ_CO_TRY(co_await file_->co_flush());
+  const uint64_t old_offset = header_.snapshots_offset;
+  auto old_table = serialize_snapshot_table(snapshots_);
+  const uint64_t old_bytes = old_table.ok() ? round_up(old_table->size(), geo_.cluster_size) : 0;
+  const bool had_table = header_.nb_snapshots != 0;
+  header_.nb_snapshots = static_cast<uint32_t>(next.size());
+  header_.snapshots_offset = *offset;
+  snapshots_ = std::move(next);
+  if (had_table && old_bytes) {
+    overlap_remove(old_offset, old_bytes);
+    UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::flush_metadata() {
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await process_discards());
+  co_return co_await file_->co_flush();
+}
+
+Status Qcow2Image::check_snapshot_support() const {
+  if (header_.has_data_file()) return Error(ENOTSUP, "internal snapshots are not supported with an external data file");
+  if (!options_.snapshot.empty()) return Error(EPERM, "the image is opened at a snapshot");
+  return check_writable(0, 0);
+}
+
+Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
+  UQ_CO_TRY(check_snapshot_support());
+  auto guard = co_await lock_.scoped_lock();
+  for (const auto& s : snapshots_) {
+    if (s.name == name) co_return Error(EEXIST, "snapshot '" + name + "' already exists");
+  }
+  if (snapshots_.size() >= kMaxSnapshots) co_return Error(EFBIG, "too many snapshots");
+  UQ_CO_TRY(co_await flush_metadata());
+  // Everything the active L1 reaches gains the snapshot's reference; the
+  // active entries lose COPIED, so later writes copy on write.
+  bool l1_changed = false;
+  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, +1, false, l1_changed));
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  std::vector<uint8_t> l1_copy(l1_.size() * 8);
+  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&l1_copy[i * 8], l1_[i] & ~kOflagCopied);
+  auto l1_offset = co_await write_new_clusters(l1_copy, "inactive L1 table");
+  if (!l1_offset.ok()) co_return std::move(l1_offset).error();
+
+  uint64_t max_id = 0;
+  for (const auto& s : snapshots_) max_id = std::max<uint64_t>(max_id, std::strtoull(s.id.c_str(), nullptr, 10));
+  timespec now{};
+  clock_gettime(CLOCK_REALTIME, &now);
+  Snapshot sn;
+  sn.l1_table_offset = *l1_offset;
+  sn.l1_size = static_cast<uint32_t>(l1_.size());
+  sn.id = std::to_string(max_id + 1);
+  sn.name = name;
+  sn.date_sec = static_cast<uint32_t>(now.tv_sec);
+  sn.date_nsec = static_cast<uint32_t>(now.tv_nsec);
+  sn.disk_size = size_;
+  sn.has_icount = true;
+  sn.icount = 0;  // what qemu-img snapshot -c records without replay
+  std::vector<Snapshot> next = snapshots_;
+  next.push_back(std::move(sn));
+  UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
+  co_return co_await flush_metadata();
+}
+
+Task<Result<std::vector<uint64_t>>> Qcow2Image::read_l1_table(uint64_t offset, uint32_t entries) {
+  std::vector<uint8_t> raw(uint64_t{entries} * 8);
+  if (!raw.empty()) UQ_CO_TRY(co_await file_->co_read(offset, bytes_of(raw)));
+  std::vector<uint64_t> l1(entries);
+  for (uint32_t i = 0; i < entries; ++i) l1[i] = load_be64(&raw[uint64_t{i} * 8]);
+  co_return l1;
+}
+
+Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
+  UQ_CO_TRY(check_snapshot_support());
+  auto guard = co_await lock_.scoped_lock();
+  const Snapshot* found = find_snapshot(key);
+  if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
+  const Snapshot sn = *found;
+  std::vector<Snapshot> next;
+  for (const auto& s : snapshots_) {
+    if (&s != found) next.push_back(s);
+  }
+  UQ_CO_TRY(co_await flush_metadata());
+  // The header stops pointing at the snapshot before any refcount drops.
+  UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
+  const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
+  overlap_remove(sn.l1_table_offset, l1_bytes);
+  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
+  if (!l1.ok()) co_return std::move(l1).error();
+  bool unused = false;
+  const bool discard = options_.pass_discard_snapshot;
+  UQ_CO_TRY(co_await update_snapshot_refcount(*l1, -1, discard, unused));
+  if (l1_bytes) UQ_CO_TRY(co_await update_refcount(sn.l1_table_offset, l1_bytes, -1, discard));
+  // Clusters now only the active tables reach get COPIED back, once the
+  // lowered refcounts are on disk.
+  UQ_CO_TRY(co_await flush_metadata());
+  bool l1_changed = false;
+  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, 0, false, l1_changed));
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  co_return co_await flush_metadata();
+}
+
+Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
+  UQ_CO_TRY(check_snapshot_support());
+  const Snapshot* found = find_snapshot(key);
+  if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
+  const Snapshot sn = *found;
+  if (sn.disk_size != size_) UQ_CO_TRY(co_await resize(sn.disk_size));
+  auto guard = co_await lock_.scoped_lock();
+  if (sn.l1_size > l1_.size()) {
+    co_return Error(ENOTSUP, "snapshot '" + key + "' has a larger L1 table than the image");
+  }
+  UQ_CO_TRY(co_await flush_metadata());
+  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
+  if (!l1.ok()) co_return std::move(l1).error();
+  std::vector<uint64_t> next = std::move(l1).value();
+  next.resize(l1_.size(), 0);
+  // The snapshot's clusters gain the active reference, and those counts reach
+  // the disk before the active L1 points at them.
+  bool unused = false;
+  UQ_CO_TRY(co_await update_snapshot_refcount(next, +1, false, unused));
+  UQ_CO_TRY(co_await flush_metadata());
+  std::vector<uint64_t> old = l1_;
+  for (uint64_t& e : next) e &= ~kOflagCopied;
+  for (uint64_t e : old) {
+    if (e & kL1OffsetMask) overlap_remove(e & kL1OffsetMask, geo_.cluster_size);
+  }
+  l1_ = next;
+  for (uint64_t e : l1_) {
+    if (e & kL1OffsetMask) overlap_add(e & kL1OffsetMask, geo_.cluster_size, "L2 table");
+  }
+  UQ_CO_TRY(co_await write_active_l1());
+  UQ_CO_TRY(co_await file_->co_flush());
+  // What the old active table reached loses that reference.
+  UQ_CO_TRY(co_await update_snapshot_refcount(old, -1, false, unused));
+  // COPIED is set only after the lowered refcounts are on disk.
+  UQ_CO_TRY(co_await flush_metadata());
+  bool l1_changed = false;
+  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, 0, false, l1_changed));
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  co_return co_await flush_metadata();
+}
+
+}  // namespace uqcow::qcow2

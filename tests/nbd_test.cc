@@ -1,0 +1,325 @@
+// `uqcow serve` against independent NBD clients: nbdinfo (libnbd) for the
+// handshake and the allocation map, qemu-img/qemu-io for data, plus a raw
+// socket client for the protocol violations no real client sends. The image
+// is built and checked by qemu-img, the oracle.
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/testutil.h"
+
+namespace uqcow::testing {
+namespace {
+
+constexpr uint64_t kSize = 64 << 20;
+
+// A `uqcow serve --socket` child process, stopped with SIGTERM.
+class ServeProcess {
+ public:
+  ServeProcess(const std::string& image, const std::string& socket) : socket_(socket) {
+    pid_ = fork();
+    if (pid_ == 0) {
+      std::vector<std::string> args = {uqcow_binary(), "serve", "--socket", socket, image};
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+  ~ServeProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  // Waits up to 5 s until the socket accepts connections (it exists a
+  // moment before listen(), when connecting still fails).
+  bool wait_ready() const {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket_.c_str(), sizeof addr.sun_path - 1);
+    for (int i = 0; i < 500 && running(); ++i) {
+      int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+      bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+      close(fd);
+      if (ok) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+  bool running() const { return waitpid(pid_, nullptr, WNOHANG) == 0; }
+  // SIGTERM, then the exit status (-1 if it did not exit normally in 10 s).
+  int terminate() {
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 1000; ++i) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return -1;
+  }
+
+ private:
+  std::string socket_;
+  pid_t pid_ = -1;
+};
+
+// A hand-driven NBD client over the unix socket: handshake with
+// NBD_OPT_EXPORT_NAME (so replies are simple), then raw requests.
+class RawClient {
+ public:
+  explicit RawClient(const std::string& path) {
+    fd_ = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+    if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return;
+    uint8_t hello[18];
+    if (!recv_all(hello, sizeof hello)) return;
+    uint8_t opt[20] = {0, 0, 0, 3 /* FIXED_NEWSTYLE | NO_ZEROES */};
+    const uint8_t ihaveopt[8] = {'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T'};
+    std::memcpy(opt + 4, ihaveopt, 8);
+    opt[15] = 1;  // NBD_OPT_EXPORT_NAME, empty name
+    if (send(fd_, opt, sizeof opt, MSG_NOSIGNAL) != sizeof opt) return;
+    uint8_t reply[10];
+    connected_ = recv_all(reply, sizeof reply);
+  }
+  ~RawClient() { close(fd_); }
+  bool connected() const { return connected_; }
+
+  bool send_bytes(const std::vector<uint8_t>& b) {
+    return send(fd_, b.data(), b.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(b.size());
+  }
+  static std::vector<uint8_t> request(uint32_t magic, uint16_t type, uint64_t offset, uint32_t length) {
+    std::vector<uint8_t> r(28);
+    put(r.data(), magic, 4);
+    put(r.data() + 6, type, 2);
+    put(r.data() + 8, 0x1234, 8);  // handle
+    put(r.data() + 16, offset, 8);
+    put(r.data() + 24, length, 4);
+    return r;
+  }
+  // The error field of the next simple reply, or -1 if the connection
+  // closed. A successful read's reply carries `data_len` bytes, consumed too.
+  int64_t reply_error(size_t data_len = 0) {
+    uint8_t r[16];
+    if (!recv_all(r, sizeof r)) return -1;
+    uint32_t error = (uint32_t(r[4]) << 24) | (r[5] << 16) | (r[6] << 8) | r[7];
+    std::vector<uint8_t> data(data_len);
+    if (error == 0 && !recv_all(data.data(), data.size())) return -1;
+    return error;
+  }
+  // True when the server closed the connection (recv sees EOF or a reset).
+  bool closed_by_server() {
+    uint8_t b;
+    return recv(fd_, &b, 1, 0) <= 0;
+  }
+
+ private:
+  static void put(uint8_t* p, uint64_t v, int n) {
+    for (int i = n - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<uint8_t>(v);
+  }
+  bool recv_all(uint8_t* p, size_t n) {
+    while (n > 0) {
+      ssize_t r = recv(fd_, p, n, 0);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  }
+  int fd_ = -1;
+  bool connected_ = false;
+};
+
+class NbdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const char* tool : {"nbdinfo", "qemu-img", "qemu-io"}) {
+      if (!require_tool(tool)) return;
+    }
+    ASSERT_FALSE(uqcow_binary().empty()) << "$UQCOW is not set";
+    image_ = dir_.file("a.qcow2");
+    // A unix socket path is limited to 108 bytes, which $TEST_TMPDIR under
+    // Bazel's sandbox exceeds: the socket gets a short directory of its own.
+    char socket_dir[] = "/tmp/uqcow-nbd.XXXXXX";
+    ASSERT_NE(mkdtemp(socket_dir), nullptr);
+    socket_dir_ = socket_dir;
+    socket_ = socket_dir_ + "/s";
+    uri_ = "nbd+unix:///?socket=" + socket_;
+    ImageBuilder b(dir_.path());
+    b.create("a.qcow2", "qcow2", "cluster_size=65536", kSize);
+    b.write("a.qcow2", "qcow2", {P(0, 1 << 20, 0x11), Z(4 << 20, 1 << 20), P(10 << 20, 65536, 0x22)});
+    ASSERT_TRUE(b.ok()) << b.error() << "\n" << b.script();
+    server_ = std::make_unique<ServeProcess>(image_, socket_);
+    ASSERT_TRUE(server_->wait_ready()) << "uqcow serve did not create " << socket_;
+  }
+
+  void TearDown() override {
+    server_.reset();
+    if (!socket_dir_.empty()) {
+      unlink(socket_.c_str());
+      rmdir(socket_dir_.c_str());
+    }
+  }
+
+  // The server still answers a fresh client correctly.
+  void expect_serving() {
+    auto r = run_command({"qemu-io", "-f", "raw", "-c", "read -P 0x11 0 64k", uri_});
+    EXPECT_TRUE(Succeeded(r));
+    EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
+  }
+
+  TempDir dir_{"nbd"};
+  std::string image_, socket_dir_, socket_, uri_;
+  std::unique_ptr<ServeProcess> server_;
+};
+
+TEST_F(NbdTest, InfoShowsSizeAndContexts) {
+  auto r = run_command({"nbdinfo", "--json", uri_});
+  ASSERT_TRUE(Succeeded(r));
+  EXPECT_NE(r.out.find("\"export-size\": " + std::to_string(kSize)), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("base:allocation"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"block_size_maximum\": 33554432"), std::string::npos) << r.out;
+}
+
+// nbdinfo --map lines are "start length type description"; data extents
+// must be exactly qemu-img map's data extents.
+TEST_F(NbdTest, MapMatchesQemuImgMap) {
+  auto map = run_command({"nbdinfo", "--map", uri_});
+  ASSERT_TRUE(Succeeded(map));
+  std::vector<std::pair<uint64_t, uint64_t>> nbd_data;
+  std::istringstream lines(map.out);
+  uint64_t start, length;
+  unsigned type;
+  std::string desc;
+  while (lines >> start >> length >> type >> desc) {
+    if (type == 0) nbd_data.emplace_back(start, length);
+    else EXPECT_EQ(desc, "hole,zero") << map.out;
+  }
+  auto qemu = run_command({"qemu-img", "map", "-U", "-f", "qcow2", image_});
+  ASSERT_TRUE(Succeeded(qemu));
+  std::vector<std::pair<uint64_t, uint64_t>> qemu_data;
+  std::istringstream qlines(qemu.out);
+  std::string header, off, len, host, file;
+  std::getline(qlines, header);
+  while (qlines >> off >> len >> host >> file) {
+    qemu_data.emplace_back(std::stoull(off, nullptr, 16), std::stoull(len, nullptr, 16));
+  }
+  EXPECT_EQ(nbd_data, qemu_data) << map.out << "\n" << qemu.out;
+}
+
+TEST_F(NbdTest, ConvertEqualsQemuImg) {
+  auto r = run_command({"qemu-img", "convert", "-f", "raw", uri_, "-O", "raw", dir_.file("nbd.raw")});
+  ASSERT_TRUE(Succeeded(r));
+  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "convert", "-U", "-f", "qcow2", image_, "-O", "raw",
+                                     dir_.file("ref.raw")})));
+  auto got = read_file(dir_.file("nbd.raw"));
+  auto want = read_file(dir_.file("ref.raw"));
+  ASSERT_TRUE(got && want);
+  EXPECT_TRUE(SameBytes(*got, *want));
+}
+
+TEST_F(NbdTest, WritesLandInTheImageAndShutdownIsClean) {
+  auto w = run_command({"qemu-io", "-f", "raw", "-c", "write -P 0x33 2M 1M", "-c", "write -z 10M 64k",
+                        "-c", "discard 0 64k", "-c", "write -P 0x44 -f 20M 4k", "-c", "flush", uri_});
+  ASSERT_TRUE(Succeeded(w));
+  EXPECT_EQ(server_->terminate(), 0);
+  auto check = run_command({"qemu-img", "check", "-f", "qcow2", image_});
+  EXPECT_TRUE(Succeeded(check));
+  auto r = run_command({"qemu-io", "-f", "qcow2", "-c", "read -P 0x33 2M 1M", "-c", "read -P 0 10M 64k",
+                        "-c", "read -P 0 0 64k", "-c", "read -P 0x11 64k 960k", "-c",
+                        "read -P 0x44 20M 4k", image_});
+  ASSERT_TRUE(Succeeded(r));
+  EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
+  // Not dirty: qemu-img info reports no "corrupt" or dirty state, and a
+  // read-write open needs no repair.
+  EXPECT_EQ(check.out.find("leaked"), std::string::npos) << check.out;
+}
+
+TEST_F(NbdTest, SeveralClientsAtOnce) {
+  std::vector<std::future<CommandResult>> clients;
+  for (int i = 0; i < 4; ++i) {
+    uint64_t base = uint64_t(16 + 4 * i) << 20;
+    std::string off = std::to_string(base), second = std::to_string(base + (2 << 20));
+    std::string pattern = std::to_string(0x50 + i);
+    clients.push_back(std::async(std::launch::async, [=, this] {
+      return run_command({"qemu-io", "-f", "raw", "-c", "aio_write -P " + pattern + " " + off + " 2M", "-c",
+                          "aio_write -P " + pattern + " " + second + " 2M", "-c", "aio_flush", "-c",
+                          "read -P " + pattern + " " + off + " 4M", uri_});
+    }));
+  }
+  for (auto& c : clients) {
+    CommandResult r = c.get();
+    EXPECT_TRUE(Succeeded(r));
+    EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
+  }
+  EXPECT_EQ(server_->terminate(), 0);
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", "-f", "qcow2", image_})));
+}
+
+TEST_F(NbdTest, ClientGoneMidRequestDoesNotHurtTheServer) {
+  {
+    RawClient c(socket_);
+    ASSERT_TRUE(c.connected());
+    auto req = RawClient::request(0x25609513, 1 /* WRITE */, 0, 65536);
+    req.resize(28 + 1000);  // the header and a fraction of the payload
+    ASSERT_TRUE(c.send_bytes(req));
+  }
+  {
+    RawClient c(socket_);
+    ASSERT_TRUE(c.connected());
+    auto req = RawClient::request(0x25609513, 0 /* READ */, 0, 4096);
+    req.resize(13);  // half a request header
+    ASSERT_TRUE(c.send_bytes(req));
+  }
+  EXPECT_TRUE(server_->running());
+  expect_serving();
+}
+
+TEST_F(NbdTest, MalformedRequestsGetAnErrorOrAClosedConnection) {
+  RawClient other(socket_);  // an innocent client that stays connected
+  ASSERT_TRUE(other.connected());
+  {
+    RawClient c(socket_);
+    ASSERT_TRUE(c.connected());
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0x25609513, 0, kSize, 4096)));
+    EXPECT_EQ(c.reply_error(), 22) << "read past the end";
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0x25609513, 0, 0, 64 << 20)));
+    EXPECT_EQ(c.reply_error(), 22) << "read over the maximum length";
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0x25609513, 99, 0, 512)));
+    EXPECT_EQ(c.reply_error(), 22) << "unknown command";
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0x25609513, 0, 0, 512)));
+    EXPECT_EQ(c.reply_error(512), 0) << "a valid read on the same connection";
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0xdeadbeef, 0, 0, 512)));
+    EXPECT_TRUE(c.closed_by_server()) << "bad magic";
+  }
+  {
+    RawClient c(socket_);
+    ASSERT_TRUE(c.connected());
+    ASSERT_TRUE(c.send_bytes(RawClient::request(0x25609513, 1 /* WRITE */, 0, 64 << 20)));
+    EXPECT_TRUE(c.closed_by_server()) << "write payload over the maximum";
+  }
+  ASSERT_TRUE(other.send_bytes(RawClient::request(0x25609513, 3 /* FLUSH */, 0, 0)));
+  EXPECT_EQ(other.reply_error(), 0);
+  EXPECT_TRUE(server_->running());
+  expect_serving();
+}
+
+}  // namespace
+}  // namespace uqcow::testing

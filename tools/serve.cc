@@ -1,0 +1,80 @@
+// uqcow serve: export an image over NBD (like qemu-nbd), from a unix socket
+// or a TCP port, until SIGTERM or SIGINT.
+#include <cstdio>
+#include <cstdlib>
+
+#include "nbd/server.h"
+#include "qcow2/open.h"
+#include "tools/cli.h"
+
+namespace uqcow::cli {
+namespace {
+
+constexpr char kUsage[] =
+    "uqcow serve [--socket PATH | --bind ADDR --port N] [--export NAME] [--read-only] [-t CACHE] FILE";
+constexpr char kDescription[] =
+    "Serves FILE over NBD (fixed newstyle, structured replies, base:allocation)\n"
+    "until SIGTERM or SIGINT; then answers the requests in flight, flushes and\n"
+    "closes the image. Without --socket it listens on TCP (default port 10809).";
+
+Task<Status> serve(const std::string& path, OpenOptions options, nbd::Export exp,
+                   const nbd::ListenAddress& address) {
+  auto disk = co_await open_disk(path, options);
+  if (!disk.ok()) co_return std::move(disk).error();
+  exp.disk = disk->get();
+  exp.read_only = options.read_only;
+  Status served;
+  {
+    nbd::Server server(exp);
+    served = server.listen(address);
+    if (served.ok()) {
+      std::fprintf(stderr, "uqcow serve: exporting %s on %s\n", path.c_str(),
+                   address.unix_path.empty()
+                       ? (address.host + ":" + std::to_string(address.port)).c_str()
+                       : address.unix_path.c_str());
+      served = co_await server.run();
+    }
+  }
+  Status closed = co_await (*disk)->close();
+  co_return served.ok() ? closed : served;
+}
+
+}  // namespace
+
+int cmd_serve(int argc, char** argv) {
+  Args args;
+  args.option("--socket", "listen on this unix socket", "PATH")
+      .option("--bind", "TCP address to listen on (default: all)", "ADDR")
+      .option("-p,--port", "TCP port (default 10809)", "N")
+      .option("-x,--export", "export name (default: empty)", "NAME")
+      .flag("-r,--read-only", "export read-only");
+  add_open_flags(args);
+  Status parsed = args.parse(argc, argv);
+  if (!parsed.ok()) return fail(parsed);
+  if (args.help_requested()) {
+    print_help(kUsage, kDescription, args);
+    return 0;
+  }
+  if (args.positional().size() != 1) return fail(std::string("usage: ") + kUsage);
+  nbd::ListenAddress address;
+  if (auto s = args.get("--socket")) {
+    if (args.has("--bind") || args.has("-p")) return fail("--socket excludes --bind and --port");
+    address.unix_path = *s;
+  } else {
+    address.host = args.get_or("--bind", "");
+    char* end = nullptr;
+    std::string port = args.get_or("-p", "10809");
+    unsigned long n = std::strtoul(port.c_str(), &end, 10);
+    if (port.empty() || *end != '\0' || n == 0 || n > 65535) return fail("--port: not a port number: " + port);
+    address.port = static_cast<uint16_t>(n);
+  }
+  auto o = open_options(args, args.has("-r"));
+  if (!o.ok()) return fail(o.error().message());
+  nbd::Export exp;
+  exp.name = args.get_or("-x", "");
+  Status s = run(serve(args.positional()[0], *o, exp, address));
+  if (!s.ok()) return fail(s);
+  return 0;
+}
+
+}  // namespace uqcow::cli
