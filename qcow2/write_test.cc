@@ -292,3 +292,44 @@ TEST(OverlapCheck, WriteIntoMetadataIsRefusedAndMarksTheImageCorrupt) {
 
 }  // namespace
 }  // namespace uqcow::qcow2
+
+namespace uqcow::qcow2 {
+namespace {
+
+// Guest offsets and host offsets above 4 GiB: an 8 GiB image preallocated
+// (metadata) by qemu-img puts data clusters up to 8 GiB into the (sparse)
+// file; grown to 12 GiB, new clusters are allocated past 8 GiB. Writes at
+// both go through uqcow and are read back by qemu-io.
+TEST(LargeOffsets, WritesAbove4GiBGuestAndHost) {
+  if (!have_qemu_img()) GTEST_SKIP() << "qemu-img not installed (tools/bootstrap.sh installs it)";
+  const std::string img = tmpdir() + "/big.qcow2";
+  ASSERT_EQ(sh("qemu-img create -f qcow2 -o preallocation=metadata " + img + " 8G"), 0);
+  auto reactor = uring::Reactor::create();
+  ASSERT_TRUE(reactor.ok());
+  OpenOptions oo;
+  oo.read_only = false;
+  auto disk = sync_wait(**reactor, open_disk(img, oo));
+  ASSERT_TRUE(disk.ok()) << disk.error().message();
+  auto* q = dynamic_cast<Qcow2Image*>(disk->get());
+  ASSERT_NE(q, nullptr);
+  ASSERT_TRUE(sync_wait(**reactor, q->resize(12ull << 30)).ok());
+  const uint64_t in_place = (7ull << 30) + 12345, allocating = (11ull << 30) + 777;
+  std::vector<std::byte> a(100000, std::byte{0x4a}), b(100000, std::byte{0x4b});
+  ASSERT_TRUE(sync_wait(**reactor, q->write(in_place, a)).ok());
+  ASSERT_TRUE(sync_wait(**reactor, q->write(allocating, b)).ok());
+  auto st = sync_wait(**reactor, q->block_status(in_place, 1));
+  ASSERT_TRUE(st.ok());
+  EXPECT_GT(st->host_offset, 4ull << 30) << "the preallocated cluster should sit above 4 GiB";
+  auto st2 = sync_wait(**reactor, q->block_status(allocating, 1));
+  ASSERT_TRUE(st2.ok());
+  EXPECT_GT(st2->host_offset, 8ull << 30) << "a new cluster should be allocated past the preallocated ones";
+  ASSERT_TRUE(sync_wait(**reactor, (*disk)->close()).ok());
+  disk->reset();
+  EXPECT_EQ(sh("qemu-img check " + img), 0);
+  EXPECT_EQ(sh("qemu-io -r -c 'read -P 0x4a " + std::to_string(in_place) + " 100000' -c 'read -P 0x4b " +
+               std::to_string(allocating) + " 100000' -c 'read -P 0 " + std::to_string(9ull << 30) + " 65536' " + img),
+            0);
+}
+
+}  // namespace
+}  // namespace uqcow::qcow2

@@ -365,7 +365,7 @@ Task<bool> write_command(IoSession& session, const IoCommand& cmd, const std::ve
   if (!zero) {
     if (o.has('s')) {
       if (!fill_from_file(o.values['s'], buf.span())) co_return false;
-    } else {
+    } else if (count) {  // (a 0-byte buffer has no storage to fill)
       std::memset(buf.data(), pattern, count);
     }
   }
