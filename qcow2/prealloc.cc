@@ -42,6 +42,15 @@ Task<Status> Qcow2Image::preallocate(Preallocation mode) {
     offset += nb * cs;
   }
   guard.unlock();
+  // The image file must hold every cluster the L2 tables reference (QEMU
+  // grows it the same way), even when nothing is written to them: a
+  // reference past the end of the file is what qemu-img check reports as
+  // corruption. Growing a file by truncate keeps it sparse.
+  uint64_t end = 0;
+  for (auto [host, len] : runs) end = std::max(end, host + len);
+  auto length = data_file_->length();
+  if (!length.ok()) co_return std::move(length).error();
+  if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
   for (auto [host, len] : runs) {
     if (mode == Preallocation::kFalloc) {
       UQ_CO_TRY(co_await data_file_->co_write_zeroes(host, len, /*may_unmap=*/false));

@@ -635,6 +635,7 @@ std::vector<ConvertTarget> convert_targets() {
       {"compat_010_16k", {"-O", "qcow2", "-o", "compat=0.10,cluster_size=16k"}},
       {"compressed_compat_010", {"-O", "qcow2", "-c", "-o", "compat=0.10"}, true},
       {"compressed_extended_l2", {"-O", "qcow2", "-c", "-o", "extended_l2=on"}, true},
+      {"prealloc_metadata", {"-O", "qcow2", "-o", "preallocation=metadata"}},
       {"prealloc_falloc", {"-O", "qcow2", "-o", "preallocation=falloc"}},
       {"prealloc_full_refcount_bits_64", {"-O", "qcow2", "-o", "preallocation=full,refcount_bits=64"}},
       {"compressed_lazy_refcounts", {"-O", "qcow2", "-c", "-o", "lazy_refcounts=on"}, true},
