@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,7 +105,8 @@ class Qcow2Image final : public Disk {
  private:
   const Snapshot* find_snapshot(const std::string& id_or_name) const;
   Status check_snapshot_support() const;
-  Task<Status> snapshot_entry_refcount(uint64_t& l2e, int64_t addend, bool discard, bool& changed);
+  Task<Status> snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend, bool discard);
+  Task<Status> snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed);
   Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
   Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
                                         bool& l1_changed);
@@ -190,6 +192,9 @@ class Qcow2Image final : public Disk {
   Task<Status> load_refcount_table();
   Task<Result<MetadataCache::Ref>> load_refcount_block(uint64_t rt_index);
   Task<Result<uint64_t>> get_refcount(uint64_t cluster_index);
+  // The refcount when its block is cached (or the cluster has no block: 0);
+  // nullopt when get_refcount would have to load the block. No suspension.
+  std::optional<uint64_t> cached_refcount(uint64_t cluster_index);
   Task<Result<uint64_t>> find_free_clusters(uint64_t n);
   Task<Result<uint64_t>> alloc_clusters(uint64_t n);
   Task<Result<uint64_t>> alloc_bytes(uint64_t size);

@@ -52,14 +52,21 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::load_refcount_block(uint64_t rt_ind
   co_return co_await refcount_cache_->get(block);
 }
 
-Task<Result<uint64_t>> Qcow2Image::get_refcount(uint64_t cluster_index) {
-  uint64_t rt = cluster_index >> refblock_bits_;
-  if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) co_return uint64_t{0};
-  uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
-  // Fast probe of the cache before the (suspending) load.
+std::optional<uint64_t> Qcow2Image::cached_refcount(uint64_t cluster_index) {
+  const uint64_t rt = cluster_index >> refblock_bits_;
+  if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) return uint64_t{0};
+  const uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
   if (const uint8_t* b = refcount_cache_->lookup(reftable_[rt] & kReftableOffsetMask)) {
-    co_return get_refcount_entry(b, in_block, header_.refcount_order);
+    return get_refcount_entry(b, in_block, header_.refcount_order);
   }
+  return std::nullopt;
+}
+
+Task<Result<uint64_t>> Qcow2Image::get_refcount(uint64_t cluster_index) {
+  // Fast probe of the cache before the (suspending) load.
+  if (auto cached = cached_refcount(cluster_index)) co_return *cached;
+  const uint64_t rt = cluster_index >> refblock_bits_;
+  const uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
   auto ref = co_await load_refcount_block(rt);
   if (!ref.ok()) co_return std::move(ref).error();
   co_return get_refcount_entry(ref->data(), in_block, header_.refcount_order);

@@ -45,27 +45,60 @@ const Snapshot* Qcow2Image::find_snapshot(const std::string& key) const {
   return nullptr;
 }
 
-Task<Status> Qcow2Image::snapshot_entry_refcount(uint64_t& l2e, int64_t addend, bool discard, bool& changed) {
-  // One L2 entry of QEMU's qcow2_update_snapshot_refcount.
-  if (l2e & kOflagCompressed) {
-    // Compressed clusters are never written in place: no COPIED flag.
-    if (addend == 0) co_return Status();
-    uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
-    uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
-    co_return co_await update_refcount(coffset, sectors * kSectorSize, addend, discard);
+Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend,
+                                                  bool discard) {
+  // The refcount half of QEMU's qcow2_update_snapshot_refcount for one L2
+  // slice: adds `addend` to every cluster the entries reference. Runs of
+  // entries pointing at consecutive host clusters (the common layout) are
+  // updated with one call.
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t run_start = 0, run_len = 0;
+  for (uint64_t i = 0; i < entries; ++i) {
+    const uint64_t l2e = load_be64(slice + i * geo_.l2_entry_size);
+    if (l2e & kOflagCompressed) {
+      // Compressed data is counted by the clusters its sectors touch.
+      const uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
+      const uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
+      UQ_CO_TRY(co_await update_refcount(coffset, sectors * kSectorSize, addend, discard));
+      continue;
+    }
+    const uint64_t host = l2e & kL2OffsetMask;
+    if (!host) continue;
+    if (host & (cs - 1)) co_return co_await mark_corrupt("L2 entry points at unaligned cluster " + std::to_string(host));
+    if (run_len && run_start + run_len == host) {
+      run_len += cs;
+      continue;
+    }
+    if (run_len) UQ_CO_TRY(co_await update_refcount(run_start, run_len, addend, discard));
+    run_start = host;
+    run_len = cs;
   }
-  const uint64_t host = l2e & kL2OffsetMask;
-  if (!host) co_return Status();
-  if (host & (geo_.cluster_size - 1)) {
-    co_return co_await mark_corrupt("L2 entry points at unaligned cluster " + std::to_string(host));
-  }
-  if (addend != 0) UQ_CO_TRY(co_await update_refcount(host, geo_.cluster_size, addend, discard));
-  auto rc = co_await get_refcount(host >> geo_.cluster_bits);
-  if (!rc.ok()) co_return std::move(rc).error();
-  const uint64_t updated = copied_flag(l2e, *rc, addend);
-  if (updated != l2e) {
-    l2e = updated;
-    changed = true;
+  if (run_len) UQ_CO_TRY(co_await update_refcount(run_start, run_len, addend, discard));
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed) {
+  // The OFLAG_COPIED half: recomputes the flag of every entry from the
+  // refcount its cluster has now. Compressed clusters never carry it.
+  for (uint64_t i = 0; i < entries; ++i) {
+    uint8_t* p = slice + i * geo_.l2_entry_size;
+    const uint64_t l2e = load_be64(p);
+    const uint64_t host = l2e & kL2OffsetMask;
+    if ((l2e & kOflagCompressed) || !host) continue;
+    const uint64_t cluster = host >> geo_.cluster_bits;
+    uint64_t refcount;
+    if (auto cached = cached_refcount(cluster)) {
+      refcount = *cached;
+    } else {
+      auto rc = co_await get_refcount(cluster);
+      if (!rc.ok()) co_return std::move(rc).error();
+      refcount = *rc;
+    }
+    const uint64_t updated = copied_flag(l2e, refcount, addend);
+    if (updated != l2e) {
+      store_be64(p, updated);
+      changed = true;
+    }
   }
   co_return Status();
 }
@@ -74,19 +107,13 @@ Task<Status> Qcow2Image::snapshot_l2_refcount(uint64_t l2_offset, int64_t addend
   // Walks every slice of one L2 table; the slices stay pinned across the
   // refcount updates so the entries we fix are the ones written back.
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
+  const uint64_t entries = slice_size / geo_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
     auto ref = co_await l2_cache_->get(l2_offset + off);
     if (!ref.ok()) co_return std::move(ref).error();
+    if (addend != 0) UQ_CO_TRY(co_await snapshot_slice_refcounts(ref->data(), entries, addend, discard));
     bool dirty = false;
-    for (uint64_t e = 0; e < slice_size; e += geo_.l2_entry_size) {
-      uint64_t l2e = load_be64(ref->data() + e);
-      bool changed = false;
-      UQ_CO_TRY(co_await snapshot_entry_refcount(l2e, addend, discard, changed));
-      if (changed) {
-        store_be64(ref->data() + e, l2e);
-        dirty = true;
-      }
-    }
+    UQ_CO_TRY(co_await snapshot_slice_copied(ref->data(), entries, addend, dirty));
     if (dirty) l2_cache_->mark_dirty(*ref);
   }
   co_return Status();
