@@ -105,10 +105,9 @@ void MetadataCache::touch(uint32_t i) {
 
 const uint8_t* MetadataCache::lookup(uint64_t offset) {
   uint32_t i = find(offset);
-  if (i == kNone || entries_[i].loading) {
-    ++stats_.misses;
-    return nullptr;
-  }
+  // A miss here is not counted: the caller's get() that follows counts the
+  // access once, as a hit (someone loaded it meanwhile) or as a miss.
+  if (i == kNone || entries_[i].loading) return nullptr;
   ++stats_.hits;
   touch(i);
   return data(i);

@@ -36,7 +36,7 @@ namespace uqcow::qcow2 {
 
 struct CacheStats {
   uint64_t hits = 0;
-  uint64_t misses = 0;
+  uint64_t misses = 0;       // accesses that loaded the entry (or zero-filled a fresh one)
   uint64_t evictions = 0;
   uint64_t writebacks = 0;   // entries written to disk
   uint64_t cleaned = 0;      // entries dropped by clean_unused()
@@ -61,7 +61,8 @@ class MetadataCache {
   MetadataCache(const MetadataCache&) = delete;
   MetadataCache& operator=(const MetadataCache&) = delete;
 
-  // Hot path (see above). Counts a hit or a miss.
+  // Hot path (see above). Counts a hit; a miss is counted by the get() the
+  // caller falls back to, so every access counts once (misses = loads).
   const uint8_t* lookup(uint64_t offset);
 
   // Slow path: returns the entry for `offset`, reading it from the file on a
