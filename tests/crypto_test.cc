@@ -111,13 +111,17 @@ const std::vector<std::string> kUqcowWrites = {
     "write -P 0x5a 0 64k",       "write -P 0x5b 100k 3000",  "write -P 0x5c 200k 512",
     "write -P 0x5d 1000 24",     "write -P 0x5e 8k 4k",      "write -z 300k 8k",
     "write -P 0x5f 1M 128k",     "write -z 1064960 4k",
+    // A cluster kept allocated with the zero flag, then partly written: the
+    // copy-on-write zeros must be stored encrypted.
+    "write -P 0x61 2M 64k",      "write -z 2M 64k",          "write -P 0x62 2105344 4k",
 };
 const std::vector<std::string> kReadBackAfterUqcowWrites = {
     "read -P 0x5a 0 1000",       "read -P 0x5d 1000 24",     "read -P 0x5a 1024 7168",
     "read -P 0x5e 8k 4k",        "read -P 0x5a 12k 52k",     "read -P 0 64k 36k",
     "read -P 0x5b 100k 3000",    "read -P 0 105400 99400",   "read -P 0x5c 200k 512",
     "read -P 0 300k 8k",         "read -P 0x5f 1M 16k",      "read -P 0 1064960 4096",
-    "read -P 0x5f 1069056 108k", "read -P 0 1179648 1M",
+    "read -P 0x5f 1069056 108k", "read -P 0 1179648 896k",
+    "read -P 0 2M 8k",           "read -P 0x62 2105344 4k",  "read -P 0 2109440 52k",
 };
 
 class UqcowCreates : public Encrypted, public ::testing::WithParamInterface<Cipher> {};
@@ -145,7 +149,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Cipher{"aes128_cbc_essiv", ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,"
                                                  "encrypt.ivgen-alg=essiv"},
                       Cipher{"aes256_cbc_plain", ",encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain"},
-                      Cipher{"sha512", ",encrypt.hash-alg=sha512"}),
+                      Cipher{"sha512", ",encrypt.hash-alg=sha512"},
+                      Cipher{"extended_l2", ",extended_l2=on"},
+                      Cipher{"cluster_4k", ",cluster_size=4k"}),
     [](const auto& info) { return info.param.name; });
 
 class QemuCreates : public Encrypted, public ::testing::WithParamInterface<Cipher> {};
