@@ -54,15 +54,21 @@ Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
 
 Task<Status> Qcow2Image::write(uint64_t offset, std::span<const std::byte> buf) {
   UQ_CO_TRY(check_writable(offset, buf.size()));
+  if (encrypted() && ((offset | buf.size()) & (crypto::kSectorSize - 1))) {
+    co_return co_await write_unaligned(offset, buf);
+  }
   while (!buf.empty()) {
     Result<Mapping> m = Mapping{};
     // Fast path: a cached mapping to a COPIED cluster is overwritten in place
     // without the lock, like a read.
-    if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied &&
-        header_.crypt_method == CryptMethod::kNone) {
+    if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
       UQ_CO_TRY(check_data_write(m->host_offset, n));
-      UQ_CO_TRY(co_await data_file_->co_write(m->host_offset, buf.first(n)));
+      if (crypto_) {
+        UQ_CO_TRY(co_await write_encrypted(offset, m->host_offset, buf.first(n)));
+      } else {
+        UQ_CO_TRY(co_await data_file_->co_write(m->host_offset, buf.first(n)));
+      }
       offset += n;
       buf = buf.subspan(n);
       continue;
@@ -217,7 +223,11 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
     guard.unlock();
     uint64_t host = plan.host + geo_.offset_into_cluster(offset);
     UQ_CO_TRY(check_data_write(host, data.size()));
-    UQ_CO_TRY(co_await data_file_->co_write(host, data));
+    if (crypto_) {
+      UQ_CO_TRY(co_await write_encrypted(offset, host, data));
+    } else {
+      UQ_CO_TRY(co_await data_file_->co_write(host, data));
+    }
     co_return data.size();
   }
   // Copy-on-write bounds. Without subclusters: whole clusters. With extended
@@ -286,6 +296,7 @@ Task<Status> Qcow2Image::write_with_cow(const ClusterPlan& plan, uint64_t offset
   const uint64_t end = offset + data.size();
   const uint64_t host = plan.host + (head_start - first_guest);
   UQ_CO_TRY(check_data_write(host, tail_end - head_start));
+  if (crypto_) co_return co_await write_cow_encrypted(host, offset, data, head_start, tail_end);
   if (cow_is_zero && (offset > head_start || tail_end > end)) {
     // QEMU's handle_alloc_space: instead of writing buffers of zeros, let the
     // file make the whole range zero, then write only the guest data. A new

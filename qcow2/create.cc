@@ -21,6 +21,51 @@ Result<bool> parse_flag(const std::string& key, const std::string& v) {
   return Error(EINVAL, key + ": '" + v + "' is not on/off");
 }
 
+// qemu-img's encrypt.* options (QCryptoBlockCreateOptionsLUKS). The secret
+// itself never comes from -o: encrypt.key-secret is accepted and ignored,
+// the passphrase comes from --passphrase-file.
+Status parse_encrypt_option(const std::string& key, const std::string& value, CreateOptions& o) {
+  crypto::CipherSpec& spec = o.luks.spec;
+  if (key == "encrypt.format") {
+    if (value == "luks") o.encryption = CryptMethod::kLuks;
+    else if (value == "aes") o.encryption = CryptMethod::kAes;
+    else return Error(EINVAL, key + ": '" + value + "' is not luks or aes");
+  } else if (key == "encryption") {
+    // QEMU's deprecated boolean: legacy AES.
+    auto v = parse_flag(key, value);
+    if (!v.ok()) return std::move(v).error();
+    o.encryption = *v ? CryptMethod::kAes : CryptMethod::kNone;
+  } else if (key == "encrypt.cipher-alg") {
+    if (value == "aes-128") spec.alg = crypto::CipherAlg::kAes128;
+    else if (value == "aes-256") spec.alg = crypto::CipherAlg::kAes256;
+    else return Error(EINVAL, key + ": '" + value + "' is not aes-128 or aes-256");
+  } else if (key == "encrypt.cipher-mode") {
+    if (value == "xts") spec.mode = crypto::CipherMode::kXts;
+    else if (value == "cbc") spec.mode = crypto::CipherMode::kCbc;
+    else return Error(EINVAL, key + ": '" + value + "' is not xts or cbc");
+  } else if (key == "encrypt.ivgen-alg") {
+    if (value == "plain64") spec.ivgen = crypto::IvGen::kPlain64;
+    else if (value == "plain") spec.ivgen = crypto::IvGen::kPlain;
+    else if (value == "essiv") spec.ivgen = crypto::IvGen::kEssiv;
+    else return Error(EINVAL, key + ": '" + value + "' is not plain64, plain or essiv");
+  } else if (key == "encrypt.ivgen-hash-alg") {
+    if (value != "sha256") return Error(EINVAL, key + ": only sha256 is supported");
+  } else if (key == "encrypt.hash-alg") {
+    if (value != "sha1" && value != "sha256" && value != "sha512") {
+      return Error(EINVAL, key + ": '" + value + "' is not sha1, sha256 or sha512");
+    }
+    o.luks.hash = value;
+  } else if (key == "encrypt.iter-time") {
+    auto v = parse_size(value, key);
+    if (!v.ok()) return std::move(v).error();
+    if (*v == 0 || *v > 3600000) return Error(EINVAL, key + ": must be 1..3600000 milliseconds");
+    o.luks.iter_time_ms = *v;
+  } else if (key != "encrypt.key-secret") {
+    return Error(EINVAL, "unknown option '" + key + "' for qcow2 create");
+  }
+  return Status();
+}
+
 }  // namespace
 
 Status parse_create_options(const std::string& list, CreateOptions& o) {
@@ -79,8 +124,8 @@ Status parse_create_options(const std::string& list, CreateOptions& o) {
       o.backing_file = value;
     } else if (key == "backing_fmt") {
       o.backing_format = value;
-    } else if (key == "encrypt.format" || key == "encryption") {
-      return Error(ENOTSUP, key + ": creating encrypted images is not supported yet");
+    } else if (key.rfind("encrypt.", 0) == 0 || key == "encryption") {
+      UQ_TRY(parse_encrypt_option(key, value, o));
     } else {
       return Error(EINVAL, "unknown option '" + key + "' for qcow2 create");
     }
@@ -107,6 +152,15 @@ Status validate(const CreateOptions& o) {
   }
   if (!o.backing_format.empty() && o.backing_format != "qcow2" && o.backing_format != "raw") {
     return Error(EINVAL, "backing_fmt: '" + o.backing_format + "' is not supported (qcow2, raw)");
+  }
+  if (o.encryption != CryptMethod::kNone) {
+    if (o.passphrase.empty()) {
+      return Error(EINVAL, "encrypt.format: an encrypted image needs a passphrase: give it with --passphrase-file");
+    }
+    // Preallocated clusters would hold plaintext zeros that decrypt to noise.
+    if (o.preallocation != Preallocation::kOff) return Error(EINVAL, "preallocation: cannot be combined with encryption");
+    if (o.data_file_raw) return Error(EINVAL, "data_file_raw: cannot be combined with encryption");
+    if (o.size % crypto::kSectorSize) return Error(EINVAL, "size: an encrypted image needs a multiple of 512 bytes");
   }
   return Status();
 }
@@ -146,31 +200,42 @@ Task<Status> create_image(const std::string& path, const CreateOptions& o) {
   if (!o.backing_file.empty() && !o.backing_format.empty()) h.backing_format = o.backing_format;
   const Geometry g = h.geometry();
   const uint64_t cs = g.cluster_size;
+  h.crypt_method = o.encryption;
+  std::vector<uint8_t> crypto_area;  // the LUKS header and key material
+  if (o.encryption == CryptMethod::kLuks) {
+    auto luks = crypto::luks_create(o.luks, o.passphrase);
+    if (!luks.ok()) co_return std::move(luks).error();
+    crypto_area = std::move(luks->area);  // the master key is wiped with `luks`
+  }
+  const uint64_t crypto_clusters = (crypto_area.size() + cs - 1) / cs;
 
-  // Layout: header | refcount table | refcount blocks | L1 table, sized to a
-  // fixed point (the blocks must count every cluster of the layout).
+  // Layout: header | refcount table | refcount blocks | L1 table | LUKS
+  // area, sized to a fixed point (the blocks must count every cluster).
   h.l1_size = static_cast<uint32_t>(l1_entries_for(o.size, g));
   if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: too large for this cluster size");
   const uint64_t l1_clusters = (uint64_t{h.l1_size} * 8 + cs - 1) / cs;
   const uint64_t per_block = cs * 8 / o.refcount_bits;
   uint64_t blocks = 1, table_clusters = 1;
   for (int i = 0; i < 64; ++i) {
-    uint64_t total = 1 + table_clusters + blocks + l1_clusters;
+    uint64_t total = 1 + table_clusters + blocks + l1_clusters + crypto_clusters;
     uint64_t nb = (total + per_block - 1) / per_block;
     uint64_t nt = (nb * 8 + cs - 1) / cs;
     if (nb == blocks && nt == table_clusters) break;
     blocks = nb;
     table_clusters = nt;
   }
-  const uint64_t total = 1 + table_clusters + blocks + l1_clusters;
+  const uint64_t total = 1 + table_clusters + blocks + l1_clusters + crypto_clusters;
   h.refcount_table_offset = cs;
   h.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   h.l1_table_offset = (1 + table_clusters + blocks) * cs;
+  const uint64_t crypto_offset = h.l1_table_offset + l1_clusters * cs;
+  if (!crypto_area.empty()) h.crypto_header = CryptoHeaderExtension{crypto_offset, crypto_area.size()};
 
   auto header = serialize_header(h);
   if (!header.ok()) co_return std::move(header).error();
   std::vector<uint8_t> image(total * cs, 0);
   std::copy(header->begin(), header->end(), image.begin());
+  std::copy(crypto_area.begin(), crypto_area.end(), image.begin() + crypto_offset);
   for (uint64_t b = 0; b < blocks; ++b) {
     store_be64(&image[cs + b * 8], (1 + table_clusters + b) * cs);
   }

@@ -7,6 +7,7 @@
 
 #include "engine/result.h"
 #include "engine/task.h"
+#include "qcow2/crypto/luks.h"
 #include "qcow2/format.h"
 
 namespace uqcow::qcow2 {
@@ -26,6 +27,11 @@ struct CreateOptions {
   bool data_file_raw = false;
   std::string backing_file;
   std::string backing_format;
+  // encrypt.format: kLuks (the header goes into refcounted clusters named
+  // by the FDE extension, as QEMU does) or kAes (legacy; explicit only).
+  CryptMethod encryption = CryptMethod::kNone;
+  crypto::LuksCreateOptions luks;  // encrypt.cipher-alg, cipher-mode, ...
+  std::string passphrase;          // from --passphrase-file, never from -o
 };
 
 // Parses qemu-img's -o list ("cluster_size=64k,compat=1.1,...") into `o`.

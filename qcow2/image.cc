@@ -118,6 +118,8 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
                                             "or repair it with 'uqcow check -r all'");
   }
 
+  UQ_CO_TRY(co_await open_encryption());
+
   // External data file.
   data_file_ = file_.get();
   if (header_.has_data_file()) {
@@ -167,9 +169,6 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
 }
 
 Task<Status> Qcow2Image::prepare_read_write() {
-  if (header_.crypt_method != CryptMethod::kNone) {
-    co_return Error(ENOTSUP, file_->name() + ": writing encrypted qcow2 images is not supported yet");
-  }
   lazy_refcounts_ = options_.lazy_refcounts.value_or(header_.lazy_refcounts());
   if (lazy_refcounts_ && header_.version < 3) {
     co_return Error(EINVAL, "lazy-refcounts: lazy refcounts need a compat=1.1 (v3) image");
@@ -384,6 +383,9 @@ Task<Status> Qcow2Image::read(uint64_t offset, std::span<std::byte> buf) {
                                 std::to_string(offset) + " is beyond the end of the disk (" +
                                 std::to_string(size_) + " bytes)");
   }
+  if (encrypted() && ((offset | buf.size()) & (crypto::kSectorSize - 1))) {
+    co_return co_await read_unaligned(offset, buf);
+  }
   while (!buf.empty()) {
     Result<Mapping> m = Mapping{};
     if (!map_fast(offset, buf.size(), m)) m = co_await map_slow(offset, buf.size());
@@ -414,10 +416,7 @@ Task<Status> Qcow2Image::read_mapped(const Mapping& m, uint64_t offset, std::spa
     case SubclusterType::kCompressed:
       co_return co_await read_compressed(m.host_offset, offset, buf);
     case SubclusterType::kNormal:
-      if (header_.crypt_method != CryptMethod::kNone) {
-        co_return Error(ENOTSUP, file_->name() + ": reading encrypted qcow2 data is not "
-                                                 "supported yet");
-      }
+      if (encrypted()) co_return co_await read_encrypted(offset, m.host_offset, buf);
       co_return co_await data_file_->co_read(m.host_offset, buf);
     case SubclusterType::kInvalid:
       break;
@@ -549,6 +548,7 @@ Task<Status> Qcow2Image::close() {
     Status b = co_await backing_->close();
     if (status.ok() && !b.ok()) status = b;
   }
+  crypto_.reset();  // wipes the key schedules; no request is in flight now
   closed_ = true;
   co_return status;
 }

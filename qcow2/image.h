@@ -26,6 +26,7 @@
 #include "qcow2/cache.h"
 #include "qcow2/create.h"
 #include "qcow2/disk.h"
+#include "qcow2/encryption.h"
 #include "qcow2/header.h"
 #include "qcow2/options.h"
 #include "qcow2/overlap.h"
@@ -214,6 +215,27 @@ class Qcow2Image final : public Disk {
   Task<Status> build_metadata_regions();
   Task<Status> mark_corrupt(const std::string& why);
 
+  // --- Encrypted data (encrypted_io.cc) --------------------------------------
+  // Unlocks the image's encryption with options_.passphrase (then wiped).
+  // Without a passphrase a read-only open still succeeds for metadata work
+  // (check, map); data reads and read-write opens fail with ENOKEY.
+  Task<Status> open_encryption();
+  Error missing_key() const;
+  // Reads and decrypts an encrypted normal cluster run.
+  Task<Status> read_encrypted(uint64_t guest, uint64_t host, std::span<std::byte> buf);
+  // Encrypts `data` into a pooled bounce buffer and writes it at `host`; the
+  // caller's buffer is never modified.
+  Task<Status> write_encrypted(uint64_t guest, uint64_t host, std::span<const std::byte> data);
+  // write_with_cow for encrypted images: head + data + tail are encrypted in
+  // one bounce buffer (zero COW cannot be left to the file: zeros must be
+  // stored encrypted).
+  Task<Status> write_cow_encrypted(uint64_t host, uint64_t offset, std::span<const std::byte> data,
+                                   uint64_t head_start, uint64_t tail_end);
+  // Requests not aligned to 512 bytes go through whole sectors.
+  Task<Status> read_unaligned(uint64_t offset, std::span<std::byte> buf);
+  Task<Status> write_unaligned(uint64_t offset, std::span<const std::byte> buf);
+  bool encrypted() const { return header_.crypt_method != CryptMethod::kNone; }
+
   Task<Status> read_mapped(const Mapping& m, uint64_t offset, std::span<std::byte> buf);
   Task<Status> read_backing(uint64_t offset, std::span<std::byte> buf);
   Task<Status> read_compressed(uint64_t l2_entry, uint64_t offset, std::span<std::byte> buf);
@@ -261,6 +283,12 @@ class Qcow2Image final : public Disk {
   bool marked_dirty_ = false;         // dirty bit set on disk (lazy refcounts)
   bool corrupt_ = false;              // writes refused after an overlap
   CoMutex lock_;
+  std::unique_ptr<ImageEncryption> crypto_;  // null: not encrypted, or no key
+  // Serialises unaligned (read-modify-write) writes of an encrypted image
+  // among themselves. An aligned write racing with one to the same 512-byte
+  // sector is as unordered as any two overlapping concurrent writes, except
+  // that the RMW may also restore the bytes around the unaligned range.
+  CoMutex unaligned_write_lock_;
   TaskGroup background_;
   uring::TimeoutOp* clean_sleep_ = nullptr;  // the clean timer's pending sleep
   bool closing_ = false;

@@ -157,14 +157,21 @@ Result<OpenOptions> open_options(const Args& args, bool read_only) {
     UQ_TRY(apply_open_option(o, kv.substr(0, eq), kv.substr(eq + 1)));
   }
   if (auto f = args.get("--passphrase-file")) {
-    std::ifstream in(*f, std::ios::binary);
-    if (!in) return errno_error(errno, "--passphrase-file " + *f);
-    std::string secret((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    // A trailing newline from `echo secret > file` is not part of the secret.
-    if (!secret.empty() && secret.back() == '\n') secret.pop_back();
-    o.passphrase = std::move(secret);
+    auto secret = read_passphrase_file(*f);
+    if (!secret.ok()) return std::move(secret).error();
+    o.passphrase = std::move(secret).value();
   }
   return o;
+}
+
+Result<std::string> read_passphrase_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return errno_error(errno, "--passphrase-file " + path);
+  std::string secret((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // A trailing newline from `echo secret > file` is not part of the secret.
+  if (!secret.empty() && secret.back() == '\n') secret.pop_back();
+  if (secret.empty()) return Error(EINVAL, "--passphrase-file " + path + ": the file is empty");
+  return secret;
 }
 
 int fail(const std::string& message, int exit_code) {

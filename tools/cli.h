@@ -64,6 +64,9 @@ class Args {
 void add_open_flags(Args& args);
 // Builds OpenOptions from those flags. Reads the passphrase file if given.
 Result<OpenOptions> open_options(const Args& args, bool read_only);
+// The passphrase in `path` without its trailing newline. Passphrases are
+// only ever read from files, never taken from the command line.
+Result<std::string> read_passphrase_file(const std::string& path);
 
 // Runs `task` to completion on a reactor owned by this call.
 template <class T>

@@ -1,4 +1,6 @@
 // uqcow create: new qcow2 or raw images, with qemu-img's option names.
+#include <openssl/crypto.h>
+
 #include <cstdio>
 
 #include "qcow2/create.h"
@@ -15,7 +17,11 @@ constexpr char kDescription[] =
     "Create a new image. qcow2 options (-o, comma separated, qemu-img names):\n"
     "  cluster_size, compat (0.10|1.1), refcount_bits, lazy_refcounts,\n"
     "  preallocation (off|metadata|falloc|full), compression_type (zlib|zstd),\n"
-    "  extended_l2, data_file, data_file_raw, backing_file, backing_fmt.\n"
+    "  extended_l2, data_file, data_file_raw, backing_file, backing_fmt,\n"
+    "  encrypt.format (luks|aes), encrypt.cipher-alg (aes-256|aes-128),\n"
+    "  encrypt.cipher-mode (xts|cbc), encrypt.ivgen-alg (plain64|plain|essiv),\n"
+    "  encrypt.hash-alg (sha256|sha1|sha512), encrypt.iter-time (ms, default 2000).\n"
+    "  The passphrase of an encrypted image is read from --passphrase-file.\n"
     "raw options: preallocation (off|falloc|full).\n"
     "SIZE accepts k, M, G, T suffixes; with a backing file it defaults to the backing file's size.";
 
@@ -69,6 +75,7 @@ int cmd_create(int argc, char** argv) {
       .option("-o,--options", "format options, comma separated (repeatable)", "OPTIONS")
       .option("-b,--backing", "backing file (qcow2 only)", "FILE")
       .option("-F,--backing-format", "backing file format", "FMT")
+      .option("--passphrase-file", "file holding the passphrase of a new encrypted image", "FILE")
       .flag("-q,--quiet", "print nothing")
       .flag("-h,--help", "show this help");
   Status parsed = args.parse(argc, argv);
@@ -97,6 +104,11 @@ int cmd_create(int argc, char** argv) {
   qcow2::CreateOptions co;
   Status s = qcow2::parse_create_options(options, co);
   if (!s.ok()) return fail(s);
+  if (auto f = args.get("--passphrase-file")) {
+    auto secret = read_passphrase_file(*f);
+    if (!secret.ok()) return fail(secret.error().message());
+    co.passphrase = std::move(secret).value();
+  }
   if (auto b = args.get("-b")) co.backing_file = *b;
   if (auto f = args.get("-F")) co.backing_format = *f;
   if (!co.backing_file.empty() && co.backing_format.empty()) {
@@ -118,6 +130,7 @@ int cmd_create(int argc, char** argv) {
     return fail("image creation needs a SIZE");
   }
   s = run(qcow2::create_image(path, co));
+  OPENSSL_cleanse(co.passphrase.data(), co.passphrase.size());
   if (!s.ok()) return fail(s);
   if (!args.has("-q")) {
     std::printf("Formatting '%s', fmt=qcow2 cluster_size=%u extended_l2=%s compression_type=%s "
