@@ -156,6 +156,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   uint8_t field[12];
   store_be32(field, static_cast<uint32_t>(next.size()));
   store_be64(field + 4, *offset);
+  file_->debug_event(BlkDebugEvent::kSnapshotUpdate);
   UQ_CO_TRY(co_await file_->co_write(60, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 12)));
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.snapshots_offset;
