@@ -83,6 +83,12 @@ Task<Status> Qcow2Image::snapshot_l2_refcount(uint64_t l2_offset, int64_t addend
       bool changed = false;
       UQ_CO_TRY(co_await snapshot_entry_refcount(l2e, addend, discard, changed));
       if (changed) {
+        if (addend > 0) {
+          // The entry loses COPIED because its refcount went up: that count
+          // must reach the disk before this entry does (QEMU sets the same
+          // dependency), or a crash leaves COPIED clear at refcount 1.
+          UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+        }
         store_be64(ref->data() + e, l2e);
         dirty = true;
       }
@@ -198,6 +204,10 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   // active entries lose COPIED, so later writes copy on write.
   bool l1_changed = false;
   UQ_CO_TRY(co_await update_snapshot_refcount(l1_, +1, false, l1_changed));
+  // The raised refcounts are durable before the L2 tables (their cache
+  // depends on the refcount cache) and the L1 table drop COPIED.
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
   std::vector<uint8_t> l1_copy(l1_.size() * 8);
