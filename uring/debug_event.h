@@ -31,7 +31,6 @@ namespace uqcow {
   X(kCowWrite, "cow_write")                                            \
   X(kReftableLoad, "reftable_load")                                    \
   X(kReftableGrow, "reftable_grow")                                    \
-  X(kReftableUpdate, "reftable_update")                                \
   X(kRefblockLoad, "refblock_load")                                    \
   X(kRefblockUpdate, "refblock_update")                                \
   X(kRefblockAlloc, "refblock_alloc")                                  \
