@@ -64,6 +64,7 @@ Task<Status> Qcow2Image::write(uint64_t offset, std::span<const std::byte> buf) 
     if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
       UQ_CO_TRY(check_data_write(m->host_offset, n));
+      data_file_->debug_event(BlkDebugEvent::kWriteAio);
       if (crypto_) {
         UQ_CO_TRY(co_await write_encrypted(offset, m->host_offset, buf.first(n)));
       } else {
@@ -223,6 +224,7 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
     guard.unlock();
     uint64_t host = plan.host + geo_.offset_into_cluster(offset);
     UQ_CO_TRY(check_data_write(host, data.size()));
+    data_file_->debug_event(BlkDebugEvent::kWriteAio);
     if (crypto_) {
       UQ_CO_TRY(co_await write_encrypted(offset, host, data));
     } else {
@@ -303,10 +305,16 @@ Task<Status> Qcow2Image::write_with_cow(const ClusterPlan& plan, uint64_t offset
     // cluster past the end of the file is a hole and needs nothing.
     auto file_len = data_file_->length();
     bool unwritten = plan.kind == ClusterPlan::Kind::kNewClusters && file_len.ok() && host >= *file_len;
-    if (!unwritten) UQ_CO_TRY(co_await data_file_->co_write_zeroes(host, tail_end - head_start, false));
+    if (!unwritten) {
+      data_file_->debug_event(BlkDebugEvent::kClusterAllocSpace);
+      UQ_CO_TRY(co_await data_file_->co_write_zeroes(host, tail_end - head_start, false));
+    }
+    data_file_->debug_event(BlkDebugEvent::kWriteAio);
     co_return co_await data_file_->co_write(plan.host + (offset - first_guest), data);
   }
   std::vector<std::byte> head(offset - head_start), tail(tail_end - end);
+  const bool cow = !head.empty() || !tail.empty();
+  if (cow) data_file_->debug_event(BlkDebugEvent::kCowRead);
   UQ_CO_TRY(co_await read_cow(head_start, head));
   UQ_CO_TRY(co_await read_cow(end, tail));
   // Head, guest data and tail in one request.
@@ -315,6 +323,7 @@ Task<Status> Qcow2Image::write_with_cow(const ClusterPlan& plan, uint64_t offset
   if (!head.empty()) iov[n++] = {head.data(), head.size()};
   iov[n++] = {const_cast<std::byte*>(data.data()), data.size()};
   if (!tail.empty()) iov[n++] = {tail.data(), tail.size()};
+  data_file_->debug_event(cow ? BlkDebugEvent::kCowWrite : BlkDebugEvent::kWriteAio);
   co_return co_await data_file_->co_writev(host, std::span<iovec>(iov, n));
 }
 
@@ -399,6 +408,7 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
     auto fresh = co_await l2_cache_->get(*new_l2 + off, /*fresh=*/true);
     if (!fresh.ok()) co_return std::move(fresh).error();
     if (old_l2) {
+      file_->debug_event(BlkDebugEvent::kL2AllocCowRead);
       auto old = co_await l2_cache_->get(old_l2 + off);
       if (!old.ok()) co_return std::move(old).error();
       std::memcpy(fresh->data(), old->data(), slice_size);
@@ -406,6 +416,7 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
     l2_cache_->mark_dirty(*fresh);
   }
   // The table itself reaches the disk before the L1 entry.
+  file_->debug_event(BlkDebugEvent::kL2AllocWrite);
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
   l1_[l1_index] = *new_l2 | kOflagCopied;
@@ -426,6 +437,7 @@ Task<Status> Qcow2Image::write_l1_entry(uint64_t l1_index) {
   uint8_t sector[kSectorSize] = {};
   for (uint64_t i = 0; i < count; ++i) store_be64(sector + i * 8, l1_[first + i]);
   const uint64_t offset = header_.l1_table_offset + first * 8;
+  file_->debug_event(BlkDebugEvent::kL1Update);
   co_return co_await file_->co_write(offset, std::span<const std::byte>(reinterpret_cast<std::byte*>(sector), count * 8));
 }
 

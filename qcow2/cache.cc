@@ -175,6 +175,7 @@ Task<Result<MetadataCache::Ref>> MetadataCache::get(uint64_t offset, bool fresh)
   }
   e.loading = true;
   Ref ref(this, i);  // pinned while loading
+  file_.debug_event(load_event_);
   Status s = co_await file_.co_read(offset, std::span<std::byte>(reinterpret_cast<std::byte*>(data(i)), entry_size_));
   entries_[i].loading = false;
   load_waiters_.wake_all();
@@ -254,6 +255,7 @@ Task<Status> MetadataCache::flush() {
     batch.push_back(i);
   }
   for (uint32_t i : batch) ++entries_[i].ref;  // pinned while the write is in flight
+  file_.debug_event(update_event_);
   co_return co_await write_entries(std::move(batch));
 }
 

@@ -94,6 +94,12 @@ class MetadataCache {
   void invalidate_clean();
 
   void set_write_check(MetadataWriteCheck* check) { write_check_ = check; }
+  // Debug events announced on the file before a miss reads an entry and
+  // before a writeback writes them (l2_load/l2_update, refblock_load/...).
+  void set_debug_events(BlkDebugEvent load, BlkDebugEvent update) {
+    load_event_ = load;
+    update_event_ = update;
+  }
 
   uint32_t entry_size() const { return entry_size_; }
   uint32_t capacity() const { return capacity_; }
@@ -147,6 +153,8 @@ class MetadataCache {
   MetadataCache* depends_on_ = nullptr;
   bool depends_on_flush_ = false;
   MetadataWriteCheck* write_check_ = nullptr;
+  BlkDebugEvent load_event_ = BlkDebugEvent::kL2Load;
+  BlkDebugEvent update_event_ = BlkDebugEvent::kL2Update;
   CoQueue load_waiters_;              // coroutines waiting for a loading entry
   CacheStats stats_;
 

@@ -144,10 +144,12 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   auto l2 = MetadataCache::create("L2", *file_, cache_sizes_.l2_entry_size, static_cast<uint32_t>(l2_entries));
   if (!l2.ok()) co_return std::move(l2).error();
   l2_cache_ = std::move(l2).value();
+  l2_cache_->set_debug_events(BlkDebugEvent::kL2Load, BlkDebugEvent::kL2Update);
   auto rc = MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
                                   static_cast<uint32_t>(rc_entries));
   if (!rc.ok()) co_return std::move(rc).error();
   refcount_cache_ = std::move(rc).value();
+  refcount_cache_->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
   slice_bits_ = static_cast<uint32_t>(__builtin_ctzll(cache_sizes_.l2_entry_size / geo_.l2_entry_size));
 
   // Backing file.
@@ -394,6 +396,7 @@ Task<Status> Qcow2Image::read(uint64_t offset, std::span<std::byte> buf) {
     assert(n > 0 && "a mapping always covers at least one byte");
     if (m->type == SubclusterType::kNormal && header_.crypt_method == CryptMethod::kNone) {
       // The hot path: straight from the mapping to the data file's read.
+      data_file_->debug_event(BlkDebugEvent::kReadAio);
       UQ_CO_TRY(co_await data_file_->co_read(m->host_offset, buf.first(n)));
     } else {
       UQ_CO_TRY(co_await read_mapped(*m, offset, buf.first(n)));
@@ -417,6 +420,7 @@ Task<Status> Qcow2Image::read_mapped(const Mapping& m, uint64_t offset, std::spa
       co_return co_await read_compressed(m.host_offset, offset, buf);
     case SubclusterType::kNormal:
       if (encrypted()) co_return co_await read_encrypted(offset, m.host_offset, buf);
+      data_file_->debug_event(BlkDebugEvent::kReadAio);
       co_return co_await data_file_->co_read(m.host_offset, buf);
     case SubclusterType::kInvalid:
       break;
@@ -429,7 +433,10 @@ Task<Status> Qcow2Image::read_backing(uint64_t offset, std::span<std::byte> buf)
   size_t from_backing = offset < backing_size
                             ? static_cast<size_t>(std::min<uint64_t>(buf.size(), backing_size - offset))
                             : 0;
-  if (from_backing > 0) UQ_CO_TRY(co_await backing_->read(offset, buf.first(from_backing)));
+  if (from_backing > 0) {
+    file_->debug_event(BlkDebugEvent::kReadBackingAio);
+    UQ_CO_TRY(co_await backing_->read(offset, buf.first(from_backing)));
+  }
   // Past the end of a shorter backing file (or with none) the disk reads zeros.
   std::memset(buf.data() + from_backing, 0, buf.size() - from_backing);
   co_return Status();
@@ -443,6 +450,7 @@ Task<Status> Qcow2Image::read_compressed(uint64_t l2e, uint64_t offset, std::spa
   }
   std::vector<uint8_t> in(csize);
   std::vector<uint8_t> out(geo_.cluster_size);
+  file_->debug_event(BlkDebugEvent::kReadCompressed);
   UQ_CO_TRY(co_await file_->co_read(coffset, as_bytes(in)));
   Status s = decompress_cluster(header_.compression_type, in, out);
   if (!s.ok()) co_return corruption("compressed cluster at " + hex(coffset) + ": " + s.message());
@@ -498,8 +506,10 @@ Task<Status> Qcow2Image::flush() {
   auto guard = co_await lock_.scoped_lock();
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
+  file_->debug_event(BlkDebugEvent::kFlushToOs);
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await refcount_cache_->flush());
+  file_->debug_event(BlkDebugEvent::kFlushToDisk);
   UQ_CO_TRY(co_await file_->co_flush());
   if (data_file_ != file_.get()) UQ_CO_TRY(co_await data_file_->co_flush());
   co_return Status();

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <set>
 
+#include "fault/fault_device.h"
 #include "qcow2/endian.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
@@ -56,7 +57,12 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
     uint64_t size = (*len + 511) & ~uint64_t{511};
     co_return std::unique_ptr<Disk>(new RawDisk(std::move(file).value(), size));
   }
+  std::unique_ptr<BlockDevice> device = std::move(file).value();
+  if (options.inject && !options.inject->empty()) {
+    device = std::make_unique<FaultInjectingDevice>(std::move(device), options.inject);
+  }
   OpenOptions backing_options = options;
+  backing_options.inject = nullptr;
   backing_options.read_only = true;
   backing_options.snapshot.clear();
   auto opener = [backing_options, chain](const std::string& p, const std::string& fmt)
@@ -65,7 +71,7 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
     o.format = fmt;
     co_return co_await open_layer(p, o, chain);
   };
-  auto img = co_await qcow2::Qcow2Image::open(std::move(file).value(), options, opener);
+  auto img = co_await qcow2::Qcow2Image::open(std::move(device), options, opener);
   if (!img.ok()) co_return std::move(img).error();
   co_return std::unique_ptr<Disk>(std::move(img).value());
 }

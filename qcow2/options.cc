@@ -94,6 +94,13 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
   if (key == "pass-discard-request") return flag(o.pass_discard_request);
   if (key == "pass-discard-snapshot") return flag(o.pass_discard_snapshot);
   if (key == "pass-discard-other") return flag(o.pass_discard_other);
+  if (key == "inject") {
+    auto rule = parse_fault_rule(value);
+    if (!rule.ok()) return std::move(rule).error();
+    if (!o.inject) o.inject = std::make_shared<FaultInjector>();
+    o.inject->add_rule(std::move(rule).value());
+    return Status();
+  }
   return Error(EINVAL, "unknown runtime option '" + key + "'");
 }
 

@@ -3,10 +3,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "engine/result.h"
+#include "fault/fault_rule.h"
 #include "uring/raw_file.h"
 
 namespace uqcow {
@@ -37,13 +39,19 @@ struct OpenOptions {
   bool pass_discard_other = false;
 
   std::string passphrase;  // for encrypted images (read from --passphrase-file)
+
+  // Fault injection (blkdebug rules, fault/fault_rule.h) on the top image's
+  // file; null: none. Shared so the caller can read the rules' counters.
+  // Never applied to backing files.
+  std::shared_ptr<FaultInjector> inject;
 };
 
 // Parses "123", "64k", "1M", "1.5G", "2T" (binary multiples, as qemu-img;
 // "b"/"B" suffix means bytes). Errors name `what`.
 Result<uint64_t> parse_size(const std::string& text, const std::string& what);
 
-// Applies one "key=value" runtime option with QEMU's name.
+// Applies one "key=value" runtime option with QEMU's name; "inject" adds a
+// fault rule (event=NAME,errno=N,...).
 Status apply_open_option(OpenOptions& options, const std::string& key, const std::string& value);
 
 Result<OverlapCheck> parse_overlap_check(const std::string& value);

@@ -33,6 +33,7 @@ Task<Status> Qcow2Image::load_refcount_table() {
   // refcount_table_clusters is bounded to 8 MiB by parse_header.
   uint64_t bytes = uint64_t{header_.refcount_table_clusters} << geo_.cluster_bits;
   std::vector<uint8_t> raw(bytes);
+  file_->debug_event(BlkDebugEvent::kReftableLoad);
   UQ_CO_TRY(co_await file_->co_read(header_.refcount_table_offset, as_bytes(raw)));
   reftable_.resize(bytes / 8);
   for (size_t i = 0; i < reftable_.size(); ++i) reftable_[i] = load_be64(&raw[i * 8]);
@@ -105,6 +106,7 @@ Task<Result<uint64_t>> Qcow2Image::find_free_clusters(uint64_t n) {
 }
 
 Task<Result<uint64_t>> Qcow2Image::alloc_clusters(uint64_t n) {
+  file_->debug_event(BlkDebugEvent::kClusterAlloc);
   while (true) {
     auto offset = co_await find_free_clusters(n);
     if (!offset.ok()) co_return offset;
@@ -120,12 +122,14 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
                                                                 bool& allocated_block) {
   uint64_t rt = cluster_index >> refblock_bits_;
   while (rt >= reftable_.size()) {
+    file_->debug_event(BlkDebugEvent::kReftableGrow);
     UQ_CO_TRY(co_await grow_refcount_table(rt + 1));
   }
   if ((reftable_[rt] & kReftableOffsetMask) != 0) co_return co_await load_refcount_block(rt);
 
   // No block covers this cluster yet: allocate one. It may describe itself.
   allocated_block = true;
+  file_->debug_event(BlkDebugEvent::kRefblockAlloc);
   auto found = co_await find_free_clusters(1);
   if (!found.ok()) co_return std::move(found).error();
   uint64_t block = *found;
@@ -146,12 +150,14 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   }
   refcount_cache_->mark_dirty(ref);
   // The block must be on disk before the refcount table points at it.
+  file_->debug_event(BlkDebugEvent::kRefblockAllocWrite);
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
   reftable_[rt] = block;
   uint8_t entry[8];
   store_be64(entry, block);
   UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table"));
+  file_->debug_event(BlkDebugEvent::kRefblockAllocHookup);
   UQ_CO_TRY(co_await file_->co_write(header_.refcount_table_offset + rt * 8,
                                      std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8)));
   overlap_add(block, geo_.cluster_size, "refcount block");
@@ -165,6 +171,7 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
   const uint64_t last = (offset + length - 1) >> geo_.cluster_bits;
   const uint64_t max = max_refcount(header_.refcount_order);
   if (delta < 0) {
+    file_->debug_event(BlkDebugEvent::kClusterFree);
     // Freeing: the L2 tables that dropped these references must reach the
     // disk before the refcount blocks that free the clusters.
     UQ_CO_TRY(co_await set_cache_dependency(*refcount_cache_, *l2_cache_));
@@ -272,7 +279,11 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   for (uint64_t i = 0; i < table.size(); ++i) store_be64(&table_buf[i * 8], table[i]);
 
   UQ_CO_TRY(check_metadata_write(area * cs, (end - area) * cs, "refcount table growth"));
-  if (blocks) UQ_CO_TRY(co_await file_->co_write(area * cs, as_bytes(block_buf)));
+  if (blocks) {
+    file_->debug_event(BlkDebugEvent::kRefblockAllocWriteBlocks);
+    UQ_CO_TRY(co_await file_->co_write(area * cs, as_bytes(block_buf)));
+  }
+  file_->debug_event(BlkDebugEvent::kRefblockAllocWriteTable);
   UQ_CO_TRY(co_await file_->co_write(table_offset, as_bytes(table_buf)));
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
@@ -280,6 +291,7 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   uint8_t fields[12];
   store_be64(fields, table_offset);
   store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
+  file_->debug_event(BlkDebugEvent::kRefblockAllocSwitchTable);
   UQ_CO_TRY(co_await file_->co_write(48, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
   UQ_CO_TRY(co_await file_->co_flush());
 
@@ -299,6 +311,7 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
 Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
   // QEMU's qcow2_alloc_bytes: pack compressed clusters into a partly used
   // host cluster; each host cluster touched gains one reference.
+  file_->debug_event(BlkDebugEvent::kClusterAllocBytes);
   const uint64_t cs = geo_.cluster_size;
   uint64_t offset = free_byte_offset_;
   if (offset) {

@@ -205,6 +205,7 @@ Task<Result<uint64_t>> DiskRefcounts::get(uint64_t cluster) {
 Task<Status> DiskRefcounts::write_back(Slot& s) {
   // Only refcounts of clusters nothing references go down, and only ones
   // that are referenced go up, so the block may reach the disk at any time.
+  img_.file.debug_event(BlkDebugEvent::kRefblockUpdate);
   UQ_CO_TRY(co_await img_.file.co_write(s.offset, as_bytes(std::span<const uint8_t>(s.data))));
   s.dirty = false;
   co_return Status();
@@ -258,6 +259,7 @@ Task<Status> zero_l2_entry(CheckedImage& img, uint64_t l2_offset, std::span<uint
   }
   // Once this entry is on disk the cluster is no longer referenced, which is
   // what the refcounts of this pass already assume.
+  img.file.debug_event(BlkDebugEvent::kL2Update);
   UQ_CO_TRY(co_await img.file.co_write(at, as_bytes(std::span<const uint8_t>(p, entry_size))));
   co_return co_await img.file.co_flush();
 }
@@ -265,6 +267,7 @@ Task<Status> zero_l2_entry(CheckedImage& img, uint64_t l2_offset, std::span<uint
 Task<Status> write_l1_entry(CheckedImage& img, uint64_t index) {
   uint8_t raw[8];
   store_be64(raw, img.l1[index]);
+  img.file.debug_event(BlkDebugEvent::kL1Update);
   UQ_CO_TRY(co_await img.file.co_write(img.header.l1_table_offset + index * 8,
                                        as_bytes(std::span<const uint8_t>(raw, sizeof raw))));
   co_return co_await img.file.co_flush();
@@ -272,6 +275,7 @@ Task<Status> write_l1_entry(CheckedImage& img, uint64_t index) {
 
 Task<Status> write_l2_table(CheckedImage& img, uint64_t l2_offset, std::span<const uint8_t> table) {
   UQ_CO_TRY(refuse_overlap(img, "L2 table", l2_offset, table.size()));
+  img.file.debug_event(BlkDebugEvent::kL2Update);
   co_return co_await img.file.co_write(l2_offset, as_bytes(table));
 }
 
@@ -332,10 +336,12 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
   uint64_t next = start;
   for (uint64_t index : l.blocks) {
     store_be64(&table[index * 8], next * cs);
+    img.file.debug_event(BlkDebugEvent::kRefblockAllocWriteBlocks);
     UQ_CO_TRY(co_await img.file.co_write(next * cs, as_bytes(refs.block(index))));
     ++next;
   }
   const uint64_t table_offset = next * cs;
+  img.file.debug_event(BlkDebugEvent::kRefblockAllocWriteTable);
   UQ_CO_TRY(co_await img.file.co_write(table_offset, as_bytes(std::span<const uint8_t>(table))));
   // The new blocks and table must be on disk before the header points at
   // them: a crash before the switch leaves the old structure in charge.
@@ -343,6 +349,7 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
   uint8_t fields[12];
   store_be64(fields, table_offset);
   store_be32(fields + 8, static_cast<uint32_t>(l.table_clusters));
+  img.file.debug_event(BlkDebugEvent::kRefblockAllocSwitchTable);
   UQ_CO_TRY(co_await img.file.co_write(kHeaderRefcountTableOffset,
                                        as_bytes(std::span<const uint8_t>(fields, sizeof fields))));
   UQ_CO_TRY(co_await img.file.co_flush());

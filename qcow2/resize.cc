@@ -37,6 +37,7 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, l1_.size() + l1_.size() / 2), kMaxL1Bytes / 8);
     uint64_t clusters = (entries * 8 + cs - 1) / cs;
     entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
+    file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
     auto table = co_await alloc_clusters(clusters);
     if (!table.ok()) co_return std::move(table).error();
     UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
@@ -44,11 +45,13 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     for (size_t i = 0; i < l1_.size(); ++i) store_be64(&buf[i * 8], l1_[i]);
     // The refcount of the new table, then the table itself, before the header.
     UQ_CO_TRY(co_await refcount_cache_->flush());
+    file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
     UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
     UQ_CO_TRY(co_await file_->co_flush());
     uint8_t fields[12];
     store_be32(fields, static_cast<uint32_t>(entries));
     store_be64(fields + 4, *table);
+    file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
     UQ_CO_TRY(co_await file_->co_write(36, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
     UQ_CO_TRY(co_await file_->co_flush());
     const uint64_t old_offset = header_.l1_table_offset;

@@ -96,6 +96,12 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
     }
     const uint64_t updated = copied_flag(l2e, refcount, addend);
     if (updated != l2e) {
+      if (addend > 0 && !changed) {
+        // The entry loses COPIED because its refcount went up: that count
+        // must reach the disk before this slice does (QEMU sets the same
+        // dependency), or a crash leaves COPIED clear at refcount 1.
+        UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+      }
       store_be64(p, updated);
       changed = true;
     }
@@ -183,6 +189,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   uint8_t field[12];
   store_be32(field, static_cast<uint32_t>(next.size()));
   store_be64(field + 4, *offset);
+  file_->debug_event(BlkDebugEvent::kSnapshotUpdate);
   UQ_CO_TRY(co_await file_->co_write(60, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 12)));
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.snapshots_offset;
@@ -224,6 +231,10 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   // active entries lose COPIED, so later writes copy on write.
   bool l1_changed = false;
   UQ_CO_TRY(co_await update_snapshot_refcount(l1_, +1, false, l1_changed));
+  // The raised refcounts are durable before the L2 tables (their cache
+  // depends on the refcount cache) and the L1 table drop COPIED.
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
   std::vector<uint8_t> l1_copy(l1_.size() * 8);

@@ -29,6 +29,7 @@ static Task<Status> write_zero_buffers(Qcow2Image& img, uint64_t offset, uint64_
 
 Task<Status> Qcow2Image::write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   UQ_CO_TRY(check_writable(offset, len));
+  file_->debug_event(BlkDebugEvent::kPwritevZero);
   if (len == 0) co_return Status();
   if (!v3_) co_return co_await write_zero_buffers(*this, offset, len);  // no zero flag in v2
   const uint64_t gran = geo_.subcluster_size;
@@ -191,6 +192,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   guard.unlock();
   Status s = check_data_write(*coffset, data.size());
   if (s.ok()) {
+    file_->debug_event(BlkDebugEvent::kWriteCompressed);
     s = co_await file_->co_write(*coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
   }
   guard = co_await lock_.scoped_lock();
@@ -204,6 +206,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
         s = std::move(ref).error();
       } else {
         uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+        file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
         store_be64(p, l2e);
         if (geo_.extended_l2) store_be64(p + 8, 0);
         l2_cache_->mark_dirty(*ref);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/result.h"
+#include "engine/sync_wait.h"
 #include "qcow2/disk.h"
 #include "qcow2/options.h"
 #include "uring/reactor.h"
@@ -171,6 +172,12 @@ class SyncDisk {
   // Reads the whole disk in chunks of `chunk` bytes (the last may be short).
   Result<std::vector<uint8_t>> read_all(size_t chunk = (1 << 20) + 4097);
   Status close();
+  // Drives any task on this disk's reactor to completion (writes, flushes,
+  // calls on the concrete image).
+  template <class T>
+  T run(Task<T> task) {
+    return sync_wait(*reactor_, std::move(task));
+  }
 
  private:
   SyncDisk() = default;

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "fault/fault_device.h"
 #include "qcow2/check.h"
 #include "qcow2/open.h"
 #include "qcow2/path.h"
@@ -103,10 +104,14 @@ void print_json(const CheckResult& r, const std::string& filename) {
 
 // Opens the image (read-write only to repair) and its external data file
 // (read-only: a repair never writes guest data), then checks.
-Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mode, CacheMode cache) {
-  auto file = RawFile::open(path, {.read_only = mode == RepairMode::kNone, .cache = cache});
-  if (!file.ok()) co_return std::move(file).error().with_context("Could not open '" + path + "'");
-  auto header = co_await qcow2::read_image_header(**file);
+// With fault rules (--inject) the image file is wrapped in a fault injector.
+Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mode, CacheMode cache,
+                                         std::shared_ptr<FaultInjector> inject) {
+  auto raw = RawFile::open(path, {.read_only = mode == RepairMode::kNone, .cache = cache});
+  if (!raw.ok()) co_return std::move(raw).error().with_context("Could not open '" + path + "'");
+  std::unique_ptr<BlockDevice> file = std::move(raw).value();
+  if (inject && !inject->empty()) file = std::make_unique<FaultInjectingDevice>(std::move(file), inject);
+  auto header = co_await qcow2::read_image_header(*file);
   if (!header.ok()) co_return std::move(header).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<RawFile> data_file;
   if (header->has_data_file()) {
@@ -115,7 +120,7 @@ Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mod
     if (!df.ok()) co_return std::move(df).error().with_context("Could not open external data file");
     data_file = std::move(df).value();
   }
-  co_return co_await qcow2::check_image(**file, data_file.get(), mode);
+  co_return co_await qcow2::check_image(*file, data_file.get(), mode);
 }
 
 // The exit code and output once the check has run.
@@ -178,7 +183,7 @@ int cmd_check(int argc, char** argv) {
   if (format == "raw") return fail("This image format does not support checks", kExitUnsupported);
   if (format != "qcow2") return fail("Unknown driver '" + format + "' (qcow2 and raw are supported)");
 
-  auto result = run(open_and_check(path, mode, options->cache));
+  auto result = run(open_and_check(path, mode, options->cache, options->inject));
   if (!result.ok()) return fail(result.error().message());
   return report(*result, path, output == "json", args.has("-q"));
 }

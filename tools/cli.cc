@@ -135,7 +135,9 @@ void add_open_flags(Args& args) {
       .option("--cache-clean-interval", "drop cache entries unused this long (default 600)", "SECONDS")
       .option("--lazy-refcounts", "on/off: override the image's lazy refcounts", "on|off")
       .option("--overlap-check", "none, constant, cached (default) or all", "MODE")
-      .option("--image-opt", "any runtime option as KEY=VALUE (repeatable)", "KEY=VALUE");
+      .option("--image-opt", "any runtime option as KEY=VALUE (repeatable)", "KEY=VALUE")
+      .option("--inject", "fail I/O after a debug event, blkdebug style (repeatable): "
+              "event=NAME,errno=N[,once=on][,after=K][,immediately=on]", "RULE");
 }
 
 Result<OpenOptions> open_options(const Args& args, bool read_only) {
@@ -156,6 +158,7 @@ Result<OpenOptions> open_options(const Args& args, bool read_only) {
     if (eq == std::string::npos) return Error(EINVAL, "--image-opt: expected KEY=VALUE, got '" + kv + "'");
     UQ_TRY(apply_open_option(o, kv.substr(0, eq), kv.substr(eq + 1)));
   }
+  for (const auto& rule : args.all("--inject")) UQ_TRY(apply_open_option(o, "inject", rule));
   if (auto f = args.get("--passphrase-file")) {
     auto secret = read_passphrase_file(*f);
     if (!secret.ok()) return std::move(secret).error();

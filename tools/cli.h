@@ -60,7 +60,8 @@ class Args {
 // for qemu-img compatibility), --passphrase-file, and the runtime options
 // with QEMU's names (--l2-cache-size, --l2-cache-entry-size,
 // --refcount-cache-size, --cache-clean-interval, --lazy-refcounts,
-// --overlap-check) plus -o/--option KEY=VALUE for any of them.
+// --overlap-check) plus --image-opt KEY=VALUE for any of them, and
+// --inject RULE (fault injection, repeatable).
 void add_open_flags(Args& args);
 // Builds OpenOptions from those flags. Reads the passphrase file if given.
 Result<OpenOptions> open_options(const Args& args, bool read_only);

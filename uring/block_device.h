@@ -21,6 +21,7 @@
 
 #include "engine/result.h"
 #include "engine/task.h"
+#include "uring/debug_event.h"
 
 namespace uqcow {
 
@@ -49,6 +50,19 @@ class BlockDevice {
   virtual uint32_t alignment() const = 0;
   virtual bool read_only() const = 0;
   virtual const std::string& name() const = 0;
+
+  // QEMU's BLKDBG_EVENT: the format driver is about to do the step `event`
+  // (its I/O follows). Costs one load and a predictable branch unless a
+  // layer that listens (a fault injector) is this device.
+  void debug_event(BlkDebugEvent event) {
+    if (listens_to_debug_events_) [[unlikely]] on_debug_event(event);
+  }
+
+ protected:
+  // A listening implementation sets listens_to_debug_events_ and overrides
+  // on_debug_event().
+  virtual void on_debug_event(BlkDebugEvent) {}
+  bool listens_to_debug_events_ = false;
 };
 
 }  // namespace uqcow
