@@ -14,8 +14,17 @@
 namespace uqcow::fuzz {
 namespace {
 
+// Removed with its files when the process exits normally.
+struct PrivateDir {
+  std::string path;
+  ~PrivateDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+};
+
 const std::string& private_dir() {
-  static const std::string dir = [] {
+  static const PrivateDir dir{[] {
     const char* base = std::getenv("TEST_TMPDIR");
     if (base == nullptr) base = std::getenv("TMPDIR");
     std::string templ = std::string(base != nullptr ? base : "/tmp") + "/uqcow-fuzz.XXXXXX";
@@ -23,13 +32,9 @@ const std::string& private_dir() {
       std::perror("uqcow fuzz: mkdtemp");
       std::abort();
     }
-    std::atexit([] {
-      std::error_code ignored;
-      std::filesystem::remove_all(private_dir(), ignored);
-    });
     return templ;
-  }();
-  return dir;
+  }()};
+  return dir.path;
 }
 
 }  // namespace
