@@ -45,7 +45,12 @@ struct SyncWaitRunner {
   };
   explicit SyncWaitRunner(std::coroutine_handle<promise_type> handle) : h(handle) {}
   SyncWaitRunner(const SyncWaitRunner&) = delete;
-  ~SyncWaitRunner() { h.destroy(); }
+  // Clang 14 moves the object get_return_object() returned into the
+  // caller's result (GCC elides it); the moved-from runner owns nothing.
+  SyncWaitRunner(SyncWaitRunner&& other) noexcept : h(std::exchange(other.h, nullptr)) {}
+  ~SyncWaitRunner() {
+    if (h) h.destroy();
+  }
   bool done() const { return h.done(); }
   std::coroutine_handle<promise_type> h;
 };

@@ -3,6 +3,8 @@
 // Qcow2Image.
 #include <algorithm>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "qcow2/compress.h"
 #include "qcow2/endian.h"
@@ -63,6 +65,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   const uint64_t end = offset + len;
   std::vector<uint64_t> to_free;
+  std::vector<std::pair<uint64_t, uint64_t>> zero_by_writing;  // (offset, length)
   while (offset < end) {
     const uint64_t guest_cluster = geo_.start_of_cluster(offset);
     const uint64_t chunk_end = std::min(end, guest_cluster + geo_.cluster_size);
@@ -103,8 +106,13 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
     } else {
       // Part of a cluster (extended L2 only): mark those subclusters zero.
       if (compressed) {
-        guard.unlock();
-        co_return co_await write_zero_buffers(*this, offset, chunk_end - offset);
+        // A compressed cluster has no subclusters: write zeros into it
+        // (decompressing it) once the other clusters are done and freed.
+        // Returning here instead leaked the clusters zeroed so far and left
+        // the rest of the range unzeroed.
+        zero_by_writing.emplace_back(offset, chunk_end - offset);
+        offset = chunk_end;
+        continue;
       }
       uint32_t sc0 = geo_.subcluster_index(offset);
       uint32_t sc1 = static_cast<uint32_t>((chunk_end - guest_cluster + geo_.subcluster_size - 1) >> geo_.subcluster_bits);
@@ -125,6 +133,10 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
       (void)co_await data_file_->co_discard(old & kL2OffsetMask, geo_.cluster_size);
     }
     UQ_CO_TRY(co_await free_cluster_entry(old, pass && data_file_ == file_.get()));
+  }
+  guard.unlock();  // write() takes the lock itself
+  for (const auto& [at, length] : zero_by_writing) {
+    UQ_CO_TRY(co_await write_zero_buffers(*this, at, length));
   }
   co_return Status();
 }

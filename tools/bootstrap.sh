@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  bazel-bootstrap g++ clang
+  bazel-bootstrap g++ clang libclang-rt-14-dev
   liburing-dev zlib1g-dev libzstd-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   qemu-utils fio libnbd-bin gnuplot-nox
