@@ -56,7 +56,8 @@ struct Recipe {
   std::string name;
   std::vector<std::vector<std::string>> steps;
   // When set, qemu-img check gets these arguments instead of the file name
-  // (LUKS: the key is needed to open the image; uqcow does not decrypt).
+  // (LUKS: qemu-img needs the key to open the image; uqcow check reads only
+  // metadata and needs none).
   std::vector<std::string> qemu_image_args = {};
 };
 

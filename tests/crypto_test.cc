@@ -179,6 +179,16 @@ TEST_P(QemuCreates, UqcowReadsAndWritesQemuReadsBack) {
   ASSERT_TRUE(Succeeded(run_uqcow({"convert", "--passphrase-file", "pw", "-O", "raw", "img.qcow2", "u.raw"},
                                   dir_.path())));
   EXPECT_EQ(read_file(dir_.file("q.raw")), read_file(dir_.file("u.raw")));
+  // convert into a new LUKS image: qemu reads the same guest data from it.
+  ASSERT_TRUE(Succeeded(run_uqcow({"convert", "--passphrase-file", "pw", "-O", "qcow2", "-o",
+                                   "encrypt.format=luks,encrypt.iter-time=10", "--target-passphrase-file", "pw",
+                                   "img.qcow2", "re.qcow2"},
+                                  dir_.path())));
+  EXPECT_TRUE(qemu_check("re.qcow2"));
+  qconv[qconv.size() - 4] = image_opts("re.qcow2");
+  qconv.back() = "re.raw";
+  ASSERT_TRUE(Succeeded(run_command(qconv, dir_.path())));
+  EXPECT_EQ(read_file(dir_.file("q.raw")), read_file(dir_.file("re.raw")));
 }
 
 INSTANTIATE_TEST_SUITE_P(

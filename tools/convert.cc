@@ -208,6 +208,7 @@ Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::Cre
   OpenOptions options;
   options.read_only = false;
   options.format = "qcow2";
+  options.passphrase = create.passphrase;  // an encrypted target (-o encrypt.format)
   auto dst = co_await open_disk(dst_path, options);
   if (!dst.ok()) co_return std::move(dst).error();
   Target target;
@@ -283,7 +284,8 @@ int cmd_convert(int argc, char** argv) {
       .flag("-c,--compress", "write the data clusters compressed (qcow2 only)")
       .option("-l,--snapshot", "convert an internal snapshot (ID, NAME, snapshot.id=ID or snapshot.name=NAME)",
               "SNAPSHOT")
-      .flag("-p,--progress", "show progress on stderr (when it is a terminal)");
+      .flag("-p,--progress", "show progress on stderr (when it is a terminal)")
+      .option("--target-passphrase-file", "passphrase of an encrypted target (-o encrypt.format=luks)", "FILE");
   add_open_flags(args);
   if (Status s = args.parse(argc, argv); !s.ok()) return fail(s);
   if (args.help_requested()) {
@@ -300,6 +302,11 @@ int cmd_convert(int argc, char** argv) {
   if (!req.qcow2 && req.compress) return fail("convert: Compression not supported for this file format");
   if (!req.qcow2 && args.has("-o")) return fail("convert: -o is only supported with -O qcow2");
   if (req.qcow2) {
+    if (auto f = args.get("--target-passphrase-file")) {
+      auto secret = read_passphrase_file(*f);
+      if (!secret.ok()) return fail(secret.error());
+      req.create.passphrase = std::move(secret).value();
+    }
     if (std::string e = target_options(args, req.compress, req.create); !e.empty()) return fail("convert: " + e);
   }
   if (args.positional().size() != 2) return fail("convert: expecting a source and a destination file name (see --help)");
