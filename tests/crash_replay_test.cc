@@ -161,17 +161,15 @@ std::vector<uint8_t> crash_image(const Recording& rec, uint64_t t, std::mt19937&
       file.resize(op.length);
       return;
     }
+    // Writes extend the file; zeroing and discarding past its end do not.
     const uint64_t end = op.offset + to;
     if (file.size() < end && op.kind == RecordedOp::Kind::kWrite) file.resize(end);
-    const uint64_t stop = std::min<uint64_t>(end, file.size());
-    for (uint64_t at = op.offset + from; at < stop;) {
-      const uint64_t n = stop - at;
-      if (op.kind == RecordedOp::Kind::kWrite) {
-        std::memcpy(&file[at], &op.data[at - op.offset], n);
-      } else {
-        std::memset(&file[at], 0, n);
-      }
-      at += n;
+    const uint64_t at = op.offset + from, stop = std::min<uint64_t>(end, file.size());
+    if (at >= stop) return;
+    if (op.kind == RecordedOp::Kind::kWrite) {
+      std::memcpy(&file[at], &op.data[from], stop - at);
+    } else {
+      std::memset(&file[at], 0, stop - at);
     }
   };
   std::bernoulli_distribution keep(0.5), tear(0.25), sector(0.5);
