@@ -421,7 +421,17 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   UQ_CO_TRY(co_await file_->co_flush());
   l1_[l1_index] = *new_l2 | kOflagCopied;
   overlap_add(*new_l2, geo_.cluster_size, "L2 table");
-  UQ_CO_TRY(co_await write_l1_entry(l1_index));
+  Status linked = co_await write_l1_entry(l1_index);
+  if (!linked.ok()) {
+    // The in-memory L1 must keep matching the disk's, or later writes would
+    // go through a table that a reopened image cannot reach (their data lost).
+    // The new table is leaked, not freed: the failed write may still have
+    // reached the disk, and then the on-disk L1 points at it.
+    l1_[l1_index] = l1e;
+    overlap_remove(*new_l2, geo_.cluster_size);
+    for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) l2_cache_->discard(*new_l2 + off);
+    co_return linked.error();
+  }
   if (old_l2) {
     // The shared table loses this reference (it stays in the snapshot).
     UQ_CO_TRY(co_await update_refcount(old_l2, geo_.cluster_size, -1, false));

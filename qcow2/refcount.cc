@@ -153,13 +153,23 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   file_->debug_event(BlkDebugEvent::kRefblockAllocWrite);
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
-  reftable_[rt] = block;
   uint8_t entry[8];
   store_be64(entry, block);
   UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table"));
   file_->debug_event(BlkDebugEvent::kRefblockAllocHookup);
-  UQ_CO_TRY(co_await file_->co_write(header_.refcount_table_offset + rt * 8,
-                                     std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8)));
+  Status hooked = co_await file_->co_write(header_.refcount_table_offset + rt * 8,
+                                           std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8));
+  if (!hooked.ok()) {
+    // reftable_ is set only once the disk's table points at the block too:
+    // refcounts kept in a block the table on disk does not reach would be
+    // lost on reopen (clusters in use would read as free). The block leaves
+    // the cache; its cluster is free again (or leaked, if another block
+    // counts it).
+    ref.reset();
+    refcount_cache_->discard(block);
+    co_return hooked.error();
+  }
+  reftable_[rt] = block;
   overlap_add(block, geo_.cluster_size, "refcount block");
   co_return ref;
 }

@@ -1,6 +1,6 @@
-// The fault matrix: for every debug event x {EIO, ENOSPC} x {once, always},
-// a write workload runs on an image whose file fails I/O after that event
-// (blkdebug-style rules, fault/fault_rule.h). The workload copies tables
+// The fault matrix: for every debug event x {EIO, ENOSPC} x {always, once,
+// once and stop right after}, a write workload runs on an image whose file
+// fails I/O after that event (blkdebug-style rules, fault/fault_rule.h). The workload copies tables
 // shared with a snapshot (COW), allocates across many L2 tables with tiny
 // caches, grows the refcount table and the L1 table, writes compressed
 // data, zeroes, discards and creates/deletes snapshots.
@@ -18,8 +18,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -63,7 +61,12 @@ struct OpResult {
 // Runs the workload on an open image, recording every request's outcome.
 class Workload {
  public:
-  Workload(SyncDisk& disk, Model& model) : disk_(disk), model_(model) {
+  // With `stop_after_fault`, the first failed request is followed only by
+  // a write into the same L2 table (allocating a cluster) and a flush, so
+  // that later requests cannot mask state the failure left behind (e.g. an
+  // in-memory table entry that never reached the disk).
+  Workload(SyncDisk& disk, Model& model, bool stop_after_fault = false)
+      : disk_(disk), model_(model), stop_after_fault_(stop_after_fault) {
     image_ = dynamic_cast<qcow2::Qcow2Image*>(&disk.disk());
   }
 
@@ -91,31 +94,52 @@ class Workload {
   const std::vector<OpResult>& results() const { return results_; }
 
  private:
-  void record(std::string name, Status s) { results_.push_back({std::move(name), std::move(s)}); }
+  void record(std::string name, Status s) {
+    const bool failed = !s.ok();
+    results_.push_back({std::move(name), std::move(s)});
+    if (failed && stop_after_fault_ && !stopped_) {
+      stopped_ = true;
+      const uint64_t l2_coverage = 32 * 1024;  // 64 entries of 512-byte clusters
+      write_now(last_offset_ / l2_coverage * l2_coverage + l2_coverage / 2 + 512, 512, 0x5a);
+      flush_now();
+    }
+  }
 
   void write(uint64_t off, uint64_t len, uint8_t pattern) {
+    if (!stopped_) write_now(off, len, pattern);
+  }
+  void write_now(uint64_t off, uint64_t len, uint8_t pattern) {
+    last_offset_ = off;
     std::vector<std::byte> buf(len, std::byte{pattern});
     Status s = disk_.run(disk_.disk().write(off, buf));
     model_.apply(off, len, s.ok(), pattern);
     record("write " + std::to_string(off) + "+" + std::to_string(len), s);
   }
   void write_compressed(uint64_t off, uint64_t len, uint8_t pattern) {
+    if (stopped_) return;
+    last_offset_ = off;
     std::vector<std::byte> buf(len, std::byte{pattern});
     Status s = disk_.run(image_->write_compressed(off, buf));
     model_.apply(off, len, s.ok(), pattern);
     record("write -c " + std::to_string(off), s);
   }
   void zero(uint64_t off, uint64_t len, bool unmap) {
+    if (stopped_) return;
+    last_offset_ = off;
     Status s = disk_.run(disk_.disk().write_zeroes(off, len, unmap));
     model_.apply(off, len, s.ok(), 0);
     record("write -z " + std::to_string(off), s);
   }
   void discard(uint64_t off, uint64_t len) {  // cluster aligned: reads back as zeros
+    if (stopped_) return;
+    last_offset_ = off;
     Status s = disk_.run(disk_.disk().discard(off, len));
     model_.apply(off, len, s.ok(), 0);
     record("discard " + std::to_string(off), s);
   }
   void read(uint64_t off, uint64_t len) {
+    if (stopped_) return;
+    last_offset_ = off;
     std::vector<uint8_t> buf(len);
     Status s = disk_.read(off, buf);
     if (s.ok()) {
@@ -130,18 +154,30 @@ class Workload {
     record("read " + std::to_string(off), s);
   }
   void flush() {
+    if (!stopped_) flush_now();
+  }
+  void flush_now() {
     Status s = disk_.run(disk_.disk().flush());
     if (s.ok()) model_.flushed();
     record("flush", s);
   }
-  void resize(uint64_t size) { record("resize", disk_.run(image_->resize(size))); }
-  void snapshot_create(const std::string& name) { record("snapshot -c " + name, disk_.run(image_->snapshot_create(name))); }
-  void snapshot_delete(const std::string& name) { record("snapshot -d " + name, disk_.run(image_->snapshot_delete(name))); }
+  void resize(uint64_t size) {
+    if (!stopped_) record("resize", disk_.run(image_->resize(size)));
+  }
+  void snapshot_create(const std::string& name) {
+    if (!stopped_) record("snapshot -c " + name, disk_.run(image_->snapshot_create(name)));
+  }
+  void snapshot_delete(const std::string& name) {
+    if (!stopped_) record("snapshot -d " + name, disk_.run(image_->snapshot_delete(name)));
+  }
 
   SyncDisk& disk_;
   Model& model_;
   qcow2::Qcow2Image* image_ = nullptr;
   std::vector<OpResult> results_;
+  bool stop_after_fault_ = false;
+  bool stopped_ = false;
+  uint64_t last_offset_ = 0;
 };
 
 OpenOptions small_caches() {
@@ -154,7 +190,13 @@ OpenOptions small_caches() {
 }
 
 // The image every case starts from: data, compressed clusters, a snapshot.
-class FaultMatrix : public ::testing::TestWithParam<std::tuple<int, int, bool>> {
+// How a rule fires: every request after the event fails; only the next one
+// does and the whole workload goes on; or only the next one does and the
+// workload stops right after (see Workload).
+enum Mode { kAlways, kOnce, kOnceThenStop };
+const char* const kModeNames[] = {"always", "once", "once_stop"};
+
+class FaultMatrix : public ::testing::TestWithParam<std::tuple<int, int, int>> {
  public:
   static void SetUpTestSuite() {
     if (!find_tool("qemu-img") || !find_tool("qemu-io")) return;
@@ -231,12 +273,13 @@ TEST_P(FaultMatrix, WorkloadSurvivesFault) {
   UQ_REQUIRE_TOOL("qemu-img");
   UQ_REQUIRE_TOOL("qemu-io");
   ASSERT_NE(template_, nullptr);
-  const auto [event_index, err, once] = GetParam();
+  const auto [event_index, err, mode] = GetParam();
+  const bool once = mode != kAlways;
   const auto event = static_cast<BlkDebugEvent>(event_index);
   const std::string rule_text = "event=" + std::string(blkdebug_event_name(event)) + ",errno=" +
                                 std::to_string(err) + (once ? ",once=on" : "");
-  const std::string img = dir_->file(std::string(blkdebug_event_name(event)) + "-" + std::to_string(err) +
-                                     (once ? "-once" : "-always") + ".qcow2");
+  const std::string img = dir_->file(std::string(blkdebug_event_name(event)) + "-" + std::to_string(err) + "-" +
+                                     kModeNames[mode] + ".qcow2");
   ASSERT_TRUE(write_file(img, *template_));
 
   OpenOptions options = small_caches();
@@ -251,7 +294,7 @@ TEST_P(FaultMatrix, WorkloadSurvivesFault) {
     auto disk = SyncDisk::open(img, options);
     if (disk.ok()) {
       opened = true;
-      Workload w(**disk, model);
+      Workload w(**disk, model, mode == kOnceThenStop);
       w.run();
       results = w.results();
       close_status = (*disk)->close();
@@ -263,7 +306,7 @@ TEST_P(FaultMatrix, WorkloadSurvivesFault) {
 
   const auto& state = injector->state(0);
   ++cases_;
-  const std::string what = "rule " + rule_text;
+  const std::string what = "rule " + rule_text + " (" + kModeNames[mode] + ")";
   size_t first_failure = results.size();
   for (size_t i = 0; i < results.size(); ++i) {
     if (!results[i].status.ok()) {
@@ -314,14 +357,15 @@ TEST_P(FaultMatrix, WorkloadSurvivesFault) {
 }
 
 std::string case_name(const ::testing::TestParamInfo<FaultMatrix::ParamType>& info) {
-  const auto [event_index, err, once] = info.param;
+  const auto [event_index, err, mode] = info.param;
   return std::string(blkdebug_event_name(static_cast<BlkDebugEvent>(event_index))) + "_" +
-         (err == EIO ? "EIO" : "ENOSPC") + (once ? "_once" : "_always");
+         (err == EIO ? "EIO" : "ENOSPC") + "_" + kModeNames[mode];
 }
 
 INSTANTIATE_TEST_SUITE_P(AllEvents, FaultMatrix,
                          ::testing::Combine(::testing::Range(0, static_cast<int>(kBlkDebugEventCount)),
-                                            ::testing::Values(EIO, ENOSPC), ::testing::Bool()),
+                                            ::testing::Values(EIO, ENOSPC),
+                                            ::testing::Values(kAlways, kOnce, kOnceThenStop)),
                          case_name);
 
 // Without faults the workload succeeds, and it reaches the events that the
