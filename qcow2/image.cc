@@ -554,6 +554,9 @@ Task<Status> Qcow2Image::close() {
     if (status.ok()) status = co_await file_->co_flush();
     marked_dirty_ = false;
   }
+  // The flush above may have failed an overlap check, which spawns the
+  // write of the corrupt bit: wait for that too before the group goes.
+  co_await background_.join();
   if (backing_) {
     Status b = co_await backing_->close();
     if (status.ok() && !b.ok()) status = b;

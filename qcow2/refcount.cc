@@ -188,6 +188,16 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
   }
   bool retried_block = false;
   for (uint64_t c = first; c <= last;) {
+    if (delta < 0) {
+      // A cluster no refcount block covers has refcount 0: freeing it means
+      // the image is corrupt. Never grow the refcount structure for that
+      // (an L2 entry may point anywhere below 2^56).
+      const uint64_t rt = c >> refblock_bits_;
+      if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) {
+        co_return corruption("refcount of cluster " + std::to_string(c) +
+                             " would underflow (no refcount block covers it)");
+      }
+    }
     bool allocated_block = false;
     auto ref = co_await refcount_block_for(c, allocated_block);
     if (!ref.ok()) co_return std::move(ref).error();
@@ -238,6 +248,11 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   const uint64_t cs = geo_.cluster_size;
   const uint64_t entries_per_cluster = cs / 8;
   const uint64_t area = alloc_end_ >> geo_.cluster_bits;
+  // Refuse before sizing anything: the loop below walks every new entry.
+  if (min_entries > kMaxRefcountTableBytes / 8) {
+    co_return Error(EFBIG, file_->name() + ": the refcount table would exceed 8 MiB (" +
+                               std::to_string(min_entries) + " entries needed)");
+  }
   uint64_t new_entries = std::max<uint64_t>(min_entries, reftable_.size() + reftable_.size() / 2 + 1);
   uint64_t blocks = 0;
   std::vector<uint64_t> uncovered;  // reftable indices that get a new block

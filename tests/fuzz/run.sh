@@ -7,7 +7,7 @@
 #
 # usage: tests/fuzz/run.sh [SECONDS] [TARGET...]
 #   SECONDS   per target (default 60)
-#   TARGET    fuzz_header fuzz_open_read fuzz_check (default: all three)
+#   TARGET    fuzz_header fuzz_open_read fuzz_check fuzz_write (default: all)
 # Needs clang 14 and libclang-rt-14-dev (tools/bootstrap.sh installs them).
 # Environment: OUTPUT_BASE (default ~/.cache/bazel-uqcow-fuzz, kept apart
 # from the gcc build's), OUT (default /tmp/uqcow-fuzz).
@@ -16,7 +16,7 @@ set -euo pipefail
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(fuzz_header fuzz_open_read fuzz_check)
+[ ${#targets[@]} -gt 0 ] || targets=(fuzz_header fuzz_open_read fuzz_check fuzz_write)
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -40,11 +40,13 @@ for t in "${targets[@]}"; do
   dir="$out/$t"
   mkdir -p "$dir/corpus"
   log="$dir/fuzz.log"
+  reproducers=()
+  [ -d "$here/regressions/$t" ] && reproducers=("$here/regressions/$t")
   echo "== $t: ${seconds}s, log $log" >&2
   set +e
   (cd "$dir" && TMPDIR="$scratch" "$bin/tests/fuzz/$t" -max_total_time="$seconds" -rss_limit_mb=2048 \
       -timeout=10 -print_final_stats=1 -artifact_prefix="$dir/" \
-      corpus "$here/corpus" "$here/regressions/$t") >"$log" 2>&1
+      corpus "$here/corpus" "${reproducers[@]}") >"$log" 2>&1
   rc=$?
   set -e
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
