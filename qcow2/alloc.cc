@@ -23,6 +23,13 @@
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
+namespace {
+std::string hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%" PRIx64, v);
+  return buf;
+}
+}  // namespace
 
 // What one step of an allocating write does to a run of clusters.
 struct Qcow2Image::ClusterPlan {
@@ -53,6 +60,14 @@ Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
 }
 
 Task<Status> Qcow2Image::write(uint64_t offset, std::span<const std::byte> buf) {
+  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+  // Held until the data is written: a host cluster this write maps cannot be
+  // reused by another guest offset until then (free_cluster_entry).
+  InFlightTracker::Ticket ticket(requests_);
+  co_return co_await write_range(offset, buf);
+}
+
+Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte> buf) {
   UQ_CO_TRY(check_writable(offset, buf.size()));
   if (encrypted() && ((offset | buf.size()) & (crypto::kSectorSize - 1))) {
     co_return co_await write_unaligned(offset, buf);
@@ -116,6 +131,20 @@ Task<Status> Qcow2Image::wait_for_dependencies(uint64_t offset, uint64_t& len, C
   co_return Status();
 }
 
+Task<void> Qcow2Image::wait_for_allocations(uint64_t start, uint64_t end, CoMutex::Guard& guard) {
+  auto overlapping = [&]() -> InFlightAlloc* {
+    for (InFlightAlloc* a = inflight_; a; a = a->next) {
+      if (a->start < end && start < a->end) return a;
+    }
+    return nullptr;
+  };
+  while (InFlightAlloc* a = overlapping()) {
+    guard.unlock();
+    co_await a->waiters.wait();  // resumed by inflight_remove() of the owner
+    guard = co_await lock_.scoped_lock();
+  }
+}
+
 Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<const std::byte> buf) {
   auto guard = co_await lock_.scoped_lock();
   uint64_t len = buf.size();
@@ -126,6 +155,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     if (!waited) break;
   }
   UQ_CO_TRY(check_writable(offset, len));
+  UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();
@@ -210,7 +240,7 @@ Task<Status> Qcow2Image::read_cow(uint64_t guest, std::span<std::byte> out) {
   // Bytes past the end of the disk (slack of the last cluster) are zeros.
   if (out.empty()) co_return Status();
   size_t in_disk = guest >= size_ ? 0 : static_cast<size_t>(std::min<uint64_t>(out.size(), size_ - guest));
-  if (in_disk) UQ_CO_TRY(co_await read(guest, out.first(in_disk)));
+  if (in_disk) UQ_CO_TRY(co_await read_range(guest, out.first(in_disk)));
   std::memset(out.data() + in_disk, 0, out.size() - in_disk);
   co_return Status();
 }
@@ -348,6 +378,17 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     uint8_t* p = ref->data() + (geo_.l2_index(guest) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
     const uint64_t old = load_be64(p);
     const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+    // Invariant: while this range is registered in flight, nothing else
+    // changes its L2 entries. Allocating and compressed writes wait for it
+    // (wait_for_dependencies), zero writes and discards wait for it
+    // (wait_for_allocations), snapshots and resize drain every request. The
+    // plan (COW data, the clusters to free, the subcluster bitmap) is only
+    // valid if the entry is still the one it saw.
+    if (old != plan.old_l2e[k] || old_bitmap != plan.old_bitmap[k]) {
+      co_return Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(guest) +
+                               " changed while a write to it was in flight (0x" + hex(plan.old_l2e[k]) +
+                               " -> 0x" + hex(old) + ")");
+    }
     const uint64_t host = plan.host + k * cs;
     store_be64(p, host | kOflagCopied);
     if (geo_.extended_l2) {
@@ -369,7 +410,36 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
 }
 
 Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
-  // QEMU's qcow2_free_any_cluster.
+  // The caller has just unlinked `l2e`: no request that starts from now on
+  // can map its host cluster. Requests already in flight may have mapped it
+  // before (lock-free reads and in-place writes do not register ranges), so
+  // the cluster keeps its reference until they have all finished: were it
+  // reused at once, such a read would return another guest offset's data and
+  // such a write would land in another guest offset's cluster.
+  if (!requests_.grace_period_over(requests_.stamp())) {
+    deferred_frees_.push_back({l2e, discard, requests_.stamp()});
+    co_return Status();
+  }
+  co_return co_await free_cluster_now(l2e, discard);
+}
+
+Task<Status> Qcow2Image::release_deferred_frees() {
+  // Stamps only grow along the queue, so the releasable ones are a prefix.
+  while (!deferred_frees_.empty() && requests_.grace_period_over(deferred_frees_.front().stamp)) {
+    const DeferredFree f = deferred_frees_.front();
+    deferred_frees_.pop_front();
+    UQ_CO_TRY(co_await free_cluster_now(f.l2e, f.discard));
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
+  // QEMU's qcow2_free_any_cluster. With an external data file the freed
+  // range is discarded there; the qcow2 file only holds its refcount.
+  if (discard && data_file_ != file_.get() && !(l2e & kOflagCompressed) && (l2e & kL2OffsetMask)) {
+    (void)co_await data_file_->co_discard(l2e & kL2OffsetMask, geo_.cluster_size);  // advisory
+    discard = false;
+  }
   if (l2e & kOflagCompressed) {
     uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
     uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;

@@ -379,6 +379,14 @@ Task<Result<Mapping>> Qcow2Image::map_range(uint64_t offset, uint64_t max_bytes)
 // Reads.
 
 Task<Status> Qcow2Image::read(uint64_t offset, std::span<std::byte> buf) {
+  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+  // Held until the data has arrived: a host cluster this read maps cannot be
+  // reused by another guest offset until then (free_cluster_entry).
+  InFlightTracker::Ticket ticket(requests_);
+  co_return co_await read_range(offset, buf);
+}
+
+Task<Status> Qcow2Image::read_range(uint64_t offset, std::span<std::byte> buf) {
   if (closed_) co_return Error(EBADF, file_->name() + " is closed");
   if (offset > size_ || buf.size() > size_ - offset) {
     co_return Error(EINVAL, "read of " + std::to_string(buf.size()) + " bytes at " +
@@ -504,6 +512,7 @@ Task<Status> Qcow2Image::flush() {
   // (No caches yet: an open that failed part-way is being closed.)
   if (options_.read_only || closed_ || !l2_cache_ || !refcount_cache_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
+  UQ_CO_TRY(co_await release_deferred_frees());
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);
@@ -544,6 +553,9 @@ Task<void> Qcow2Image::clean_timer() {
 
 Task<Status> Qcow2Image::close() {
   if (closed_) co_return Status();
+  // Requests still in flight finish first, and none starts after. Their deferred frees are then all due and
+  // the flush below releases them.
+  co_await requests_.drain();  // a drained section that never ends
   closing_ = true;
   if (clean_sleep_) (void)co_await uring::TimeoutRemoveOp(clean_sleep_);
   co_await background_.join();

@@ -12,9 +12,26 @@
 //   L2 slice are always a consistent, fully initialised view of the mapping;
 //   a slice pointer from lookup() is used before the next suspension point
 //   and never kept.
+//
+// Requests in flight (the guarantees are in README "Concurrency"):
+// - Every request holds a ticket of `requests_` (engine/in_flight.h) from
+//   start to finish.
+// - A host cluster that a request may have mapped without the lock (reads,
+//   in-place writes to COPIED clusters) is never reused while that request
+//   is in flight: free_cluster_entry defers the free until every request
+//   older than the unlink has finished (its grace period).
+// - An allocation in flight (InFlightAlloc, QEMU's QCowL2Meta) owns the L2
+//   entries of its guest range until it links them: allocating and
+//   compressed writes wait for it (wait_for_dependencies), zero writes and
+//   discards too (wait_for_allocations), and link_l2 checks the entries are
+//   still the ones its plan saw.
+// - Snapshot create/apply/delete, resize and close run in a drained section:
+//   no request is in flight and none starts until they finish, so clearing
+//   OFLAG_COPIED or swapping the L1 table cannot race with an in-place write.
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -22,6 +39,7 @@
 #include <vector>
 
 #include "engine/co_mutex.h"
+#include "engine/in_flight.h"
 #include "engine/task_group.h"
 #include "qcow2/cache.h"
 #include "qcow2/create.h"
@@ -167,10 +185,21 @@ class Qcow2Image final : public Disk {
   };
   struct ClusterPlan;
   Status check_writable(uint64_t offset, uint64_t len) const;
+  // The bodies of read(), write() and write_zeroes(), for callers that are
+  // already inside a request (copy-on-write reads, zero buffers, unaligned
+  // encrypted writes): no admission wait, no second ticket.
+  Task<Status> read_range(uint64_t offset, std::span<std::byte> buf);
+  Task<Status> write_range(uint64_t offset, std::span<const std::byte> buf);
+  Task<Status> write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap);
+  Task<Status> write_zero_buffers(uint64_t offset, uint64_t len);
   // Handles a prefix of the write under the lock; returns the bytes done.
   Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
   Task<Status> wait_for_dependencies(uint64_t offset, uint64_t& len, CoMutex::Guard& guard,
                                      bool& waited);
+  // Called and returns with the lock held; returns once no allocation in
+  // flight overlaps guest bytes [start, end), releasing the lock while it
+  // waits (resumed by the owner's inflight_remove()).
+  Task<void> wait_for_allocations(uint64_t start, uint64_t end, CoMutex::Guard& guard);
   Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
   Task<Status> write_l1_entry(uint64_t l1_index);
   Task<Result<size_t>> write_run(const ClusterPlan& plan, uint64_t offset,
@@ -181,7 +210,14 @@ class Qcow2Image final : public Disk {
                               uint64_t head_start, uint64_t tail_end, bool cow_is_zero);
   Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
                        uint64_t tail_end);
+  // Drops the reference of an L2 entry the caller has just unlinked. While
+  // requests that started earlier are still in flight, the reference is
+  // kept and the free is deferred (they may have mapped the cluster); it
+  // then happens in a later release_deferred_frees(). Lock held.
   Task<Status> free_cluster_entry(uint64_t l2e, bool discard);
+  Task<Status> free_cluster_now(uint64_t l2e, bool discard);
+  // Frees the deferred clusters whose grace period is over. Lock held.
+  Task<Status> release_deferred_frees();
   void inflight_add(InFlightAlloc& a);
   void inflight_remove(InFlightAlloc& a);
   Task<Status> mark_dirty_for_lazy_refcounts();
@@ -267,6 +303,16 @@ class Qcow2Image final : public Disk {
   uint64_t alloc_end_ = 0;            // end of the highest allocated cluster
   std::vector<uint64_t> pending_discards_;  // freed clusters to punch
   InFlightAlloc* inflight_ = nullptr;
+  // Every request in flight (read, write, write_zeroes, discard, compressed
+  // write) holds a ticket: snapshots, resize and close drain them, and
+  // freed host clusters wait out their grace period (free_cluster_entry).
+  InFlightTracker requests_;
+  struct DeferredFree {
+    uint64_t l2e;     // the unlinked L2 entry
+    bool discard;     // punch the freed range
+    uint64_t stamp;   // requests_.stamp() when it was unlinked
+  };
+  std::deque<DeferredFree> deferred_frees_;
   MetadataRegions regions_;
   // Routes the caches' metadata writes through the overlap check.
   struct CacheWriteCheck final : MetadataWriteCheck {

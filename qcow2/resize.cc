@@ -14,6 +14,10 @@ namespace uqcow::qcow2 {
 
 Task<Status> Qcow2Image::resize(uint64_t new_size) {
   UQ_CO_TRY(check_writable(0, 0));
+  // No request may be in flight past a new, smaller end, or hold an L1
+  // entry while the table moves.
+  co_await requests_.drain();
+  DrainedSection drained(requests_);
   if (!snapshots_.empty() && new_size < size_) {
     co_return Error(ENOTSUP, "cannot shrink an image with internal snapshots");
   }

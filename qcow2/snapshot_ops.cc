@@ -207,6 +207,8 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
 }
 
 Task<Status> Qcow2Image::flush_metadata() {
+  // In a drained section every deferred free is due.
+  UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await process_discards());
@@ -221,6 +223,8 @@ Status Qcow2Image::check_snapshot_support() const {
 
 Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(check_snapshot_support());
+  co_await requests_.drain();  // see the invariants in image.h
+  DrainedSection drained(requests_);
   auto guard = co_await lock_.scoped_lock();
   for (const auto& s : snapshots_) {
     if (s.name == name) co_return Error(EEXIST, "snapshot '" + name + "' already exists");
@@ -272,6 +276,8 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::read_l1_table(uint64_t offset, u
 
 Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(check_snapshot_support());
+  co_await requests_.drain();  // see the invariants in image.h
+  DrainedSection drained(requests_);
   auto guard = co_await lock_.scoped_lock();
   const Snapshot* found = find_snapshot(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
@@ -303,6 +309,8 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
 
 Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   UQ_CO_TRY(check_snapshot_support());
+  co_await requests_.drain();  // see the invariants in image.h
+  DrainedSection drained(requests_);
   const Snapshot* found = find_snapshot(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
   const Snapshot sn = *found;

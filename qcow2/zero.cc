@@ -16,13 +16,13 @@ constexpr uint64_t kAllocMask = 0xffffffffull;
 constexpr uint64_t kZeroMask = 0xffffffffull << 32;
 }  // namespace
 
-// Writes explicit zero buffers (the fallback when the metadata cannot say
-// "zero", as QEMU's block layer does on -ENOTSUP).
-static Task<Status> write_zero_buffers(Qcow2Image& img, uint64_t offset, uint64_t len) {
+Task<Status> Qcow2Image::write_zero_buffers(uint64_t offset, uint64_t len) {
+  // Explicit zero buffers: the fallback when the metadata cannot say "zero",
+  // as QEMU's block layer does on -ENOTSUP.
   std::vector<std::byte> zeros(std::min<uint64_t>(len, 1 << 20));
   while (len) {
     size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
-    UQ_CO_TRY(co_await img.write(offset, std::span<const std::byte>(zeros.data(), n)));
+    UQ_CO_TRY(co_await write_range(offset, std::span<const std::byte>(zeros.data(), n)));
     offset += n;
     len -= n;
   }
@@ -30,22 +30,30 @@ static Task<Status> write_zero_buffers(Qcow2Image& img, uint64_t offset, uint64_
 }
 
 Task<Status> Qcow2Image::write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) {
+  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+  InFlightTracker::Ticket ticket(requests_);
+  co_return co_await write_zeroes_range(offset, len, may_unmap);
+}
+
+Task<Status> Qcow2Image::write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap) {
   UQ_CO_TRY(check_writable(offset, len));
   file_->debug_event(BlkDebugEvent::kPwritevZero);
   if (len == 0) co_return Status();
-  if (!v3_) co_return co_await write_zero_buffers(*this, offset, len);  // no zero flag in v2
+  if (!v3_) co_return co_await write_zero_buffers(offset, len);  // no zero flag in v2
   const uint64_t gran = geo_.subcluster_size;
   uint64_t start = (offset + gran - 1) & ~(gran - 1);
   uint64_t end = (offset + len) & ~(gran - 1);
   if (offset + len == size_) end = offset + len;  // the disk's partial last (sub)cluster
-  if (start >= end) co_return co_await write_zero_buffers(*this, offset, len);
-  if (start > offset) UQ_CO_TRY(co_await write_zero_buffers(*this, offset, start - offset));
+  if (start >= end) co_return co_await write_zero_buffers(offset, len);
+  if (start > offset) UQ_CO_TRY(co_await write_zero_buffers(offset, start - offset));
   UQ_CO_TRY(co_await zero_clusters(start, end - start, may_unmap, false));
-  if (offset + len > end) UQ_CO_TRY(co_await write_zero_buffers(*this, end, offset + len - end));
+  if (offset + len > end) UQ_CO_TRY(co_await write_zero_buffers(end, offset + len - end));
   co_return Status();
 }
 
 Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
+  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+  InFlightTracker::Ticket ticket(requests_);
   UQ_CO_TRY(check_writable(offset, len));
   // A compat=0.10 image has no zero flag: a discarded cluster would show the
   // backing file's data, so with a backing file nothing is discarded (QEMU).
@@ -61,9 +69,16 @@ Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
 }
 
 Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_unmap, bool discard_mode) {
-  auto guard = co_await lock_.scoped_lock();
-  UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   const uint64_t end = offset + len;
+  auto guard = co_await lock_.scoped_lock();
+  // Allocations in flight on the range finish first: their plans (COW data,
+  // host clusters kept in place, clusters to free) assume the entries they
+  // saw. From here on the lock is held until every entry is changed, so no
+  // new allocation can start on the range.
+  co_await wait_for_allocations(geo_.start_of_cluster(offset), end, guard);
+  UQ_CO_TRY(check_writable(offset, len));
+  UQ_CO_TRY(co_await release_deferred_frees());
+  UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   std::vector<uint64_t> to_free;
   std::vector<std::pair<uint64_t, uint64_t>> zero_by_writing;  // (offset, length)
   while (offset < end) {
@@ -128,20 +143,17 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
     offset = chunk_end;
   }
   const bool pass = options_.pass_discard_request;
-  for (uint64_t old : to_free) {
-    if (data_file_ != file_.get() && pass && !(old & kOflagCompressed)) {
-      (void)co_await data_file_->co_discard(old & kL2OffsetMask, geo_.cluster_size);
-    }
-    UQ_CO_TRY(co_await free_cluster_entry(old, pass && data_file_ == file_.get()));
-  }
+  for (uint64_t old : to_free) UQ_CO_TRY(co_await free_cluster_entry(old, pass));
   guard.unlock();  // write() takes the lock itself
   for (const auto& [at, length] : zero_by_writing) {
-    UQ_CO_TRY(co_await write_zero_buffers(*this, at, length));
+    UQ_CO_TRY(co_await write_zero_buffers(at, length));
   }
   co_return Status();
 }
 
 Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::byte> buf) {
+  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+  InFlightTracker::Ticket ticket(requests_);
   const uint64_t cs = geo_.cluster_size;
   UQ_CO_TRY(check_writable(offset, buf.size()));
   if (header_.crypt_method != CryptMethod::kNone) {
@@ -161,7 +173,7 @@ Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
     auto csize = compress_cluster(header_.compression_type, in, out);
     if (!csize.ok()) co_return std::move(csize).error();
     if (*csize == 0) {
-      UQ_CO_TRY(co_await write(offset, buf.first(n)));  // incompressible
+      UQ_CO_TRY(co_await write_range(offset, buf.first(n)));  // incompressible
     } else {
       UQ_CO_TRY(co_await write_compressed_cluster(offset, std::span<const uint8_t>(out.data(), *csize)));
     }
@@ -179,6 +191,8 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
     UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
     if (!waited) break;
   }
+  UQ_CO_TRY(check_writable(offset, geo_.cluster_size));
+  UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();
@@ -218,10 +232,18 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
         s = std::move(ref).error();
       } else {
         uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
-        file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
-        store_be64(p, l2e);
-        if (geo_.extended_l2) store_be64(p + 8, 0);
-        l2_cache_->mark_dirty(*ref);
+        // Invariant (see link_l2): the range was registered in flight, so
+        // the entry is still the unallocated one checked above.
+        const uint64_t now = load_be64(p);
+        if ((now & kL2OffsetMask) || (now & kOflagCompressed)) {
+          s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
+                             " was allocated while a compressed write to it was in flight");
+        } else {
+          file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
+          store_be64(p, l2e);
+          if (geo_.extended_l2) store_be64(p + 8, 0);
+          l2_cache_->mark_dirty(*ref);
+        }
       }
     }
   }
