@@ -191,7 +191,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
     UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
     if (!waited) break;
   }
-  UQ_CO_TRY(check_writable(offset, geo_.cluster_size));
+  UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
   UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
