@@ -59,15 +59,15 @@ Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
   return Status();
 }
 
-Task<Status> Qcow2Image::write(uint64_t offset, std::span<const std::byte> buf) {
-  if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
-  // Held until the data is written: a host cluster this write maps cannot be
-  // reused by another guest offset until then (free_cluster_entry).
-  InFlightTracker::Ticket ticket(requests_);
-  co_return co_await write_range(offset, buf);
-}
-
-Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte> buf) {
+Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte> buf, Entry entry) {
+  // A new request holds a ticket until its data is written: a host cluster
+  // it maps cannot be reused by another guest offset until then
+  // (free_cluster_entry).
+  std::optional<InFlightTracker::Ticket> ticket;
+  if (entry == Entry::kNewRequest) {
+    if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
+    ticket.emplace(requests_);
+  }
   UQ_CO_TRY(check_writable(offset, buf.size()));
   if (encrypted() && ((offset | buf.size()) & (crypto::kSectorSize - 1))) {
     co_return co_await write_unaligned(offset, buf);
@@ -240,7 +240,7 @@ Task<Status> Qcow2Image::read_cow(uint64_t guest, std::span<std::byte> out) {
   // Bytes past the end of the disk (slack of the last cluster) are zeros.
   if (out.empty()) co_return Status();
   size_t in_disk = guest >= size_ ? 0 : static_cast<size_t>(std::min<uint64_t>(out.size(), size_ - guest));
-  if (in_disk) UQ_CO_TRY(co_await read_range(guest, out.first(in_disk)));
+  if (in_disk) UQ_CO_TRY(co_await read_range(guest, out.first(in_disk), Entry::kWithinRequest));
   std::memset(out.data() + in_disk, 0, out.size() - in_disk);
   co_return Status();
 }

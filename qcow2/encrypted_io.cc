@@ -98,7 +98,7 @@ Task<Status> Qcow2Image::read_unaligned(uint64_t offset, std::span<std::byte> bu
   const uint64_t start = offset & ~(kSector - 1);
   const uint64_t end = (offset + buf.size() + kSector - 1) & ~(kSector - 1);
   std::vector<std::byte> sectors(end - start);
-  UQ_CO_TRY(co_await read_range(start, sectors));
+  UQ_CO_TRY(co_await read_range(start, sectors, Entry::kWithinRequest));
   std::memcpy(buf.data(), sectors.data() + (offset - start), buf.size());
   co_return Status();
 }
@@ -109,10 +109,10 @@ Task<Status> Qcow2Image::write_unaligned(uint64_t offset, std::span<const std::b
   const uint64_t end = (offset + buf.size() + kSector - 1) & ~(kSector - 1);
   std::vector<std::byte> sectors(end - start);
   std::span<std::byte> s(sectors);
-  if (offset != start) UQ_CO_TRY(co_await read_range(start, s.first(kSector)));
-  if (offset + buf.size() != end) UQ_CO_TRY(co_await read_range(end - kSector, s.last(kSector)));
+  if (offset != start) UQ_CO_TRY(co_await read_range(start, s.first(kSector), Entry::kWithinRequest));
+  if (offset + buf.size() != end) UQ_CO_TRY(co_await read_range(end - kSector, s.last(kSector), Entry::kWithinRequest));
   std::memcpy(sectors.data() + (offset - start), buf.data(), buf.size());
-  co_return co_await write_range(start, sectors);
+  co_return co_await write_range(start, sectors, Entry::kWithinRequest);
 }
 
 }  // namespace uqcow::qcow2

@@ -91,8 +91,12 @@ class Qcow2Image final : public Disk {
   const std::string& filename() const override { return file_->name(); }
   Disk* backing() const override { return backing_.get(); }
 
-  Task<Status> read(uint64_t offset, std::span<std::byte> buf) override;
-  Task<Status> write(uint64_t offset, std::span<const std::byte> buf) override;
+  Task<Status> read(uint64_t offset, std::span<std::byte> buf) override {
+    return read_range(offset, buf, Entry::kNewRequest);
+  }
+  Task<Status> write(uint64_t offset, std::span<const std::byte> buf) override {
+    return write_range(offset, buf, Entry::kNewRequest);
+  }
   Task<Status> write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Task<Status> discard(uint64_t offset, uint64_t len) override;
   Task<Status> flush() override;
@@ -185,11 +189,13 @@ class Qcow2Image final : public Disk {
   };
   struct ClusterPlan;
   Status check_writable(uint64_t offset, uint64_t len) const;
-  // The bodies of read(), write() and write_zeroes(), for callers that are
-  // already inside a request (copy-on-write reads, zero buffers, unaligned
-  // encrypted writes): no admission wait, no second ticket.
-  Task<Status> read_range(uint64_t offset, std::span<std::byte> buf);
-  Task<Status> write_range(uint64_t offset, std::span<const std::byte> buf);
+  // The bodies of read(), write() and write_zeroes(). A new request waits to
+  // be admitted and holds a ticket of requests_; a caller already inside a
+  // request (copy-on-write reads, zero buffers, unaligned encrypted writes)
+  // must not: in a drained section it would wait for itself.
+  enum class Entry { kNewRequest, kWithinRequest };
+  Task<Status> read_range(uint64_t offset, std::span<std::byte> buf, Entry entry);
+  Task<Status> write_range(uint64_t offset, std::span<const std::byte> buf, Entry entry);
   Task<Status> write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap);
   Task<Status> write_zero_buffers(uint64_t offset, uint64_t len);
   // Handles a prefix of the write under the lock; returns the bytes done.

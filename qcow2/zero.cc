@@ -22,7 +22,7 @@ Task<Status> Qcow2Image::write_zero_buffers(uint64_t offset, uint64_t len) {
   std::vector<std::byte> zeros(std::min<uint64_t>(len, 1 << 20));
   while (len) {
     size_t n = static_cast<size_t>(std::min<uint64_t>(len, zeros.size()));
-    UQ_CO_TRY(co_await write_range(offset, std::span<const std::byte>(zeros.data(), n)));
+    UQ_CO_TRY(co_await write_range(offset, std::span<const std::byte>(zeros.data(), n), Entry::kWithinRequest));
     offset += n;
     len -= n;
   }
@@ -173,7 +173,7 @@ Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
     auto csize = compress_cluster(header_.compression_type, in, out);
     if (!csize.ok()) co_return std::move(csize).error();
     if (*csize == 0) {
-      UQ_CO_TRY(co_await write_range(offset, buf.first(n)));  // incompressible
+      UQ_CO_TRY(co_await write_range(offset, buf.first(n), Entry::kWithinRequest));  // incompressible
     } else {
       UQ_CO_TRY(co_await write_compressed_cluster(offset, std::span<const uint8_t>(out.data(), *csize)));
     }
