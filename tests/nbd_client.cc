@@ -66,12 +66,24 @@ ServeProcess::ServeProcess(const std::string& image, const std::string& socket,
   std::vector<std::string> args = {uqcow_binary(), "serve", "--socket", socket};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   args.push_back(image);
+  start(args);
+}
+
+std::unique_ptr<ServeProcess> ServeProcess::command(const std::vector<std::string>& argv,
+                                                    const std::string& socket) {
+  std::unique_ptr<ServeProcess> process(new ServeProcess(socket));
+  process->start(argv);
+  return process;
+}
+
+void ServeProcess::start(const std::vector<std::string>& args) {
+  // argv is built before fork(): the child only calls exec.
   std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
   pid_ = fork();
   if (pid_ == 0) {
-    execv(argv[0], argv.data());
+    execvp(argv[0], argv.data());
     _exit(127);
   }
 }

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -58,13 +59,15 @@ class SocketDir {
   std::string socket_;
 };
 
-// A `uqcow serve --socket SOCKET [EXTRA...] IMAGE` child process. The
-// destructor SIGKILLs it if it is still running; terminate() is the clean
-// shutdown.
+// An NBD server child process listening on a unix socket: by default
+// `uqcow serve --socket SOCKET [EXTRA...] IMAGE`. The destructor SIGKILLs
+// it if it is still running; terminate() is the clean shutdown.
 class ServeProcess {
  public:
   ServeProcess(const std::string& image, const std::string& socket,
                const std::vector<std::string>& extra_args = {});
+  // Any server command (argv[0] looked up in PATH) that listens on `socket`.
+  static std::unique_ptr<ServeProcess> command(const std::vector<std::string>& argv, const std::string& socket);
   ~ServeProcess();
   ServeProcess(const ServeProcess&) = delete;
   ServeProcess& operator=(const ServeProcess&) = delete;
@@ -80,6 +83,9 @@ class ServeProcess {
   int terminate(int timeout_ms = 30000);
 
  private:
+  explicit ServeProcess(const std::string& socket) : socket_(socket) {}
+  void start(const std::vector<std::string>& argv);
+
   std::string socket_;
   pid_t pid_ = -1;
 };
