@@ -46,7 +46,7 @@ struct RaceOracle::Segment {
 
 ::testing::AssertionResult RaceOracle::check(std::span<const RaceOp> batch, uint64_t offset,
                                              std::span<const uint8_t> got, uint64_t issued,
-                                             uint64_t completed) const {
+                                             uint64_t completed, bool explain) const {
   uint64_t end = offset + got.size();
   if (offset < base_ || end > base_ + start_.size()) {
     return ::testing::AssertionFailure() << "read " << offset << "+" << got.size() << " is outside the model";
@@ -99,14 +99,16 @@ struct RaceOracle::Segment {
       bool found = std::any_of(seg.writers.begin(), seg.writers.end(),
                                [&](const RaceOp* w) { return race_byte(w->id, g) == v; });
       if (found) continue;
-      if (bad++ == 0) first = explain(batch, seg, got.subspan(g - offset), g);
+      if (bad++ == 0 && explain) first = describe_byte(batch, seg, got.subspan(g - offset), g);
     }
   }
   if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << got.size() << " bytes wrong; first: " << first;
+  auto failure = ::testing::AssertionFailure() << bad << " of " << got.size() << " bytes wrong";
+  if (explain) failure << "; first: " << first;
+  return failure;
 }
 
-std::string RaceOracle::explain(std::span<const RaceOp> batch, const Segment& seg, std::span<const uint8_t> got,
+std::string RaceOracle::describe_byte(std::span<const RaceOp> batch, const Segment& seg, std::span<const uint8_t> got,
                                 uint64_t g) const {
   char buf[160];
   std::snprintf(buf, sizeof buf, "guest offset %llu (0x%llx) reads 0x%02x", static_cast<unsigned long long>(g),

@@ -78,17 +78,17 @@ class RaceOracle {
   // The next batch starts from these bytes (what was read after this one).
   void reset(std::vector<uint8_t> start) { start_ = std::move(start); }
 
-  // Success, or the first wrong byte with what it could have been, whose
-  // data it is (if a write of the batch put it at another offset), and how
-  // many bytes of the read are wrong.
+  // Success, or how many bytes of the read are wrong and (with `explain`)
+  // the first of them: what it could have been and whose data it is, if a
+  // write of the batch put it at another offset (a slow search).
   ::testing::AssertionResult check(std::span<const RaceOp> batch, uint64_t offset, std::span<const uint8_t> got,
-                                   uint64_t issued, uint64_t completed) const;
+                                   uint64_t issued, uint64_t completed, bool explain = true) const;
 
  private:
   struct Segment;
   // Describes the wrong byte got[0] at guest offset `g` (got runs on to the
   // end of the read).
-  std::string explain(std::span<const RaceOp> batch, const Segment& seg, std::span<const uint8_t> got,
+  std::string describe_byte(std::span<const RaceOp> batch, const Segment& seg, std::span<const uint8_t> got,
                       uint64_t g) const;
 
   uint64_t base_;
