@@ -2,150 +2,19 @@
 // handshake and the allocation map, qemu-img/qemu-io for data, plus a raw
 // socket client for the protocol violations no real client sends. The image
 // is built and checked by qemu-img, the oracle.
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <chrono>
-#include <cstring>
 #include <future>
 #include <memory>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "tests/nbd_client.h"
 #include "tests/testutil.h"
 
 namespace uqcow::testing {
 namespace {
 
 constexpr uint64_t kSize = 64 << 20;
-
-// A `uqcow serve --socket` child process, stopped with SIGTERM.
-class ServeProcess {
- public:
-  ServeProcess(const std::string& image, const std::string& socket) : socket_(socket) {
-    pid_ = fork();
-    if (pid_ == 0) {
-      std::vector<std::string> args = {uqcow_binary(), "serve", "--socket", socket, image};
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~ServeProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  // Waits up to 5 s until the socket accepts connections (it exists a
-  // moment before listen(), when connecting still fails).
-  bool wait_ready() const {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, socket_.c_str(), sizeof addr.sun_path - 1);
-    for (int i = 0; i < 500 && running(); ++i) {
-      int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-      bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-      close(fd);
-      if (ok) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return false;
-  }
-  bool running() const { return waitpid(pid_, nullptr, WNOHANG) == 0; }
-  // SIGTERM, then the exit status (-1 if it did not exit normally in 10 s).
-  int terminate() {
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 1000; ++i) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return -1;
-  }
-
- private:
-  std::string socket_;
-  pid_t pid_ = -1;
-};
-
-// A hand-driven NBD client over the unix socket: handshake with
-// NBD_OPT_EXPORT_NAME (so replies are simple), then raw requests.
-class RawClient {
- public:
-  explicit RawClient(const std::string& path) {
-    fd_ = socket(AF_UNIX, SOCK_STREAM, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-    if (connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return;
-    uint8_t hello[18];
-    if (!recv_all(hello, sizeof hello)) return;
-    uint8_t opt[20] = {0, 0, 0, 3 /* FIXED_NEWSTYLE | NO_ZEROES */};
-    const uint8_t ihaveopt[8] = {'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T'};
-    std::memcpy(opt + 4, ihaveopt, 8);
-    opt[15] = 1;  // NBD_OPT_EXPORT_NAME, empty name
-    if (send(fd_, opt, sizeof opt, MSG_NOSIGNAL) != sizeof opt) return;
-    uint8_t reply[10];
-    connected_ = recv_all(reply, sizeof reply);
-  }
-  ~RawClient() { close(fd_); }
-  bool connected() const { return connected_; }
-
-  bool send_bytes(const std::vector<uint8_t>& b) {
-    return send(fd_, b.data(), b.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(b.size());
-  }
-  static std::vector<uint8_t> request(uint32_t magic, uint16_t type, uint64_t offset, uint32_t length) {
-    std::vector<uint8_t> r(28);
-    put(r.data(), magic, 4);
-    put(r.data() + 6, type, 2);
-    put(r.data() + 8, 0x1234, 8);  // handle
-    put(r.data() + 16, offset, 8);
-    put(r.data() + 24, length, 4);
-    return r;
-  }
-  // The error field of the next simple reply, or -1 if the connection
-  // closed. A successful read's reply carries `data_len` bytes, consumed too.
-  int64_t reply_error(size_t data_len = 0) {
-    uint8_t r[16];
-    if (!recv_all(r, sizeof r)) return -1;
-    uint32_t error = (uint32_t(r[4]) << 24) | (r[5] << 16) | (r[6] << 8) | r[7];
-    std::vector<uint8_t> data(data_len);
-    if (error == 0 && !recv_all(data.data(), data.size())) return -1;
-    return error;
-  }
-  // True when the server closed the connection (recv sees EOF or a reset).
-  bool closed_by_server() {
-    uint8_t b;
-    return recv(fd_, &b, 1, 0) <= 0;
-  }
-
- private:
-  static void put(uint8_t* p, uint64_t v, int n) {
-    for (int i = n - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<uint8_t>(v);
-  }
-  bool recv_all(uint8_t* p, size_t n) {
-    while (n > 0) {
-      ssize_t r = recv(fd_, p, n, 0);
-      if (r <= 0) return false;
-      p += r;
-      n -= static_cast<size_t>(r);
-    }
-    return true;
-  }
-  int fd_ = -1;
-  bool connected_ = false;
-};
 
 class NbdTest : public ::testing::Test {
  protected:
@@ -155,13 +24,9 @@ class NbdTest : public ::testing::Test {
     }
     ASSERT_FALSE(uqcow_binary().empty()) << "$UQCOW is not set";
     image_ = dir_.file("a.qcow2");
-    // A unix socket path is limited to 108 bytes, which $TEST_TMPDIR under
-    // Bazel's sandbox exceeds: the socket gets a short directory of its own.
-    char socket_dir[] = "/tmp/uqcow-nbd.XXXXXX";
-    ASSERT_NE(mkdtemp(socket_dir), nullptr);
-    socket_dir_ = socket_dir;
-    socket_ = socket_dir_ + "/s";
-    uri_ = "nbd+unix:///?socket=" + socket_;
+    ASSERT_TRUE(socket_dir_.ok());
+    socket_ = socket_dir_.socket();
+    uri_ = socket_dir_.uri();
     ImageBuilder b(dir_.path());
     b.create("a.qcow2", "qcow2", "cluster_size=65536", kSize);
     b.write("a.qcow2", "qcow2", {P(0, 1 << 20, 0x11), Z(4 << 20, 1 << 20), P(10 << 20, 65536, 0x22)});
@@ -170,13 +35,7 @@ class NbdTest : public ::testing::Test {
     ASSERT_TRUE(server_->wait_ready()) << "uqcow serve did not create " << socket_;
   }
 
-  void TearDown() override {
-    server_.reset();
-    if (!socket_dir_.empty()) {
-      unlink(socket_.c_str());
-      rmdir(socket_dir_.c_str());
-    }
-  }
+  void TearDown() override { server_.reset(); }
 
   // The server still answers a fresh client correctly.
   void expect_serving() {
@@ -186,7 +45,8 @@ class NbdTest : public ::testing::Test {
   }
 
   TempDir dir_{"nbd"};
-  std::string image_, socket_dir_, socket_, uri_;
+  SocketDir socket_dir_;
+  std::string image_, socket_, uri_;
   std::unique_ptr<ServeProcess> server_;
 };
 
