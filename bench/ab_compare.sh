@@ -31,15 +31,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-base_sha=$(git rev-parse "$BASE_REV")
-git worktree add --detach -f "$tree" "$base_sha" >/dev/null 2>&1
-echo "ab_compare: building A = $(git log -1 --format='%h %s' "$base_sha")" >&2
-(cd "$tree" && bazel build -c opt //tools:uqcow >&2)
-cp "$(cd "$tree" && bazel info -c opt bazel-bin 2>/dev/null)/tools/uqcow" "$work/uqcow-a"
-(cd "$tree" && bazel shutdown >/dev/null 2>&1 || true)
-echo "ab_compare: building B = working tree ($(git log -1 --format='%h' HEAD)$(git diff --quiet || echo ', modified'))" >&2
-bazel build -c opt //tools:uqcow >&2
-cp "$(bazel info -c opt bazel-bin 2>/dev/null)/tools/uqcow" "$work/uqcow-b"
+if [[ -n ${UQCOW_AB_A:-} ]]; then
+  cp "$UQCOW_AB_A" "$work/uqcow-a"
+else
+  base_sha=$(git rev-parse "$BASE_REV")
+  git worktree add --detach -f "$tree" "$base_sha" >/dev/null 2>&1
+  echo "ab_compare: building A = $(git log -1 --format='%h %s' "$base_sha")" >&2
+  (cd "$tree" && bazel build -c opt //tools:uqcow >&2)
+  cp "$(cd "$tree" && bazel info -c opt bazel-bin 2>/dev/null)/tools/uqcow" "$work/uqcow-a"
+  (cd "$tree" && bazel shutdown >/dev/null 2>&1 || true)
+fi
+if [[ -n ${UQCOW_AB_B:-} ]]; then
+  cp "$UQCOW_AB_B" "$work/uqcow-b"
+else
+  echo "ab_compare: building B = working tree ($(git log -1 --format='%h' HEAD)$(git diff --quiet || echo ', modified'))" >&2
+  bazel build -c opt //tools:uqcow >&2
+  cp "$(bazel info -c opt bazel-bin 2>/dev/null)/tools/uqcow" "$work/uqcow-b"
+fi
 
 qemu-img create -q -f qcow2 -o preallocation=falloc "$work/full.qcow2" 1G
 results="$work/results.tsv"
