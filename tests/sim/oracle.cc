@@ -8,14 +8,6 @@
 namespace uqcow::sim {
 namespace {
 
-uint64_t mix(uint64_t x) {  // splitmix64's finaliser
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 std::string hex8(uint8_t v) {
   char buf[8];
   std::snprintf(buf, sizeof buf, "0x%02x", v);
@@ -48,24 +40,6 @@ size_t run_matching(std::span<const uint8_t> got, size_t at, uint64_t from, uint
 
 }  // namespace
 
-uint8_t data_byte(uint64_t op, uint64_t offset, bool runs) {
-  // One mixing round over (op, offset): cheap enough for the oracle to call
-  // per byte, and a different byte string for every op and offset.
-  const uint64_t key = (op << 40) ^ (op >> 24) ^ (runs ? (offset >> 5) | (1ull << 39) : offset);
-  return static_cast<uint8_t>(mix(key * 0x9e3779b97f4a7c15ull) % 255 + 1);
-}
-
-uint8_t Effect::value(uint64_t offset) const {
-  switch (kind) {
-    case Kind::kData: return data_byte(op, offset, runs);
-    case Kind::kContent: return content && offset < content->size() ? (*content)[offset] : 0;
-    case Kind::kZero:
-    case Kind::kTrim:
-    case Kind::kRestore: return 0;
-  }
-  return 0;
-}
-
 void History::sources(const std::vector<const Effect*>& covering, uint64_t issue, uint64_t complete,
                       const Effect* skip, int depth, std::vector<Source>& out) const {
   auto add = [&](Source s) {
@@ -75,7 +49,10 @@ void History::sources(const std::vector<const Effect*>& covering, uint64_t issue
   for (const Effect* e : covering) {
     if (e != skip && e->strong() && e->complete < issue) strong_before = true;
   }
-  for (const Effect* e : covering) {
+  // Latest first: the byte most often holds the last write's value, and the
+  // per-byte check stops at the first source that matches.
+  for (auto it = covering.rbegin(); it != covering.rend(); ++it) {
+    const Effect* e = *it;
     if (e == skip || e->issue >= complete) continue;
     // Overlapping the observation, or completed before it and not
     // superseded by a strong effect issued after it completed.
@@ -124,7 +101,12 @@ std::string History::check(uint64_t offset, std::span<const uint8_t> got, uint64
     } else {
       sources(covering, issue, complete, nullptr, 0, allowed);
     }
-    for (uint64_t b = lo; b < hi; ++b) {
+    uint64_t b = lo;
+    if (allowed.size() == 1) {  // the common case, without the inner loop
+      const Source only = allowed[0];
+      while (b < hi && got[b - offset] == source_byte(only, b)) ++b;
+    }
+    for (; b < hi; ++b) {
       const uint8_t v = got[b - offset];
       bool ok = false;
       for (const Source& s : allowed) {

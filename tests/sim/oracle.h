@@ -45,7 +45,13 @@ constexpr uint64_t kNever = std::numeric_limits<uint64_t>::max();  // not comple
 // gets (with overwhelming probability over a few bytes) other values. Never
 // zero, so data is never mistaken for a zeroed byte. `runs` makes the data
 // compressible (one value per 32-byte run) for compressed writes.
-uint8_t data_byte(uint64_t op, uint64_t offset, bool runs);
+inline uint8_t data_byte(uint64_t op, uint64_t offset, bool runs) {
+  uint64_t x = (op << 40) ^ (op >> 24) ^ (runs ? (offset >> 5) | (1ull << 39) : offset);
+  x *= 0x9e3779b97f4a7c15ull;
+  x ^= x >> 32;
+  x *= 0xd6e8feb86659fd93ull;
+  return static_cast<uint8_t>((x >> 32) % 255 + 1);
+}
 
 struct Effect {
   enum class Kind {
@@ -63,7 +69,16 @@ struct Effect {
   std::shared_ptr<const std::vector<uint8_t>> content;
 
   bool strong() const { return kind == Kind::kData || kind == Kind::kZero || kind == Kind::kContent; }
-  uint8_t value(uint64_t offset) const;
+  uint8_t value(uint64_t offset) const {
+    switch (kind) {
+      case Kind::kData: return data_byte(op, offset, runs);
+      case Kind::kContent: return content && offset < content->size() ? (*content)[offset] : 0;
+      case Kind::kZero:
+      case Kind::kTrim:
+      case Kind::kRestore: return 0;
+    }
+    return 0;
+  }
 };
 
 class History {

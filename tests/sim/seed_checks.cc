@@ -30,8 +30,8 @@ std::string first_difference(std::span<const uint8_t> got, std::span<const uint8
   if (got.size() != want.size()) {
     return "sizes differ: " + std::to_string(got.size()) + " and " + std::to_string(want.size());
   }
+  if (got.empty() || std::memcmp(got.data(), want.data(), got.size()) == 0) return "";
   auto [a, b] = std::mismatch(got.begin(), got.end(), want.begin());
-  if (a == got.end()) return "";
   const size_t at = static_cast<size_t>(a - got.begin());
   size_t n = 0;
   for (size_t i = at; i < got.size(); ++i) n += got[i] != want[i];
@@ -170,7 +170,7 @@ bool SeedRun::check_batch() {
   std::vector<uint8_t> disk;
   if (!check_read_back(history, disk)) return false;
   if (!check_snapshots(history)) return false;
-  if (!check_metadata(storage_->bytes(), false, "after the batch (image open, flushed)")) return false;
+  if (!check_metadata(storage_, false, "after the batch (image open, flushed)")) return false;
   if (options_.slow && !check_with_qemu(storage_->bytes(), false)) return false;
   if (crash_.taken && !check_crash()) return false;
   disk.resize(max_size_, 0);
@@ -194,12 +194,11 @@ bool SeedRun::check_read_back(const History& history, std::vector<uint8_t>& disk
 }
 
 std::optional<std::vector<uint8_t>> SeedRun::read_snapshot_of_copy(const std::string& name, uint64_t& size) {
-  // A copy of the file, opened read-only at the snapshot, as `qemu-img
-  // convert -l` would; the image itself stays open.
-  auto copy = std::make_shared<SimStorage>(storage_->bytes());
+  // The file opened a second time, read-only at the snapshot, as `qemu-img
+  // convert -l` would; the image itself stays open (idle and flushed).
   OpenOptions o = layout_.open_options(true);
   o.snapshot = name;
-  auto img = wait(open_image(copy, o));
+  auto img = wait(open_image(storage_, o));
   if (!img) {
     hang("opening snapshot " + name);
     return std::nullopt;
@@ -259,10 +258,10 @@ bool SeedRun::check_snapshots(const History& history) {
   return true;
 }
 
-bool SeedRun::check_metadata(const std::vector<uint8_t>& file, bool strict, const std::string& when,
+bool SeedRun::check_metadata(std::shared_ptr<SimStorage> file, bool strict, const std::string& when,
                              bool copied_window_possible) {
-  auto copy = std::make_shared<SimStorage>(file);
-  SimDevice device(scheduler_, copy, kImageName, true);
+  // Read-only: the file may be the open image's (idle and flushed).
+  SimDevice device(scheduler_, file, kImageName, true);
   auto res = wait(qcow2::check_image(device, nullptr, qcow2::RepairMode::kNone));
   if (!res) return hang("check_image " + when);
   if (!res->ok()) return fail("check_image cannot check the image " + when, res->error().message());
@@ -271,7 +270,7 @@ bool SeedRun::check_metadata(const std::vector<uint8_t>& file, bool strict, cons
   if (clean) return true;
   if (copied_window_possible && r.stopped.ok() && only_copied_errors(r)) {
     // Such an image must be repairable into a clean one.
-    auto rw = std::make_shared<SimStorage>(file);
+    auto rw = std::make_shared<SimStorage>(file->bytes(), false);
     SimDevice repair_device(scheduler_, rw, kImageName, false);
     auto repaired = wait(qcow2::check_image(repair_device, nullptr, qcow2::RepairMode::kAll));
     if (!repaired) return hang("check_image -r all " + when);
@@ -301,7 +300,7 @@ bool SeedRun::check_crash() {
                              op->kind == OpKind::kSnapshotDelete;
     if (snapshot_op && op->issue < crash_.tick && op->complete > crash_.tick) snapshot_op_open = true;
   }
-  auto storage = std::make_shared<SimStorage>(crash_.image);
+  auto storage = std::make_shared<SimStorage>(crash_.image, false);
   // Read-write: a lazy-refcounts image is repaired here.
   auto img = wait(open_image(storage, layout_.open_options(false)));
   if (!img) return hang("opening the crash image");
@@ -322,7 +321,7 @@ bool SeedRun::check_crash() {
     return fail("after the crash the disk holds bytes the oracle does not allow",
                 bad + " (durable from the flush issued at t" + std::to_string(durable_from) + ")");
   }
-  return check_metadata(storage->bytes(), false, "of the crash image after a read-write open and close",
+  return check_metadata(storage, false, "of the crash image after a read-write open and close",
                         snapshot_op_open);
 }
 
@@ -332,7 +331,7 @@ bool SeedRun::finish() {
   if (!closed) return hang("close");
   if (!closed->ok()) return fail("close failed", closed->message());
   image_.reset();
-  if (!check_metadata(storage_->bytes(), true, "after close")) return false;
+  if (!check_metadata(storage_, true, "after close")) return false;
   auto img = wait(open_image(storage_, layout_.open_options(false)));
   if (!img) return hang("reopening the image");
   if (!img->ok()) return fail("the image does not reopen", img->error().message());

@@ -58,8 +58,10 @@ SeedRun::SeedRun(const Layout& layout, const LayoutImages& images, uint64_t seed
   auto model = std::make_shared<std::vector<uint8_t>>(images.content);
   model->resize(max_size_, 0);
   model_ = std::move(model);
-  storage_ = std::make_shared<SimStorage>(images.image);
-  if (layout.backing) backing_storage_ = std::make_shared<SimStorage>(images.backing);
+  // Durability is tracked (every write kept until flushed) only where a
+  // crash image will be taken.
+  storage_ = std::make_shared<SimStorage>(images.image, options.crash);
+  if (layout.backing) backing_storage_ = std::make_shared<SimStorage>(images.backing, false);
 }
 
 Task<Result<std::unique_ptr<Disk>>> SeedRun::open_backing(std::string path, std::string format) {

@@ -31,7 +31,10 @@ struct Park {
 
 // ---- SimStorage -------------------------------------------------------------
 
-SimStorage::SimStorage(std::vector<uint8_t> initial) : mem_(std::move(initial)), durable_(mem_) {}
+SimStorage::SimStorage(std::vector<uint8_t> initial, bool track_durability)
+    : track_durability_(track_durability), mem_(std::move(initial)) {
+  if (track_durability_) durable_ = mem_;
+}
 
 void SimStorage::read(uint64_t offset, std::span<const iovec> iov) const {
   for (const iovec& v : iov) {
@@ -44,6 +47,15 @@ void SimStorage::read(uint64_t offset, std::span<const iovec> iov) const {
 }
 
 void SimStorage::write(uint64_t offset, std::span<const iovec> iov) {
+  if (!track_durability_) {
+    const uint64_t end = offset + total_length(iov);
+    if (mem_.size() < end) mem_.resize(end);
+    for (const iovec& v : iov) {
+      std::memcpy(mem_.data() + offset, v.iov_base, v.iov_len);
+      offset += v.iov_len;
+    }
+    return;
+  }
   Change c{Change::Kind::kWrite, offset, total_length(iov), {}};
   c.data.reserve(c.length);
   for (const iovec& v : iov) {
@@ -66,7 +78,9 @@ void SimStorage::truncate(uint64_t length) {
   record(std::move(c));
 }
 
-void SimStorage::record(Change c) { log_.push_back(std::move(c)); }
+void SimStorage::record(Change c) {
+  if (track_durability_) log_.push_back(std::move(c));
+}
 
 void SimStorage::flushed(uint64_t mark) {
   // Flushes may complete out of order; a flush issued earlier than one that
@@ -117,6 +131,7 @@ void SimStorage::apply_some(std::vector<uint8_t>& medium, const Change& c, std::
 
 std::vector<uint8_t> SimStorage::crash_image(std::mt19937_64& rng, std::span<const SimRequest* const> in_flight,
                                              CrashStats& stats) const {
+  if (!track_durability_) return mem_;
   std::vector<uint8_t> medium = durable_;
   stats.candidates += log_.size() + in_flight.size();
   for (const Change& c : log_) apply_some(medium, c, rng, stats);

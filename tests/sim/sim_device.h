@@ -46,8 +46,10 @@ struct CrashStats {
 
 class SimStorage {
  public:
-  // `initial` is the content before anything runs; it is durable.
-  explicit SimStorage(std::vector<uint8_t> initial);
+  // `initial` is the content before anything runs; it is durable. Without
+  // `track_durability` no log is kept (cheaper), and crash_image() returns
+  // only what reads see.
+  explicit SimStorage(std::vector<uint8_t> initial, bool track_durability = true);
 
   const std::vector<uint8_t>& bytes() const { return mem_; }
   const std::vector<uint8_t>& durable() const { return durable_; }
@@ -80,6 +82,7 @@ class SimStorage {
   static void apply_some(std::vector<uint8_t>& medium, const Change& c, std::mt19937_64& rng, CrashStats& stats);
   void record(Change c);
 
+  bool track_durability_;
   std::vector<uint8_t> mem_;
   std::vector<uint8_t> durable_;
   std::deque<Change> log_;        // completed, not durable, completion order
