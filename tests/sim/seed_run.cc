@@ -1,0 +1,215 @@
+// Running one seed: opening the image, and the batches of overlapping ops.
+#include "tests/sim/seed_run.h"
+
+#include <algorithm>
+
+namespace uqcow::sim {
+namespace {
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+// Independent streams of one (layout, seed): the same pair always gives the
+// same streams, whatever else runs in the process.
+uint64_t stream(const Layout& layout, uint64_t seed, uint64_t which) {
+  uint64_t x = fnv1a(layout.name) ^ (seed * 0x9e3779b97f4a7c15ull) ^ (which << 56);
+  x ^= x >> 31;
+  x *= 0xbf58476d1ce4e5b9ull;
+  return x ^ (x >> 29);
+}
+
+// How long requests may be held back, drawn per seed: none, a few, many.
+SimDelays delays_for(uint64_t seed_stream) {
+  static constexpr double kProbability[] = {0.0, 0.05, 0.2, 0.5};
+  static constexpr uint64_t kSteps[] = {8, 64, 256};
+  return {kProbability[seed_stream % 4], kSteps[(seed_stream >> 8) % 3]};
+}
+
+constexpr uint64_t kMaxOpsPerBatch = 48;
+constexpr uint64_t kDepths[] = {1, 2, 4, 8, 16, 24, 32};
+
+}  // namespace
+
+std::string replay_command(const Layout& layout, uint64_t seed) {
+  return "bazel test //tests/sim:sim_test --test_env=UQCOW_SIM_LAYOUT=" + layout.name +
+         " --test_env=UQCOW_SIM_SEED=" + std::to_string(seed) + " --test_output=all";
+}
+
+SeedReport run_seed(const Layout& layout, const LayoutImages& images, uint64_t seed, const SeedOptions& options) {
+  return SeedRun(layout, images, seed, options).run();
+}
+
+SeedRun::SeedRun(const Layout& layout, const LayoutImages& images, uint64_t seed, const SeedOptions& options)
+    : layout_(layout),
+      images_(images),
+      seed_(seed),
+      options_(options),
+      rng_(stream(layout, seed, 1)),
+      crash_rng_(stream(layout, seed, 2)),
+      scheduler_(stream(layout, seed, 3), delays_for(stream(layout, seed, 4))),
+      workload_(layout, rng_) {
+  size_ = layout.size;
+  // Room to grow: resize never passes this (a multiple of 512, as
+  // encryption needs).
+  max_size_ = size_ + 4ull * layout.cluster_size;
+  auto model = std::make_shared<std::vector<uint8_t>>(images.content);
+  model->resize(max_size_, 0);
+  model_ = std::move(model);
+  // Durability is tracked (every write kept until flushed) only where a
+  // crash image will be taken.
+  storage_ = std::make_shared<SimStorage>(images.image, options.crash);
+  if (layout.backing) backing_storage_ = std::make_shared<SimStorage>(images.backing, false);
+}
+
+Task<Result<std::unique_ptr<Disk>>> SeedRun::open_backing(std::string path, std::string format) {
+  if (path != kBackingName || format != "qcow2") {
+    co_return Error(ENOENT, "the simulation has no backing file '" + path + "' (format '" + format + "')");
+  }
+  OpenOptions o;
+  o.read_only = true;
+  o.cache_clean_interval = 0;
+  auto device = std::make_unique<SimDevice>(scheduler_, backing_storage_, kBackingName, true);
+  auto none = [](const std::string& p, const std::string&) -> Task<Result<std::unique_ptr<Disk>>> {
+    co_return Error(ENOENT, "unexpected backing file " + p);
+  };
+  auto img = co_await qcow2::Qcow2Image::open(std::move(device), o, none);
+  if (!img.ok()) co_return std::move(img).error();
+  co_return std::unique_ptr<Disk>(std::move(img).value());
+}
+
+Task<Result<std::unique_ptr<qcow2::Qcow2Image>>> SeedRun::open_image(std::shared_ptr<SimStorage> storage,
+                                                                   OpenOptions o) {
+  auto device = std::make_unique<SimDevice>(scheduler_, std::move(storage), kImageName, o.read_only);
+  auto opener = [this](const std::string& path, const std::string& format) { return open_backing(path, format); };
+  co_return co_await qcow2::Qcow2Image::open(std::move(device), std::move(o), opener);
+}
+
+bool SeedRun::hang(const std::string& what) {
+  return fail("hang", what + " can never finish: nothing is ready to run and no device request is in flight");
+}
+
+SeedReport SeedRun::run() {
+  auto opened = wait(open_image(storage_, layout_.open_options(false)));
+  if (!opened) {
+    hang("opening the image");
+  } else if (!opened->ok()) {
+    fail("open", opened->error().message());
+  } else {
+    image_ = std::move(*opened).value();
+    const uint64_t crash_batch = options_.crash ? below(options_.batches) : options_.batches;
+    for (uint64_t b = 0; b < options_.batches && !report_.failed; ++b) run_batch(b, b == crash_batch);
+    if (!report_.failed) finish();
+  }
+  if (image_ && !hung_) {
+    (void)wait(image_->close());
+  }
+  if (hung_) (void)image_.release();  // coroutines of it are stuck: leaked
+  report_.completions = scheduler_.completions();
+  report_.decisions = scheduler_.decisions();
+  report_.order_hash = scheduler_.order_hash();
+  return report_;
+}
+
+bool SeedRun::run_batch(uint64_t index, bool crash_here) {
+  batch_index_ = index;
+  ops_.clear();
+  state_ = WorkloadState{};
+  state_.size = size_;
+  batch_start_size_ = size_;
+  state_.max_size = max_size_;
+  for (const auto& [name, snap] : snapshots_) state_.snapshots[name] = snap.size;
+  const uint64_t n = 6 + below(kMaxOpsPerBatch - 5);
+  depth_ = std::min(kDepths[below(std::size(kDepths))], std::max<uint64_t>(1, options_.max_depth));
+  // How eagerly new ops are issued rather than device requests completed:
+  // low keeps few ops in flight, high piles them up to the depth.
+  const double p_issue = 0.15 + 0.7 * std::uniform_real_distribution<double>(0, 1)(rng_);
+  const uint64_t crash_step = crash_here ? below(n * 8) : kNever;
+  batch_start_ = ++clock_;
+  crash_ = {};
+  ops_.reserve(n);
+
+  auto group = std::make_unique<TaskGroup>();
+  for (uint64_t steps = 0; ops_.size() < n || in_flight_ > 0; ++steps) {
+    if (steps == crash_step) take_crash();
+    const bool can_issue = ops_.size() < n && in_flight_ < depth_;
+    if (can_issue && (scheduler_.pending() == 0 || std::bernoulli_distribution(p_issue)(rng_))) {
+      issue(*group);
+    } else if (!scheduler_.step() && this_thread_ready_queue().drain() == 0) {
+      // Ops in flight wait for something no request will ever bring.
+      (void)group.release();
+      hung_ = true;
+      return fail("deadlock", std::to_string(in_flight_) + " ops in flight, but nothing is ready to run and "
+                                                           "no device request is in flight");
+    }
+  }
+  if (crash_here && !crash_.taken) take_crash();
+  report_.ops += n;
+  ++report_.batches;
+  return check_batch();
+}
+
+void SeedRun::issue(TaskGroup& group) {
+  ops_.push_back(std::make_unique<Op>(workload_.next(next_op_++, state_)));
+  Op& op = *ops_.back();
+  op.issue = ++clock_;
+  ++in_flight_;
+  group.spawn(run_op(op));  // runs until its first suspension
+  this_thread_ready_queue().drain();
+}
+
+Task<void> SeedRun::run_op(Op& op) {
+  op.status = co_await execute(op);
+  op.complete = ++clock_;
+  --in_flight_;
+  // Ops issued from now on may use the new size.
+  if (op.kind == OpKind::kResize && op.status.ok()) state_.size = std::max(state_.size, op.new_size);
+}
+
+Task<Status> SeedRun::execute(Op& op) {
+  qcow2::Qcow2Image& img = *image_;
+  switch (op.kind) {
+    case OpKind::kRead:
+      co_return co_await img.read(op.offset, op.buf);
+    case OpKind::kWrite:
+      co_return co_await img.write(op.offset, op.buf);
+    case OpKind::kWriteZeroes:
+      co_return co_await img.write_zeroes(op.offset, op.length, op.may_unmap);
+    case OpKind::kDiscard:
+      co_return co_await img.discard(op.offset, op.length);
+    case OpKind::kCompressed: {
+      Status s = co_await img.write_compressed(op.offset, op.buf);
+      // Compression only fills unallocated clusters (EIO otherwise, as in
+      // QEMU). A refused write must have changed nothing: the oracle then
+      // gives it no effect, so any trace of its data fails the check.
+      if (!s.ok() && s.code() == EIO && s.message().find("compressed write to an allocated cluster") != std::string::npos) {
+        op.no_op = true;
+        co_return Status();
+      }
+      co_return s;
+    }
+    case OpKind::kFlush:
+      co_return co_await img.flush();
+    case OpKind::kSnapshotCreate:
+      co_return co_await img.snapshot_create(op.snapshot);
+    case OpKind::kSnapshotApply:
+      co_return co_await img.snapshot_apply(op.snapshot);
+    case OpKind::kSnapshotDelete:
+      co_return co_await img.snapshot_delete(op.snapshot);
+    case OpKind::kResize:
+      co_return co_await img.resize(op.new_size);
+  }
+  co_return Error(EINVAL, "unknown op");
+}
+
+void SeedRun::take_crash() {
+  crash_.taken = true;
+  crash_.tick = ++clock_;
+  auto in_flight = scheduler_.in_flight_changes(*storage_);
+  crash_.image = storage_->crash_image(crash_rng_, in_flight, report_.crash_stats);
+  report_.crashed = true;
+}
+
+}  // namespace uqcow::sim
