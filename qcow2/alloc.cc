@@ -409,50 +409,6 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
   co_return Status();
 }
 
-Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
-  // The caller has just unlinked `l2e`: no request that starts from now on
-  // can map its host cluster. Requests already in flight may have mapped it
-  // before (lock-free reads and in-place writes do not register ranges), so
-  // the cluster keeps its reference until they have all finished: were it
-  // reused at once, such a read would return another guest offset's data and
-  // such a write would land in another guest offset's cluster.
-  if (!requests_.grace_period_over(requests_.stamp())) {
-    deferred_frees_.push_back({l2e, discard, requests_.stamp()});
-    co_return Status();
-  }
-  co_return co_await free_cluster_now(l2e, discard);
-}
-
-Task<Status> Qcow2Image::release_deferred_frees() {
-  // Stamps only grow along the queue, so the releasable ones are a prefix.
-  while (!deferred_frees_.empty() && requests_.grace_period_over(deferred_frees_.front().stamp)) {
-    const DeferredFree f = deferred_frees_.front();
-    deferred_frees_.pop_front();
-    UQ_CO_TRY(co_await free_cluster_now(f.l2e, f.discard));
-  }
-  co_return Status();
-}
-
-Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
-  // QEMU's qcow2_free_any_cluster. With an external data file the freed
-  // range is discarded there; the qcow2 file only holds its refcount.
-  if (discard && data_file_ != file_.get() && !(l2e & kOflagCompressed) && (l2e & kL2OffsetMask)) {
-    (void)co_await data_file_->co_discard(l2e & kL2OffsetMask, geo_.cluster_size);  // advisory
-    discard = false;
-  }
-  if (l2e & kOflagCompressed) {
-    uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
-    uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
-    co_return co_await update_refcount(coffset, sectors * kSectorSize, -1, discard);
-  }
-  uint64_t host = l2e & kL2OffsetMask;
-  if (!host) co_return Status();
-  if (host & (geo_.cluster_size - 1)) {
-    co_return co_await mark_corrupt("cannot free unaligned cluster " + std::to_string(host));
-  }
-  co_return co_await update_refcount(host, geo_.cluster_size, -1, discard);
-}
-
 Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   // QEMU's get_cluster_table + l2_allocate: returns an L2 table with
   // refcount 1 (COPIED), allocating a fresh one or copying a shared one.

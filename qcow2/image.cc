@@ -513,7 +513,6 @@ Task<Status> Qcow2Image::flush() {
   // (No caches yet: an open that failed part-way is being closed.)
   if (options_.read_only || closed_ || !l2_cache_ || !refcount_cache_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
-  UQ_CO_TRY(co_await release_deferred_frees());
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);
@@ -522,6 +521,16 @@ Task<Status> Qcow2Image::flush() {
   file_->debug_event(BlkDebugEvent::kFlushToDisk);
   UQ_CO_TRY(co_await file_->co_flush());
   if (data_file_ != file_.get()) UQ_CO_TRY(co_await data_file_->co_flush());
+  // Every unlink so far is on disk: the deferred frees past their grace
+  // period go now, and their lowered refcounts reach the disk too.
+  ++durable_epoch_;
+  const size_t deferred = deferred_frees_.size();
+  UQ_CO_TRY(co_await release_deferred_frees());
+  if (deferred_frees_.size() != deferred) {
+    UQ_CO_TRY(co_await refcount_cache_->flush());
+    UQ_CO_TRY(co_await l2_cache_->flush());
+    UQ_CO_TRY(co_await file_->co_flush());
+  }
   co_return Status();
 }
 

@@ -216,14 +216,17 @@ class Qcow2Image final : public Disk {
                               uint64_t head_start, uint64_t tail_end, bool cow_is_zero);
   Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
                        uint64_t tail_end);
-  // Drops the reference of an L2 entry the caller has just unlinked. While
-  // requests that started earlier are still in flight, the reference is
-  // kept and the free is deferred (they may have mapped the cluster); it
-  // then happens in a later release_deferred_frees(). Lock held.
+  // --- Freeing unlinked clusters (deferred_free.cc) ------------------------
+  // Queues the reference of an L2 entry the caller has just unlinked; it is
+  // dropped by a later release_deferred_frees() once the requests that were
+  // in flight have finished and the unlink is on disk. Lock held.
   Task<Status> free_cluster_entry(uint64_t l2e, bool discard);
   Task<Status> free_cluster_now(uint64_t l2e, bool discard);
-  // Frees the deferred clusters whose grace period is over. Lock held.
+  // Drops the queued references that may go now (writing back the L2 cache
+  // and syncing first when too many wait for that). Lock held.
   Task<Status> release_deferred_frees();
+  // Writes back the L2 cache and syncs: every unlink so far is durable.
+  Task<Status> make_unlinks_durable();
   void inflight_add(InFlightAlloc& a);
   void inflight_remove(InFlightAlloc& a);
   Task<Status> mark_dirty_for_lazy_refcounts();
@@ -317,8 +320,11 @@ class Qcow2Image final : public Disk {
     uint64_t l2e;     // the unlinked L2 entry
     bool discard;     // punch the freed range
     uint64_t stamp;   // requests_.stamp() when it was unlinked
+    uint64_t epoch;   // durable_epoch_ when it was unlinked
   };
   std::deque<DeferredFree> deferred_frees_;
+  // Counts the points at which every L2 change so far was on disk.
+  uint64_t durable_epoch_ = 0;
   MetadataRegions regions_;
   // Routes the caches' metadata writes through the overlap check.
   struct CacheWriteCheck final : MetadataWriteCheck {

@@ -207,8 +207,12 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
 }
 
 Task<Status> Qcow2Image::flush_metadata() {
-  // In a drained section every deferred free is due.
-  UQ_CO_TRY(co_await release_deferred_frees());
+  // In a drained section every deferred free is past its grace period; once
+  // the unlinks are on disk they are all released.
+  if (!deferred_frees_.empty()) {
+    UQ_CO_TRY(co_await make_unlinks_durable());
+    UQ_CO_TRY(co_await release_deferred_frees());
+  }
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await process_discards());

@@ -81,7 +81,10 @@ class Workload {
     write_compressed(12ull << 20, 4096, 0x7c);
     zero(1 << 20, 80 * 1024, true);
     discard((1 << 20) + 200 * 1024, 100 * 1024);
-    write((9ull << 20) + 7, 100, 0x72);  // into a freed cluster inside the file
+    // Freed clusters are reused once their unlink is on disk (the flush):
+    // the write then allocates a freed cluster inside the file.
+    flush();
+    write((9ull << 20) + 7, 100, 0x72);
     resize(kGrownSize);
     write(20ull << 20, 64 * 1024, 0x70);
     snapshot_create("s2");

@@ -75,7 +75,22 @@ std::string CommandResult::describe() const {
   return s;
 }
 
+static CommandResult run_command_once(const std::vector<std::string>& argv, const std::string& cwd);
+
 CommandResult run_command(const std::vector<std::string>& argv, const std::string& cwd) {
+  // qemu-img sizes a LUKS key's PBKDF2 iterations by timing them with
+  // getrusage; on a fast or busy machine the first timing can read 0 ms and
+  // it gives up ("Unable to get accurate CPU usage"), about one run in five
+  // with encrypt.iter-time=10. That is QEMU's flake, not the image's: retry.
+  CommandResult r;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    r = run_command_once(argv, cwd);
+    if (r.ok() || r.err.find("Unable to get accurate CPU usage") == std::string::npos) break;
+  }
+  return r;
+}
+
+static CommandResult run_command_once(const std::vector<std::string>& argv, const std::string& cwd) {
   CommandResult r;
   r.cwd = cwd;
   for (const auto& a : argv) r.command += (r.command.empty() ? "" : " ") + shell_quote(a);

@@ -1,0 +1,86 @@
+// Freeing the host clusters of unlinked L2 entries, safely against requests
+// in flight and against crashes. Member functions of Qcow2Image; the lock is
+// held in all of them.
+//
+// When an L2 entry stops pointing at a host cluster (discard, zero with
+// unmap, a replaced compressed or shared cluster), the cluster's reference
+// is dropped only once two things hold:
+//
+// 1. Grace period: every request that started before the unlink has
+//    finished. Lock-free reads and in-place writes map a cluster without
+//    registering it; had the cluster been reused at once, such a read would
+//    return another guest offset's data and such a write would land in
+//    another guest offset's cluster.
+// 2. Durable unlink: the L2 table without the entry has reached the disk
+//    (L2 cache written back, file synced). Otherwise the cluster could be
+//    reused and rewritten with another guest offset's data, and a crash
+//    would leave the old L2 entry on disk pointing at that data. (QEMU 7.2
+//    reuses at once and has this window.)
+//
+// Until then the cluster keeps its refcount: a crash leaks it at most.
+// Stamps and epochs only grow along the queue, so what can be freed is
+// always a prefix of it.
+#include "qcow2/endian.h"
+#include "qcow2/image.h"
+
+namespace uqcow::qcow2 {
+namespace {
+// Unlinks whose durability is awaited before release_deferred_frees() makes
+// them durable itself (an L2 write-back and a sync) instead of waiting for
+// the next guest flush: bounds the space held by discarded clusters.
+constexpr size_t kMaxUndurableFrees = 128;
+}  // namespace
+
+Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
+  deferred_frees_.push_back({l2e, discard, requests_.stamp(), durable_epoch_});
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::make_unlinks_durable() {
+  // The L2 cache writes its dependency (refcount blocks) first.
+  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await file_->co_flush());
+  ++durable_epoch_;
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::release_deferred_frees() {
+  size_t past_grace = 0;
+  while (past_grace < deferred_frees_.size() &&
+         requests_.grace_period_over(deferred_frees_[past_grace].stamp)) {
+    ++past_grace;
+  }
+  if (past_grace == 0) co_return Status();
+  if (deferred_frees_.front().epoch == durable_epoch_ && past_grace >= kMaxUndurableFrees) {
+    UQ_CO_TRY(co_await make_unlinks_durable());
+  }
+  while (!deferred_frees_.empty() && deferred_frees_.front().epoch < durable_epoch_ &&
+         requests_.grace_period_over(deferred_frees_.front().stamp)) {
+    const DeferredFree f = deferred_frees_.front();
+    deferred_frees_.pop_front();
+    UQ_CO_TRY(co_await free_cluster_now(f.l2e, f.discard));
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
+  // QEMU's qcow2_free_any_cluster. With an external data file the freed
+  // range is discarded there; the qcow2 file only holds its refcount.
+  if (discard && data_file_ != file_.get() && !(l2e & kOflagCompressed) && (l2e & kL2OffsetMask)) {
+    (void)co_await data_file_->co_discard(l2e & kL2OffsetMask, geo_.cluster_size);  // advisory
+    discard = false;
+  }
+  if (l2e & kOflagCompressed) {
+    uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
+    uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
+    co_return co_await update_refcount(coffset, sectors * kSectorSize, -1, discard);
+  }
+  uint64_t host = l2e & kL2OffsetMask;
+  if (!host) co_return Status();
+  if (host & (geo_.cluster_size - 1)) {
+    co_return co_await mark_corrupt("cannot free unaligned cluster " + std::to_string(host));
+  }
+  co_return co_await update_refcount(host, geo_.cluster_size, -1, discard);
+}
+
+}  // namespace uqcow::qcow2
