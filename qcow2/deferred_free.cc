@@ -20,15 +20,20 @@
 // Until then the cluster keeps its refcount: a crash leaks it at most.
 // Stamps and epochs only grow along the queue, so what can be freed is
 // always a prefix of it.
+#include <algorithm>
+
 #include "qcow2/endian.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
 namespace {
-// Unlinks whose durability is awaited before release_deferred_frees() makes
-// them durable itself (an L2 write-back and a sync) instead of waiting for
-// the next guest flush: bounds the space held by discarded clusters.
-constexpr size_t kMaxUndurableFrees = 128;
+// How much freed space may wait for its unlink to become durable before
+// release_deferred_frees() makes it durable itself (an L2 write-back and a
+// sync under the lock) instead of waiting for the next guest flush. Bounds
+// the space a discard-heavy client without flushes keeps allocated; syncing
+// much more often than this costs allocating writes their throughput.
+constexpr uint64_t kMaxUndurableBytes = 32ull << 20;
+constexpr uint64_t kMinUndurableFrees = 16;
 }  // namespace
 
 Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
@@ -45,19 +50,21 @@ Task<Status> Qcow2Image::make_unlinks_durable() {
 }
 
 Task<Status> Qcow2Image::release_deferred_frees() {
-  size_t past_grace = 0;
-  while (past_grace < deferred_frees_.size() &&
-         requests_.grace_period_over(deferred_frees_[past_grace].stamp)) {
-    ++past_grace;
+  // A grace period, once over, stays over: the scan resumes where the last
+  // one stopped, so each entry is looked at about once.
+  while (deferred_past_grace_ < deferred_frees_.size() &&
+         requests_.grace_period_over(deferred_frees_[deferred_past_grace_].stamp)) {
+    ++deferred_past_grace_;
   }
-  if (past_grace == 0) co_return Status();
-  if (deferred_frees_.front().epoch == durable_epoch_ && past_grace >= kMaxUndurableFrees) {
+  if (deferred_past_grace_ == 0) co_return Status();
+  const uint64_t max_undurable = std::max(kMinUndurableFrees, kMaxUndurableBytes >> geo_.cluster_bits);
+  if (deferred_frees_.front().epoch == durable_epoch_ && deferred_past_grace_ >= max_undurable) {
     UQ_CO_TRY(co_await make_unlinks_durable());
   }
-  while (!deferred_frees_.empty() && deferred_frees_.front().epoch < durable_epoch_ &&
-         requests_.grace_period_over(deferred_frees_.front().stamp)) {
+  while (deferred_past_grace_ > 0 && deferred_frees_.front().epoch < durable_epoch_) {
     const DeferredFree f = deferred_frees_.front();
     deferred_frees_.pop_front();
+    --deferred_past_grace_;
     UQ_CO_TRY(co_await free_cluster_now(f.l2e, f.discard));
   }
   co_return Status();

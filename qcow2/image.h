@@ -323,6 +323,7 @@ class Qcow2Image final : public Disk {
     uint64_t epoch;   // durable_epoch_ when it was unlinked
   };
   std::deque<DeferredFree> deferred_frees_;
+  size_t deferred_past_grace_ = 0;  // leading entries known past their grace period
   // Counts the points at which every L2 change so far was on disk.
   uint64_t durable_epoch_ = 0;
   MetadataRegions regions_;
