@@ -170,8 +170,11 @@ std::string History::explain(uint64_t offset, std::span<const uint8_t> got, size
       }
     }
   }
-  s += "; no op of this batch wrote these bytes anywhere";
-  return s;
+  if (std::all_of(got.begin() + at, got.begin() + at + want, [](uint8_t v) { return v == 0; })) {
+    return s + "; the bytes here read as zeros, which no op allows here (data lost)";
+  }
+  return s + "; no op of this batch wrote these bytes anywhere (an older op's data, or an encrypted image's "
+             "data decrypted with another offset's key)";
 }
 
 }  // namespace uqcow::sim

@@ -25,7 +25,7 @@
 namespace uqcow::sim {
 namespace {
 
-constexpr uint64_t kDefaultSeeds = 6;
+constexpr uint64_t kDefaultSeeds = 12;
 constexpr size_t kFullReports = 2;  // failures printed in full per layout
 
 std::optional<uint64_t> env_number(const char* name) {
@@ -33,6 +33,29 @@ std::optional<uint64_t> env_number(const char* name) {
   if (v == nullptr || *v == '\0') return std::nullopt;
   return std::strtoull(v, nullptr, 0);
 }
+
+// What every layout explored, for the summary line at the end.
+struct Totals {
+  uint64_t seeds = 0, failed = 0, ops = 0, completions = 0, decisions = 0, crashes = 0;
+};
+Totals& totals() {
+  static Totals t;
+  return t;
+}
+
+class PrintTotals : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    const Totals& t = totals();
+    if (t.seeds == 0) return;
+    std::printf("sim total: %llu seeds (%llu failed), %llu ops, %llu device requests, %llu scheduler decisions, "
+                "%llu crash images\n",
+                static_cast<unsigned long long>(t.seeds), static_cast<unsigned long long>(t.failed),
+                static_cast<unsigned long long>(t.ops), static_cast<unsigned long long>(t.completions),
+                static_cast<unsigned long long>(t.decisions), static_cast<unsigned long long>(t.crashes));
+  }
+};
+const auto* const kPrintTotals = ::testing::AddGlobalTestEnvironment(new PrintTotals);
 
 class SimTest : public ::testing::TestWithParam<Layout> {};
 
@@ -69,6 +92,13 @@ TEST_P(SimTest, SeedsOverLayout) {
     crashes += r.crashed;
     torn += r.crash_stats.torn;
     copied += r.crash_copied_window;
+    Totals& t = totals();
+    ++t.seeds;
+    t.failed += r.failed;
+    t.ops += r.ops;
+    t.completions += r.completions;
+    t.decisions += r.decisions;
+    t.crashes += r.crashed;
     if (!r.failed) continue;
     failed.push_back(seed);
     if (failed.size() <= kFullReports) {
@@ -85,6 +115,27 @@ TEST_P(SimTest, SeedsOverLayout) {
               static_cast<unsigned long long>(ops), static_cast<unsigned long long>(completions),
               static_cast<unsigned long long>(decisions), static_cast<unsigned long long>(crashes),
               static_cast<unsigned long long>(torn), static_cast<unsigned long long>(copied));
+}
+
+// A seed replays exactly: the same ops, the same completion order, the same
+// outcome (pass, or the same failure).
+TEST(SimDeterminism, SameSeedSameRun) {
+  const Layout& layout = all_layouts().front();
+  const LayoutImages& images = layout_images(layout);
+  if (!images.missing_tool.empty()) GTEST_SKIP() << images.error;
+  ASSERT_TRUE(images.error.empty()) << images.error;
+  for (uint64_t seed : {1, 2}) {
+    SeedOptions options;
+    options.crash = seed == 2;
+    const SeedReport a = run_seed(layout, images, seed, options);
+    const SeedReport b = run_seed(layout, images, seed, options);
+    EXPECT_GT(a.completions, 0u);
+    EXPECT_EQ(a.order_hash, b.order_hash) << "seed " << seed;
+    EXPECT_EQ(a.completions, b.completions) << "seed " << seed;
+    EXPECT_EQ(a.ops, b.ops) << "seed " << seed;
+    EXPECT_EQ(a.failure, b.failure) << "seed " << seed;
+    EXPECT_EQ(a.crash_stats.applied, b.crash_stats.applied) << "seed " << seed;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, SimTest, ::testing::ValuesIn(all_layouts()),
