@@ -14,8 +14,10 @@
 // Every third seed (seed % 3 == 2) is a crash seed.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -27,7 +29,7 @@ namespace uqcow::sim {
 namespace {
 
 constexpr uint64_t kDefaultSeeds = 16;
-constexpr size_t kFullReports = 2;  // failures printed in full per layout
+constexpr size_t kFullReports = 2;  // failures printed in full per test
 
 std::optional<uint64_t> env_number(const char* name) {
   const char* v = std::getenv(name);
