@@ -40,6 +40,44 @@ size_t run_matching(std::span<const uint8_t> got, size_t at, uint64_t from, uint
 
 }  // namespace
 
+void data_bytes(uint64_t op, uint64_t offset, bool runs, std::span<uint8_t> out) {
+  size_t i = 0;
+  if (runs) {
+    while (i < out.size()) {
+      const uint64_t run_end = ((offset + i) | 31) + 1;
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(run_end - offset - i, out.size() - i));
+      std::memset(out.data() + i, data_byte(op, offset + i, true), n);
+      i += n;
+    }
+    return;
+  }
+  for (; i < out.size() && ((offset + i) & 7); ++i) out[i] = data_byte(op, offset + i, false);
+  for (; i + 8 <= out.size(); i += 8) {
+    const uint64_t w = data_word(op, (offset + i) >> 3);
+    for (int k = 0; k < 8; ++k) out[i + k] = nonzero(w >> (8 * k));
+  }
+  for (; i < out.size(); ++i) out[i] = data_byte(op, offset + i, false);
+}
+
+void Effect::values(uint64_t offset, std::span<uint8_t> out) const {
+  switch (kind) {
+    case Kind::kData:
+      data_bytes(op, offset, runs, out);
+      return;
+    case Kind::kContent: {
+      const uint64_t have = !content || offset >= content->size() ? 0 : std::min<uint64_t>(out.size(), content->size() - offset);
+      if (have) std::memcpy(out.data(), content->data() + offset, have);
+      std::memset(out.data() + have, 0, out.size() - have);
+      return;
+    }
+    case Kind::kZero:
+    case Kind::kTrim:
+    case Kind::kRestore:
+      std::memset(out.data(), 0, out.size());
+      return;
+  }
+}
+
 void History::sources(const std::vector<const Effect*>& covering, uint64_t issue, uint64_t complete,
                       const Effect* skip, int depth, std::vector<Source>& out) const {
   auto add = [&](Source s) {
@@ -102,9 +140,16 @@ std::string History::check(uint64_t offset, std::span<const uint8_t> got, uint64
       sources(covering, issue, complete, nullptr, 0, allowed);
     }
     uint64_t b = lo;
-    if (allowed.size() == 1) {  // the common case, without the inner loop
-      const Source only = allowed[0];
-      while (b < hi && got[b - offset] == source_byte(only, b)) ++b;
+    if (allowed.size() == 1 && allowed[0].effect) {
+      // The common case: one source, compared a block at a time.
+      const Effect& only = *allowed[0].effect;
+      uint8_t expected[4096];
+      while (b < hi) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(sizeof expected, hi - b));
+        only.values(b, std::span(expected, n));
+        if (std::memcmp(expected, got.data() + (b - offset), n) != 0) break;
+        b += n;
+      }
     }
     for (; b < hi; ++b) {
       const uint8_t v = got[b - offset];
@@ -170,8 +215,11 @@ std::string History::explain(uint64_t offset, std::span<const uint8_t> got, size
       }
     }
   }
-  s += "; no op of this batch wrote these bytes anywhere";
-  return s;
+  if (std::all_of(got.begin() + at, got.begin() + at + want, [](uint8_t v) { return v == 0; })) {
+    return s + "; the bytes here read as zeros, which no op allows here (data lost)";
+  }
+  return s + "; no op of this batch wrote these bytes anywhere (an older op's data, or an encrypted image's "
+             "data decrypted with another offset's key)";
 }
 
 }  // namespace uqcow::sim

@@ -45,13 +45,24 @@ constexpr uint64_t kNever = std::numeric_limits<uint64_t>::max();  // not comple
 // gets (with overwhelming probability over a few bytes) other values. Never
 // zero, so data is never mistaken for a zeroed byte. `runs` makes the data
 // compressible (one value per 32-byte run) for compressed writes.
-inline uint8_t data_byte(uint64_t op, uint64_t offset, bool runs) {
-  uint64_t x = (op << 40) ^ (op >> 24) ^ (runs ? (offset >> 5) | (1ull << 39) : offset);
+//
+// One 64-bit hash gives the bytes of 8 consecutive offsets (data_bytes()
+// fills ranges with one hash per 8 bytes); the offset's group is part of
+// the hash, so data shifted by any distance still differs.
+inline uint64_t data_word(uint64_t op, uint64_t group) {
+  uint64_t x = (op << 40) ^ (op >> 24) ^ group;
   x *= 0x9e3779b97f4a7c15ull;
   x ^= x >> 32;
   x *= 0xd6e8feb86659fd93ull;
-  return static_cast<uint8_t>((x >> 32) % 255 + 1);
+  return x ^ (x >> 29);
 }
+inline uint8_t nonzero(uint64_t byte) { return static_cast<uint8_t>((byte & 0xff) % 255 + 1); }
+inline uint8_t data_byte(uint64_t op, uint64_t offset, bool runs) {
+  if (runs) return nonzero(data_word(op, (offset >> 5) | (1ull << 39)));
+  return nonzero(data_word(op, offset >> 3) >> (8 * (offset & 7)));
+}
+// data_byte() of [offset, offset + out.size()), a hash per 8 bytes.
+void data_bytes(uint64_t op, uint64_t offset, bool runs, std::span<uint8_t> out);
 
 struct Effect {
   enum class Kind {
@@ -69,6 +80,8 @@ struct Effect {
   std::shared_ptr<const std::vector<uint8_t>> content;
 
   bool strong() const { return kind == Kind::kData || kind == Kind::kZero || kind == Kind::kContent; }
+  // value() of [offset, offset + out.size()).
+  void values(uint64_t offset, std::span<uint8_t> out) const;
   uint8_t value(uint64_t offset) const {
     switch (kind) {
       case Kind::kData: return data_byte(op, offset, runs);

@@ -57,7 +57,7 @@ class SeedRun {
   bool check_read_back(const History& history, std::vector<uint8_t>& disk);
   bool check_snapshots(const History& history);
   std::optional<std::vector<uint8_t>> read_disk(qcow2::Qcow2Image& image, const std::string& what);
-  std::optional<std::vector<uint8_t>> read_snapshot_of_copy(const std::string& name, uint64_t& size);
+  std::optional<std::vector<uint8_t>> read_snapshot(const std::string& name, uint64_t& size);
   bool check_metadata(std::shared_ptr<SimStorage> file, bool strict, const std::string& when,
                       bool copied_window_possible = false);
   bool check_crash();

@@ -164,7 +164,9 @@ TEST(SimStorage, CrashImagesTearAtSectorGranularity) {
         const bool here = lo < img.size() && img[lo] == w.value;
         for (uint64_t b = lo; b < hi; ++b) {
           const bool other = b < img.size() && img[b] != 0 && img[b] != w.value;  // overwritten by the other write
-          if (!other) ASSERT_EQ(b < img.size() && img[b] == w.value, here) << "torn inside a sector at " << b;
+          if (!other) {
+            ASSERT_EQ(b < img.size() && img[b] == w.value, here) << "torn inside a sector at " << b;
+          }
         }
         if (w.value == 0x33) landed.insert(here);
         lo = hi;

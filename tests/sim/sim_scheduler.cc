@@ -41,8 +41,8 @@ void SimScheduler::submit(SimRequest& req) {
 }
 
 bool SimScheduler::run_once() {
-  if (this_thread_ready_queue().drain() > 0) return true;
-  return step();
+  const bool ran = this_thread_ready_queue().drain() > 0;
+  return step() || ran;
 }
 
 bool SimScheduler::step() {

@@ -65,9 +65,9 @@ class SimScheduler {
   // step(). Called by SimDevice only.
   void submit(SimRequest& req);
 
-  // The EventLoop of sync_wait(loop, task): drains the ready queue, or, if
-  // nothing was ready, completes one request. Returns false when nothing is
-  // ready and nothing is parked (the awaited task can never finish).
+  // The EventLoop of sync_wait(loop, task): drains the ready queue, then
+  // completes one request (step). Returns false when nothing was ready and
+  // nothing is parked (the awaited task can never finish).
   bool run_once();
 
   // Completes one parked request picked by the RNG among the eligible ones,

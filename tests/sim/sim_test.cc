@@ -14,8 +14,11 @@
 // Every third seed (seed % 3 == 2) is a crash seed.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -25,8 +28,8 @@
 namespace uqcow::sim {
 namespace {
 
-constexpr uint64_t kDefaultSeeds = 6;
-constexpr size_t kFullReports = 2;  // failures printed in full per layout
+constexpr uint64_t kDefaultSeeds = 16;
+constexpr size_t kFullReports = 2;  // failures printed in full per test
 
 std::optional<uint64_t> env_number(const char* name) {
   const char* v = std::getenv(name);
@@ -34,10 +37,50 @@ std::optional<uint64_t> env_number(const char* name) {
   return std::strtoull(v, nullptr, 0);
 }
 
-class SimTest : public ::testing::TestWithParam<Layout> {};
+// What every layout explored, for the summary line at the end.
+struct Totals {
+  uint64_t seeds = 0, failed = 0, ops = 0, completions = 0, decisions = 0, crashes = 0;
+};
+Totals& totals() {
+  static Totals t;
+  return t;
+}
+
+class PrintTotals : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    const Totals& t = totals();
+    if (t.seeds == 0) return;
+    std::printf("sim total: %llu seeds (%llu failed), %llu ops, %llu device requests, %llu scheduler decisions, "
+                "%llu crash images\n",
+                static_cast<unsigned long long>(t.seeds), static_cast<unsigned long long>(t.failed),
+                static_cast<unsigned long long>(t.ops), static_cast<unsigned long long>(t.completions),
+                static_cast<unsigned long long>(t.decisions), static_cast<unsigned long long>(t.crashes));
+  }
+};
+const auto* const kPrintTotals = ::testing::AddGlobalTestEnvironment(new PrintTotals);
+
+// Each layout's seeds run as two tests (odd and even seeds), so that shards
+// share the slow layouts (2 MiB clusters, LUKS).
+constexpr uint64_t kParts = 2;
+struct Part {
+  Layout layout;
+  uint64_t part = 0;
+};
+void PrintTo(const Part& p, std::ostream* os) { *os << p.layout.name << " part " << p.part; }
+
+std::vector<Part> all_parts() {
+  std::vector<Part> parts;
+  for (const Layout& l : all_layouts()) {
+    for (uint64_t p = 0; p < kParts; ++p) parts.push_back({l, p});
+  }
+  return parts;
+}
+
+class SimTest : public ::testing::TestWithParam<Part> {};
 
 TEST_P(SimTest, SeedsOverLayout) {
-  const Layout& layout = GetParam();
+  const Layout& layout = GetParam().layout;
   if (const char* only = std::getenv("UQCOW_SIM_LAYOUT"); only && *only && layout.name != only) {
     GTEST_SKIP() << "UQCOW_SIM_LAYOUT=" << only << " selects another layout";
   }
@@ -53,6 +96,8 @@ TEST_P(SimTest, SeedsOverLayout) {
     const uint64_t count = env_number("UQCOW_SIM_SEEDS").value_or(kDefaultSeeds);
     for (uint64_t s = first; s < first + count; ++s) seeds.push_back(s);
   }
+  std::erase_if(seeds, [&](uint64_t s) { return s % kParts != GetParam().part; });
+  if (seeds.empty()) GTEST_SKIP() << "no seed of this part is selected";
   SeedOptions options;
   options.slow = env_number("UQCOW_SIM_SLOW").value_or(0) != 0;
   options.max_depth = env_number("UQCOW_SIM_MAX_DEPTH").value_or(options.max_depth);
@@ -69,6 +114,13 @@ TEST_P(SimTest, SeedsOverLayout) {
     crashes += r.crashed;
     torn += r.crash_stats.torn;
     copied += r.crash_copied_window;
+    Totals& t = totals();
+    ++t.seeds;
+    t.failed += r.failed;
+    t.ops += r.ops;
+    t.completions += r.completions;
+    t.decisions += r.decisions;
+    t.crashes += r.crashed;
     if (!r.failed) continue;
     failed.push_back(seed);
     if (failed.size() <= kFullReports) {
@@ -79,16 +131,39 @@ TEST_P(SimTest, SeedsOverLayout) {
   }
   std::string failed_list;
   for (uint64_t s : failed) failed_list += " " + std::to_string(s);
-  std::printf("sim %s: %zu seeds, %zu failed%s%s; %llu ops, %llu device requests, %llu scheduler decisions; "
+  std::printf("sim %s (%s seeds): %zu seeds, %zu failed%s%s; %llu ops, %llu device requests, %llu scheduler decisions; "
               "%llu crash images (%llu torn writes, %llu in a snapshot's OFLAG_COPIED window)\n",
-              layout.name.c_str(), seeds.size(), failed.size(), failed.empty() ? "" : ":", failed_list.c_str(),
+              layout.name.c_str(), GetParam().part % 2 ? "odd" : "even", seeds.size(), failed.size(), failed.empty() ? "" : ":", failed_list.c_str(),
               static_cast<unsigned long long>(ops), static_cast<unsigned long long>(completions),
               static_cast<unsigned long long>(decisions), static_cast<unsigned long long>(crashes),
               static_cast<unsigned long long>(torn), static_cast<unsigned long long>(copied));
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, SimTest, ::testing::ValuesIn(all_layouts()),
-                         [](const ::testing::TestParamInfo<Layout>& info) { return info.param.name; });
+// A seed replays exactly: the same ops, the same completion order, the same
+// outcome (pass, or the same failure).
+TEST(SimDeterminism, SameSeedSameRun) {
+  const Layout& layout = all_layouts().front();
+  const LayoutImages& images = layout_images(layout);
+  if (!images.missing_tool.empty()) GTEST_SKIP() << images.error;
+  ASSERT_TRUE(images.error.empty()) << images.error;
+  for (uint64_t seed : {1, 2}) {
+    SeedOptions options;
+    options.crash = seed == 2;
+    const SeedReport a = run_seed(layout, images, seed, options);
+    const SeedReport b = run_seed(layout, images, seed, options);
+    EXPECT_GT(a.completions, 0u);
+    EXPECT_EQ(a.order_hash, b.order_hash) << "seed " << seed;
+    EXPECT_EQ(a.completions, b.completions) << "seed " << seed;
+    EXPECT_EQ(a.ops, b.ops) << "seed " << seed;
+    EXPECT_EQ(a.failure, b.failure) << "seed " << seed;
+    EXPECT_EQ(a.crash_stats.applied, b.crash_stats.applied) << "seed " << seed;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, SimTest, ::testing::ValuesIn(all_parts()),
+                         [](const ::testing::TestParamInfo<Part>& info) {
+                           return info.param.layout.name + (info.param.part % 2 ? "_odd_seeds" : "_even_seeds");
+                         });
 
 }  // namespace
 }  // namespace uqcow::sim

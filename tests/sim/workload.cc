@@ -111,7 +111,7 @@ uint64_t Workload::pick_offset(uint64_t length, uint64_t size) {
 void Workload::fill(Op& op) {
   op.buf.resize(op.length);
   if (op.writes_data()) {
-    for (uint64_t i = 0; i < op.length; ++i) op.buf[i] = std::byte{data_byte(op.id, op.offset + i, op.runs)};
+    data_bytes(op.id, op.offset, op.runs, std::span(reinterpret_cast<uint8_t*>(op.buf.data()), op.buf.size()));
   } else {
     std::fill(op.buf.begin(), op.buf.end(), std::byte{0xee});
   }
