@@ -90,6 +90,7 @@ class SeedRun {
   std::vector<std::unique_ptr<Op>> ops_;
   WorkloadState state_;
   uint64_t batch_index_ = 0, batch_start_ = 0, depth_ = 0, in_flight_ = 0;
+  uint64_t resizes_in_flight_ = 0, resizes_issued_ = 0;
   uint64_t batch_start_size_ = 0;
   struct Crash {
     bool taken = false;

@@ -50,7 +50,7 @@ std::string Op::describe() const {
       break;
   }
   s += " [t" + std::to_string(issue) + "..t" + (complete == kNever ? "in flight" : std::to_string(complete)) + "]";
-  if (complete != kNever) s += status.ok() ? (no_op ? " refused (allocated)" : " ok") : " ERROR " + status.message();
+  if (complete != kNever) s += status.ok() ? (no_op ? " refused (no effect)" : " ok") : " ERROR " + status.message();
   return s;
 }
 

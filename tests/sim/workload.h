@@ -45,6 +45,8 @@ struct Op {
   uint64_t issue = 0, complete = kNever;
   Status status;
   bool no_op = false;  // a compressed write refused: the cluster was allocated
+  bool resize_in_flight = false;  // a resize was in flight when this op was issued
+  uint64_t resizes_before = 0;    // resizes issued before this op
 
   bool writes_data() const { return kind == OpKind::kWrite || kind == OpKind::kCompressed; }
   // "#12 write 4096+512 [t3..t9] ok", for traces.
