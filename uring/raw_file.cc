@@ -41,6 +41,12 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
     ::close(fd);
     return Error(EISDIR, path + " is a directory");
   }
+  if (options.lock) {
+    if (Status locked = lock_file(fd, path, *options.lock); !locked.ok()) {
+      ::close(fd);
+      return locked.error();
+    }
+  }
   uint32_t alignment = 1;
   if (options.cache == CacheMode::kNone) {
     alignment = 512;
