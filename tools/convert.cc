@@ -187,7 +187,7 @@ Task<Status> copy(Disk& src, Target& target, bool progress) {
 }
 
 Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress) {
-  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true});
+  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true, .lock = kCreateLockPerms});
   if (!dst.ok()) co_return std::move(dst).error();
   // Truncating to 0 first drops whatever DST held: every byte not written
   // below must read as zero.

@@ -596,6 +596,7 @@ int cmd_info(int argc, char** argv) {
   }
   auto options = open_options(args, /*read_only=*/true);
   if (!options.ok()) return fail(options.error());
+  options->no_io = true;  // metadata only: locked as qemu-img info locks
   return run(info_task(args.positional()[0], std::move(*options), output == "json",
                        args.has("--backing-chain")));
 }
