@@ -588,6 +588,8 @@ Task<Status> Qcow2Image::close() {
     if (status.ok() && !b.ok()) status = b;
   }
   crypto_.reset();  // wipes the key schedules; no request is in flight now
+  file_->release_locks();
+  if (data_file_storage_) data_file_storage_->release_locks();
   closed_ = true;
   co_return status;
 }

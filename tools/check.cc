@@ -20,7 +20,7 @@ namespace {
 using qcow2::CheckResult;
 using qcow2::RepairMode;
 
-constexpr char kUsage[] = "uqcow check [-r leaks|all] [--output=human|json] [-f FMT] [-q] FILE";
+constexpr char kUsage[] = "uqcow check [-U] [-r leaks|all] [--output=human|json] [-f FMT] [-q] FILE";
 constexpr char kDescription[] =
     "Check the metadata of a qcow2 image: every refcount against the references to its\n"
     "cluster, and the L1/L2 entries. -r leaks frees leaked clusters; -r all also fixes\n"

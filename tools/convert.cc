@@ -32,7 +32,7 @@ namespace uqcow::cli {
 namespace {
 
 constexpr char kUsage[] =
-    "uqcow convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
+    "uqcow convert [-U] [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
 constexpr char kDescription[] =
     "Copies the guest-visible content of SRC (through its backing chain) to DST, which is\n"
     "created or truncated: a sparse raw file (-O raw, the default) or a qcow2 image without\n"

@@ -26,7 +26,7 @@
 namespace uqcow::cli {
 namespace {
 
-constexpr char kUsage[] = "uqcow info [-f FMT] [--output=human|json] [--backing-chain] FILE";
+constexpr char kUsage[] = "uqcow info [-U] [-f FMT] [--output=human|json] [--backing-chain] FILE";
 constexpr char kDescription[] =
     "Shows what 'qemu-img info' shows about FILE: sizes, cluster size, backing file,\n"
     "snapshots and the format specific information. --backing-chain also shows every\n"

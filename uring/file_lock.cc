@@ -83,13 +83,6 @@ Status check_lock_bytes(int fd, LockPerms perms) {
   return Status();
 }
 
-void unlock_all(int fd) {
-  for (int i = 0; i < kPermBits; ++i) {
-    (void)set_lock(fd, kPermBase + i, F_UNLCK);
-    (void)set_lock(fd, kSharedBase + i, F_UNLCK);
-  }
-}
-
 }  // namespace
 
 std::string block_perm_names(uint64_t perm) {
@@ -121,8 +114,17 @@ Status lock_file(int fd, const std::string& path, LockPerms perms) {
       s = Error(s.code(), s.message() + "\nIs another process using the image [" + path + "]?");
     }
   }
-  if (!s.ok()) unlock_all(fd);
+  if (!s.ok()) unlock_file(fd);
   return s;
+}
+
+void unlock_file(int fd) {
+  // Unlocking a byte that is not locked is not an error; only a broken
+  // descriptor could fail here, and then its locks are gone anyway.
+  for (int i = 0; i < kPermBits; ++i) {
+    (void)set_lock(fd, kPermBase + i, F_UNLCK);
+    (void)set_lock(fd, kSharedBase + i, F_UNLCK);
+  }
 }
 
 }  // namespace uqcow

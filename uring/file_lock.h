@@ -55,4 +55,7 @@ std::string block_perm_names(uint64_t perm);
 // when the kernel refuses the lock itself. On failure nothing stays locked.
 Status lock_file(int fd, const std::string& path, LockPerms perms);
 
+// Releases every lock lock_file() may have taken on `fd`.
+void unlock_file(int fd);
+
 }  // namespace uqcow

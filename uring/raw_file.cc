@@ -64,6 +64,10 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
 
 RawFile::~RawFile() { ::close(fd_); }
 
+void RawFile::release_locks() {
+  if (options_.lock) unlock_file(fd_);
+}
+
 Error RawFile::io_error(int err, const char* what, uint64_t offset, uint64_t len) const {
   return errno_error(err, std::string(what) + " " + path_ + " at offset " + std::to_string(offset) +
                               " length " + std::to_string(len));

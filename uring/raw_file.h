@@ -56,6 +56,7 @@ class RawFile final : public BlockDevice {
   uint32_t alignment() const override { return alignment_; }
   bool read_only() const override { return options_.read_only; }
   const std::string& name() const override { return path_; }
+  void release_locks() override;
 
   int fd() const { return fd_; }
 
