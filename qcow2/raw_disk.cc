@@ -63,7 +63,9 @@ Task<Result<BlockStatus>> RawDisk::block_status(uint64_t offset, uint64_t max_le
 Task<Status> RawDisk::close() {
   if (closed_) co_return Status();
   closed_ = true;
-  Status flushed = file_->read_only() ? Status() : co_await file_->co_flush();
+  // (No co_await inside ?: here: GCC 12 miscompiles it.)
+  Status flushed;
+  if (!file_->read_only()) flushed = co_await file_->co_flush();
   file_->release_locks();
   co_return flushed;
 }
