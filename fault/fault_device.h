@@ -32,6 +32,7 @@ class FaultInjectingDevice final : public BlockDevice {
   uint32_t alignment() const override { return inner_->alignment(); }
   bool read_only() const override { return inner_->read_only(); }
   const std::string& name() const override { return inner_->name(); }
+  void release_locks() override { inner_->release_locks(); }
 
   FaultInjector& injector() { return *injector_; }
 

@@ -57,6 +57,7 @@ class RecordingDevice final : public BlockDevice {
   uint32_t alignment() const override { return inner_->alignment(); }
   bool read_only() const override { return inner_->read_only(); }
   const std::string& name() const override { return inner_->name(); }
+  void release_locks() override { inner_->release_locks(); }
 
  protected:
   // Passes the driver's debug events on to the wrapped device.

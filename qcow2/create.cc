@@ -244,16 +244,20 @@ Task<Status> create_image(const std::string& path, const CreateOptions& o) {
     set_refcount_entry(block, c % per_block, h.refcount_order, 1);
   }
 
-  RawFileOptions fo{.read_only = false, .create = true};
-  auto file = RawFile::open(path, fo);
-  if (!file.ok()) co_return std::move(file).error();
-  UQ_CO_TRY((*file)->truncate(0));
-  UQ_CO_TRY(co_await (*file)->co_write(0, bytes_of(image)));
-  UQ_CO_TRY(co_await (*file)->co_flush());
-  if (!o.data_file.empty()) {
-    auto df = RawFile::open(resolve_relative(path, o.data_file), fo);
-    if (!df.ok()) co_return std::move(df).error().with_context("data_file");
-    UQ_CO_TRY((*df)->truncate(o.data_file_raw ? o.size : 0));
+  {
+    // QEMU's creation locks: an image another process uses is not truncated.
+    // Released at the end of this scope, before the image opens below.
+    RawFileOptions fo{.read_only = false, .create = true, .lock = kCreateLockPerms};
+    auto file = RawFile::open(path, fo);
+    if (!file.ok()) co_return std::move(file).error();
+    UQ_CO_TRY((*file)->truncate(0));
+    UQ_CO_TRY(co_await (*file)->co_write(0, bytes_of(image)));
+    UQ_CO_TRY(co_await (*file)->co_flush());
+    if (!o.data_file.empty()) {
+      auto df = RawFile::open(resolve_relative(path, o.data_file), fo);
+      if (!df.ok()) co_return std::move(df).error().with_context("data_file");
+      UQ_CO_TRY((*df)->truncate(o.data_file_raw ? o.size : 0));
+    }
   }
   if (o.preallocation == Preallocation::kOff) co_return Status();
 

@@ -124,7 +124,11 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   data_file_ = file_.get();
   if (header_.has_data_file()) {
     data_file_path_ = resolve_relative(file_->name(), *header_.data_file);
-    RawFileOptions ro{.read_only = true, .cache = options_.cache};
+    // Locked as the image's open mode says, as QEMU locks it, even while
+    // the data file itself is only read.
+    RawFileOptions ro{.read_only = true,
+                      .cache = options_.cache,
+                      .lock = lock_perms(options_, LockedFile::kDataFile)};
     auto df = RawFile::open(data_file_path_, ro);
     if (!df.ok()) co_return std::move(df).error().with_context("external data file");
     data_file_storage_ = std::move(df).value();
@@ -584,6 +588,8 @@ Task<Status> Qcow2Image::close() {
     if (status.ok() && !b.ok()) status = b;
   }
   crypto_.reset();  // wipes the key schedules; no request is in flight now
+  file_->release_locks();
+  if (data_file_storage_) data_file_storage_->release_locks();
   closed_ = true;
   co_return status;
 }

@@ -47,7 +47,10 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
   if (format != "qcow2" && format != "raw") {
     co_return Error(ENOTSUP, "format '" + format + "' is not supported (qcow2 and raw are)");
   }
-  RawFileOptions fo{.read_only = options.read_only, .cache = options.cache};
+  RawFileOptions fo{.read_only = options.read_only,
+                    .cache = options.cache,
+                    .lock = lock_perms(options, format == "raw" ? LockedFile::kRawImage
+                                                                : LockedFile::kQcow2Image)};
   auto file = RawFile::open(path, fo);
   if (!file.ok()) co_return std::move(file).error();
   if (format == "raw") {
@@ -63,7 +66,8 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
   }
   OpenOptions backing_options = options;
   backing_options.inject = nullptr;
-  backing_options.read_only = true;
+  backing_options.read_only = true;  // and locked as QEMU locks a read-only open
+  backing_options.resize = false;
   backing_options.snapshot.clear();
   auto opener = [backing_options, chain](const std::string& p, const std::string& fmt)
       -> Task<Result<std::unique_ptr<Disk>>> {
@@ -79,6 +83,7 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
 }  // namespace
 
 Task<Result<std::unique_ptr<Disk>>> open_disk(const std::string& path, OpenOptions options) {
+  UQ_CO_TRY(check_lock_options(options));
   co_return co_await open_layer(path, std::move(options), std::make_shared<std::set<std::string>>());
 }
 

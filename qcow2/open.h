@@ -15,7 +15,10 @@ Result<std::string> probe_format(const std::string& path);
 
 // Opens `path` with `options` (options.format forces the format). Backing
 // files open read-only with the same cache mode and their own probed or
-// recorded format; a loop in the chain is an error.
+// recorded format; a loop in the chain is an error. Every file (image, data
+// file, backing files) takes QEMU's locks for its open mode (lock_perms()):
+// an open that conflicts with another one fails with EAGAIN and QEMU's
+// message; force_share on a read-write open is EINVAL.
 Task<Result<std::unique_ptr<Disk>>> open_disk(const std::string& path, OpenOptions options);
 
 }  // namespace uqcow

@@ -94,6 +94,8 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
   if (key == "pass-discard-request") return flag(o.pass_discard_request);
   if (key == "pass-discard-snapshot") return flag(o.pass_discard_snapshot);
   if (key == "pass-discard-other") return flag(o.pass_discard_other);
+  if (key == "locking") return flag(o.locking);
+  if (key == "force-share") return flag(o.force_share);
   if (key == "inject") {
     auto rule = parse_fault_rule(value);
     if (!rule.ok()) return std::move(rule).error();
@@ -102,6 +104,41 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
     return Status();
   }
   return Error(EINVAL, "unknown runtime option '" + key + "'");
+}
+
+std::optional<LockPerms> lock_perms(const OpenOptions& o, LockedFile file) {
+  if (!o.locking) return std::nullopt;
+  LockPerms p;
+  if (!o.no_io) p.perm |= kPermConsistentRead;
+  if (!o.read_only) p.perm |= kPermWrite;
+  switch (file) {
+    case LockedFile::kQcow2Image:
+      // qcow2 grows its file as it allocates, and its metadata is only
+      // consistent if nobody else writes or resizes the file.
+      if (!o.read_only) p.perm |= kPermResize;
+      p.shared = kPermConsistentRead | kPermWriteUnchanged;
+      break;
+    case LockedFile::kRawImage:
+      if (o.resize) p.perm |= kPermResize;
+      p.shared = kPermAll;
+      break;
+    case LockedFile::kDataFile:
+      // qemu-img info does not open the data file at all.
+      if (o.no_io) return std::nullopt;
+      if (!o.read_only) p.perm |= kPermResize;
+      p.shared = kPermAll & ~kPermResize;
+      break;
+  }
+  if (o.force_share) p.shared = kPermAll;
+  if (p.perm == 0 && p.shared == kPermAll) return std::nullopt;  // not a single byte
+  return p;
+}
+
+Status check_lock_options(const OpenOptions& o) {
+  if (o.force_share && !o.read_only) {
+    return Error(EINVAL, "force-share=on can only be used with read-only images");
+  }
+  return Status();
 }
 
 }  // namespace uqcow

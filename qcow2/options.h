@@ -40,11 +40,33 @@ struct OpenOptions {
 
   std::string passphrase;  // for encrypted images (read from --passphrase-file)
 
+  // Image locking as QEMU's (uring/file_lock.h; the permissions are
+  // lock_perms() below). `locking` is QEMU's file.locking; `force_share` is
+  // -U: a read-only open that shares every permission, so it neither blocks
+  // nor is blocked by a writer; `no_io` is QEMU's BDRV_O_NO_IO (qemu-img
+  // info: metadata only, no consistent-read permission); `resize` is
+  // BDRV_O_RESIZE (qemu-img resize), which only changes a raw image's locks.
+  bool locking = true;
+  bool force_share = false;
+  bool no_io = false;
+  bool resize = false;
+
   // Fault injection (blkdebug rules, fault/fault_rule.h) on the top image's
   // file; null: none. Shared so the caller can read the rules' counters.
   // Never applied to backing files.
   std::shared_ptr<FaultInjector> inject;
 };
+
+// The files an image open locks, each with its driver's permissions.
+enum class LockedFile { kQcow2Image, kRawImage, kDataFile };
+
+// The locks QEMU 7.2 takes on `file` for an open with `options` (as qemu-img
+// and qemu-io take them, read with strace and /proc/locks); unset when the
+// open takes none. Backing files are opened with read_only set.
+std::optional<LockPerms> lock_perms(const OpenOptions& options, LockedFile file);
+
+// Refuses option combinations QEMU refuses: force-share on a read-write open.
+Status check_lock_options(const OpenOptions& options);
 
 // Parses "123", "64k", "1M", "1.5G", "2T" (binary multiples, as qemu-img;
 // "b"/"B" suffix means bytes). Errors name `what`.

@@ -61,12 +61,13 @@ Task<Result<BlockStatus>> RawDisk::block_status(uint64_t offset, uint64_t max_le
 }
 
 Task<Status> RawDisk::close() {
-  if (closed_ || file_->read_only()) {
-    closed_ = true;
-    co_return Status();
-  }
+  if (closed_) co_return Status();
   closed_ = true;
-  co_return co_await file_->co_flush();
+  // (No co_await inside ?: here: GCC 12 miscompiles it.)
+  Status flushed;
+  if (!file_->read_only()) flushed = co_await file_->co_flush();
+  file_->release_locks();
+  co_return flushed;
 }
 
 }  // namespace uqcow

@@ -57,6 +57,7 @@ TEST_P(CrashTest, KillDuringWritesLeavesAtMostLeaks) {
   ASSERT_TRUE(Succeeded(run_command({"qemu-io", "-c", "write -P 0x5c 0 8M", img})));
   for (int ms : {300, 700, 1500}) {
     kill_mid_write(img, {"--offset", "128M"}, ms);
+    ASSERT_TRUE(wait_unlocked(img)) << "the killed writer's image locks are still held";
     auto check = run_command({"qemu-img", "check", img});
     bool lazy = GetParam().find("lazy_refcounts=on") != std::string::npos;
     if (!lazy) {

@@ -339,6 +339,30 @@ std::optional<uint64_t> peek_be64(const std::string& path, uint64_t offset) {
   return failure;
 }
 
+std::set<int> held_lock_bytes(const std::string& path) {
+  std::set<int> held;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return held;
+  for (int b = 0; b < 300; ++b) {
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = b;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) held.insert(b);
+  }
+  ::close(fd);
+  return held;
+}
+
+bool wait_unlocked(const std::string& path, int timeout_ms) {
+  for (int waited = 0; waited < timeout_ms; waited += 5) {
+    if (held_lock_bytes(path).empty()) return true;
+    ::usleep(5000);
+  }
+  return held_lock_bytes(path).empty();
+}
+
 bool contains_icase(const std::string& haystack, const std::string& needle) {
   auto lower = [](std::string s) {
     for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <utility>
@@ -152,6 +153,15 @@ class ImageBuilder {
 // bytes there, instead of dumping everything.
 ::testing::AssertionResult SameBytes(std::span<const uint8_t> got, std::span<const uint8_t> want,
                                      uint64_t base = 0);
+
+// The bytes in 0..299 of `path` on which some open file description holds a
+// lock (QEMU's image-lock bytes, uring/file_lock.h), probed with F_OFD_GETLK
+// from a descriptor that holds none.
+std::set<int> held_lock_bytes(const std::string& path);
+// Waits up to `timeout_ms` until no lock is held on `path`. A killed uqcow
+// releases its locks when the kernel has finished the io_uring requests it
+// left in flight, which can be a moment after waitpid() returns.
+bool wait_unlocked(const std::string& path, int timeout_ms = 10000);
 
 // Case-insensitive substring test, for error messages.
 bool contains_icase(const std::string& haystack, const std::string& needle);

@@ -20,7 +20,7 @@ namespace {
 using qcow2::CheckResult;
 using qcow2::RepairMode;
 
-constexpr char kUsage[] = "uqcow check [-r leaks|all] [--output=human|json] [-f FMT] [-q] FILE";
+constexpr char kUsage[] = "uqcow check [-U] [-r leaks|all] [--output=human|json] [-f FMT] [-q] FILE";
 constexpr char kDescription[] =
     "Check the metadata of a qcow2 image: every refcount against the references to its\n"
     "cluster, and the L1/L2 entries. -r leaks frees leaked clusters; -r all also fixes\n"
@@ -102,21 +102,30 @@ void print_json(const CheckResult& r, const std::string& filename) {
   std::printf("%s}\n", out.c_str());
 }
 
-// Opens the image (read-write only to repair) and its external data file
-// (read-only: a repair never writes guest data), then checks.
+// Opens the image (read-write only to repair, as `options` says) and its
+// external data file (read-only: a repair never writes guest data; locked
+// as the image's mode says, as QEMU locks it), then checks.
 // With fault rules (--inject) the image file is wrapped in a fault injector.
-Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mode, CacheMode cache,
-                                         std::shared_ptr<FaultInjector> inject) {
-  auto raw = RawFile::open(path, {.read_only = mode == RepairMode::kNone, .cache = cache});
+Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mode, OpenOptions options) {
+  if (Status s = check_lock_options(options); !s.ok()) {
+    co_return s.error().with_context("Could not open '" + path + "'");
+  }
+  auto raw = RawFile::open(path, {.read_only = options.read_only,
+                                  .cache = options.cache,
+                                  .lock = lock_perms(options, LockedFile::kQcow2Image)});
   if (!raw.ok()) co_return std::move(raw).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<BlockDevice> file = std::move(raw).value();
-  if (inject && !inject->empty()) file = std::make_unique<FaultInjectingDevice>(std::move(file), inject);
+  if (options.inject && !options.inject->empty()) {
+    file = std::make_unique<FaultInjectingDevice>(std::move(file), options.inject);
+  }
   auto header = co_await qcow2::read_image_header(*file);
   if (!header.ok()) co_return std::move(header).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<RawFile> data_file;
   if (header->has_data_file()) {
     std::string data_path = qcow2::resolve_relative(path, *header->data_file);
-    auto df = RawFile::open(data_path, {.read_only = true, .cache = cache});
+    auto df = RawFile::open(data_path, {.read_only = true,
+                                        .cache = options.cache,
+                                        .lock = lock_perms(options, LockedFile::kDataFile)});
     if (!df.ok()) co_return std::move(df).error().with_context("Could not open external data file");
     data_file = std::move(df).value();
   }
@@ -183,7 +192,7 @@ int cmd_check(int argc, char** argv) {
   if (format == "raw") return fail("This image format does not support checks", kExitUnsupported);
   if (format != "qcow2") return fail("Unknown driver '" + format + "' (qcow2 and raw are supported)");
 
-  auto result = run(open_and_check(path, mode, options->cache, options->inject));
+  auto result = run(open_and_check(path, mode, std::move(*options)));
   if (!result.ok()) return fail(result.error().message());
   return report(*result, path, output == "json", args.has("-q"));
 }

@@ -127,7 +127,8 @@ std::string Args::help() const {
 void add_open_flags(Args& args) {
   args.option("-f,--format", "image format: qcow2 or raw (default: probe)", "FMT")
       .option("-t,--cache", "cache mode: writeback (default) or none (O_DIRECT)", "CACHE")
-      .flag("-U,--force-share", "accepted for qemu-img compatibility (no locking is done)")
+      .flag("-U,--force-share", "open read-only beside a writer: take no lock that conflicts "
+            "(QEMU's image locking; refused for a read-write open)")
       .option("--passphrase-file", "file holding the passphrase of an encrypted image", "FILE")
       .option("--l2-cache-size", "L2 cache size (default: covers the disk, max 32M)", "SIZE")
       .option("--l2-cache-entry-size", "L2 cache entry (slice) size (default 4K)", "SIZE")
@@ -143,6 +144,7 @@ void add_open_flags(Args& args) {
 Result<OpenOptions> open_options(const Args& args, bool read_only) {
   OpenOptions o;
   o.read_only = read_only;
+  o.force_share = args.has("-U");
   o.format = args.get_or("-f", "");
   if (auto t = args.get("-t")) {
     auto mode = parse_cache_mode(*t);

@@ -56,8 +56,8 @@ class Args {
   bool help_requested_ = false;
 };
 
-// Adds the flags every image-opening subcommand shares: -f, -t, -U (accepted
-// for qemu-img compatibility), --passphrase-file, and the runtime options
+// Adds the flags every image-opening subcommand shares: -f, -t, -U (force
+// share: QEMU's image locking, see OpenOptions), --passphrase-file, and the runtime options
 // with QEMU's names (--l2-cache-size, --l2-cache-entry-size,
 // --refcount-cache-size, --cache-clean-interval, --lazy-refcounts,
 // --overlap-check) plus --image-opt KEY=VALUE for any of them, and

@@ -27,7 +27,7 @@
 namespace uqcow::cli {
 namespace {
 
-constexpr char kUsage[] = "uqcow compare [-f FMT] [-F FMT] [-s] [-p] [-q] FILE1 FILE2";
+constexpr char kUsage[] = "uqcow compare [-U] [-f FMT] [-F FMT] [-s] [-p] [-q] FILE1 FILE2";
 constexpr char kDescription[] =
     "Compares the guest-visible content of FILE1 and FILE2 (through their backing chains).\n"
     "Exit status: 0 identical, 1 different, 2 cannot open, 3 block status error, 4 read error.\n"

@@ -32,7 +32,7 @@ namespace uqcow::cli {
 namespace {
 
 constexpr char kUsage[] =
-    "uqcow convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
+    "uqcow convert [-U] [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
 constexpr char kDescription[] =
     "Copies the guest-visible content of SRC (through its backing chain) to DST, which is\n"
     "created or truncated: a sparse raw file (-O raw, the default) or a qcow2 image without\n"
@@ -187,7 +187,7 @@ Task<Status> copy(Disk& src, Target& target, bool progress) {
 }
 
 Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress) {
-  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true});
+  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true, .lock = kCreateLockPerms});
   if (!dst.ok()) co_return std::move(dst).error();
   // Truncating to 0 first drops whatever DST held: every byte not written
   // below must read as zero.

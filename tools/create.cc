@@ -36,7 +36,7 @@ Task<Status> create_raw(const std::string& path, uint64_t size, const std::strin
       co_return Error(EINVAL, "preallocation: '" + prealloc + "' is not off, falloc or full");
     }
   }
-  auto file = RawFile::open(path, {.read_only = false, .create = true});
+  auto file = RawFile::open(path, {.read_only = false, .create = true, .lock = kCreateLockPerms});
   if (!file.ok()) co_return std::move(file).error();
   UQ_CO_TRY((*file)->truncate(0));
   UQ_CO_TRY((*file)->truncate(size));

@@ -26,7 +26,7 @@
 namespace uqcow::cli {
 namespace {
 
-constexpr char kUsage[] = "uqcow info [-f FMT] [--output=human|json] [--backing-chain] FILE";
+constexpr char kUsage[] = "uqcow info [-U] [-f FMT] [--output=human|json] [--backing-chain] FILE";
 constexpr char kDescription[] =
     "Shows what 'qemu-img info' shows about FILE: sizes, cluster size, backing file,\n"
     "snapshots and the format specific information. --backing-chain also shows every\n"
@@ -596,6 +596,7 @@ int cmd_info(int argc, char** argv) {
   }
   auto options = open_options(args, /*read_only=*/true);
   if (!options.ok()) return fail(options.error());
+  options->no_io = true;  // metadata only: locked as qemu-img info locks
   return run(info_task(args.positional()[0], std::move(*options), output == "json",
                        args.has("--backing-chain")));
 }

@@ -31,7 +31,7 @@
 namespace uqcow::cli {
 namespace {
 
-constexpr char kUsage[] = "uqcow io [-r] [-f FMT] [-t CACHE] [-c CMD]... FILE";
+constexpr char kUsage[] = "uqcow io [-r [-U]] [-f FMT] [-t CACHE] [-c CMD]... FILE";
 constexpr char kDescription[] =
     "Runs qemu-io style commands on FILE, in order (without -c, reads them from stdin).\n"
     "Without -r the image is opened read-write. Run -c help for the commands.";

@@ -17,7 +17,7 @@ namespace {
 enum class OutputFormat { kHuman, kJson };
 
 constexpr char kUsage[] =
-    "uqcow map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LEN] FILE";
+    "uqcow map [-U] [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LEN] FILE";
 constexpr char kDescription[] =
     "Prints the allocation map of FILE through its backing chain, as 'qemu-img map' does.\n"
     "The human format lists the data extents with their host offsets; the json format lists\n"

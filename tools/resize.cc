@@ -57,6 +57,7 @@ int cmd_resize(int argc, char** argv) {
   auto o = open_options(args, false);
   if (!o.ok()) return fail(o.error().message());
   o->no_backing = true;
+  o->resize = true;
   Status s = run(resize(args.positional()[0], *o, args.positional()[1], args.has("--shrink")));
   if (!s.ok()) return fail(s);
   if (!args.has("-q")) std::printf("Image resized.\n");

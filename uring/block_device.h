@@ -50,6 +50,10 @@ class BlockDevice {
   virtual uint32_t alignment() const = 0;
   virtual bool read_only() const = 0;
   virtual const std::string& name() const = 0;
+  // Drops the image locks the device holds (uring/file_lock.h). The format's
+  // close() calls it once no request is in flight; the locks go as they do
+  // when QEMU closes the image, not only when the object is destroyed.
+  virtual void release_locks() {}
 
   // QEMU's BLKDBG_EVENT: the format driver is about to do the step `event`
   // (its I/O follows). Costs one load and a predictable branch unless a

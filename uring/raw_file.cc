@@ -41,6 +41,12 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
     ::close(fd);
     return Error(EISDIR, path + " is a directory");
   }
+  if (options.lock) {
+    if (Status locked = lock_file(fd, path, *options.lock); !locked.ok()) {
+      ::close(fd);
+      return locked.error();
+    }
+  }
   uint32_t alignment = 1;
   if (options.cache == CacheMode::kNone) {
     alignment = 512;
@@ -57,6 +63,10 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
 }
 
 RawFile::~RawFile() { ::close(fd_); }
+
+void RawFile::release_locks() {
+  if (options_.lock) unlock_file(fd_);
+}
 
 Error RawFile::io_error(int err, const char* what, uint64_t offset, uint64_t len) const {
   return errno_error(err, std::string(what) + " " + path_ + " at offset " + std::to_string(offset) +

@@ -3,16 +3,20 @@
 //
 // Cache modes follow QEMU's -t: `writeback` uses the page cache, `none` opens
 // with O_DIRECT (the page cache is bypassed; flush still issues fdatasync).
+// With RawFileOptions::lock the file takes QEMU's OFD locks when it opens and
+// releases them when it closes.
 // With O_DIRECT, requests that are not aligned to alignment() are bounced
 // through an aligned buffer (a read-modify-write for writes, serialised
 // against other unaligned writes of this file).
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "engine/co_mutex.h"
 #include "uring/block_device.h"
+#include "uring/file_lock.h"
 
 namespace uqcow {
 
@@ -27,6 +31,10 @@ struct RawFileOptions {
   bool create = false;      // O_CREAT (no O_TRUNC: truncate() explicitly)
   bool exclusive = false;   // with create: fail if the file exists
   CacheMode cache = CacheMode::kWriteback;
+  // QEMU's image locks (uring/file_lock.h), held for the file's lifetime;
+  // unset: no locking (QEMU's locking=off). Which permissions an open takes
+  // is the format layer's decision.
+  std::optional<LockPerms> lock;
 };
 
 class RawFile final : public BlockDevice {
@@ -48,6 +56,7 @@ class RawFile final : public BlockDevice {
   uint32_t alignment() const override { return alignment_; }
   bool read_only() const override { return options_.read_only; }
   const std::string& name() const override { return path_; }
+  void release_locks() override;
 
   int fd() const { return fd_; }
 
