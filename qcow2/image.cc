@@ -567,8 +567,8 @@ Task<void> Qcow2Image::clean_timer() {
 
 Task<Status> Qcow2Image::close() {
   if (closed_) co_return Status();
-  // Requests still in flight finish first, and none starts after. Their deferred frees are then all due and
-  // the flush below releases them.
+  // Requests still in flight finish first, and none starts after; the
+  // flush below then releases every deferred free.
   co_await requests_.drain();  // a drained section that never ends
   closing_ = true;
   if (clean_sleep_) (void)co_await uring::TimeoutRemoveOp(clean_sleep_);
