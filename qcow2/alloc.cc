@@ -365,6 +365,11 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     // The refcounts of the new clusters reach the disk before these entries.
     UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
   }
+  // The guest data and copy-on-write data these entries will point at are
+  // written, but not durable yet: they must be before the entries are, or a
+  // crash leaves entries that point at stale contents (old data of the
+  // cluster, or another offset's). QEMU orders only the COW this way.
+  l2_cache_->set_depends_on_flush();
   std::vector<uint64_t> to_free;
   for (uint64_t k = 0; k < plan.nb_clusters; ++k) {
     const uint64_t guest = first_guest + k * cs;

@@ -138,6 +138,7 @@ Task<Result<MetadataCache::Ref>> MetadataCache::get(uint64_t offset, bool fresh)
     if (!entries_[i].loading) {
       ++stats_.hits;
       touch(i);
+      if (fresh) std::memset(data(i), 0, entry_size_);
       co_return Ref(this, i);
     }
     co_await load_waiters_.wait();  // re-check: the load may have failed
@@ -211,6 +212,7 @@ Task<Status> MetadataCache::flush_dependency() {
   }
   if (depends_on_flush_) {
     UQ_CO_TRY(co_await file_.co_flush());
+    if (also_sync_) UQ_CO_TRY(co_await also_sync_->co_flush());
     depends_on_flush_ = false;
   }
   co_return Status();
@@ -263,6 +265,10 @@ void MetadataCache::discard(uint64_t offset) {
   uint32_t i = find(offset);
   if (i == kNone || entries_[i].ref != 0 || entries_[i].loading) return;
   drop(i);
+}
+
+void MetadataCache::discard_range(uint64_t offset, uint64_t length) {
+  for (uint64_t off = offset; off < offset + length; off += entry_size_) discard(off);
 }
 
 unsigned MetadataCache::clean_unused() {

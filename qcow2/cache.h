@@ -66,7 +66,8 @@ class MetadataCache {
   const uint8_t* lookup(uint64_t offset);
 
   // Slow path: returns the entry for `offset`, reading it from the file on a
-  // miss; zero-filled instead of read when `fresh` (a newly allocated table).
+  // miss; zero-filled instead of read when `fresh` (a newly allocated table:
+  // zero-filled on a hit too, whatever a stale entry held).
   // Errors: the read's error, or EBUSY if every entry is pinned or loading.
   Task<Result<Ref>> get(uint64_t offset, bool fresh = false);
 
@@ -81,12 +82,18 @@ class MetadataCache {
   Task<Status> depend_on(MetadataCache& dep);
   // Flushes the cache this one depends on (and syncs), then forgets it.
   Task<Status> flush_dependency();
-  // Requires a file sync before the next write of this cache.
+  // Requires a file sync before the next write of this cache (QEMU's
+  // qcow2_cache_depends_on_flush): e.g. guest data an L2 entry now points
+  // at must be durable before the entry is.
   void set_depends_on_flush() { depends_on_flush_ = true; }
+  // A second device that such a sync covers too (an external data file).
+  void set_also_sync(BlockDevice* device) { also_sync_ = device; }
 
   // Drops the entry for `offset` if cached and clean and unpinned (e.g. the
   // cluster was freed). A dirty entry is dropped without writeback.
   void discard(uint64_t offset);
+  // discard() of every entry in [offset, offset + length).
+  void discard_range(uint64_t offset, uint64_t length);
   // Drops clean, unpinned entries that have not been used since the previous
   // call (cache-clean-interval), returning their memory to the system.
   unsigned clean_unused();
@@ -152,6 +159,7 @@ class MetadataCache {
   uint32_t lru_head_ = kNone, lru_tail_ = kNone;
   MetadataCache* depends_on_ = nullptr;
   bool depends_on_flush_ = false;
+  BlockDevice* also_sync_ = nullptr;
   MetadataWriteCheck* write_check_ = nullptr;
   BlkDebugEvent load_event_ = BlkDebugEvent::kL2Load;
   BlkDebugEvent update_event_ = BlkDebugEvent::kL2Update;

@@ -395,6 +395,26 @@ TEST_F(CacheTest, FreshGetIsZeroFilledWithoutReading) {
   EXPECT_EQ(file_bytes(65536, 4096)[0], file_byte(65536)) << "and the file is untouched";
 }
 
+// A table freed and reallocated at the same offset: the new table is fresh,
+// whatever the cache still held for the old one (its stale entries would
+// otherwise come back as the new table's content).
+TEST_F(CacheTest, FreshGetOfACachedEntryIsZeroFilled) {
+  auto cache = make(4096, 4);
+  ASSERT_TRUE(cache);
+  ASSERT_NO_FATAL_FAILURE(touch(*cache, 8192));
+  auto ref = get(*cache, 8192, /*fresh=*/true);
+  ASSERT_TRUE(ref.ok()) << ref.error().message();
+  EXPECT_EQ(entry_bytes(ref->data(), 4096), std::vector<uint8_t>(4096, 0));
+}
+
+TEST_F(CacheTest, DiscardRangeDropsEverySliceOfACluster) {
+  auto cache = make(4096, 8);
+  ASSERT_TRUE(cache);
+  for (uint64_t off : {0, 4096, 8192, 12288, 16384}) ASSERT_NO_FATAL_FAILURE(touch(*cache, off));
+  cache->discard_range(0, 16384);  // one 16 KiB cluster: four slices
+  EXPECT_EQ(cache->lru_order(), (Offsets{16384}));
+}
+
 TEST_F(CacheTest, ConcurrentGetsOfOneEntryReadItOnce) {
   auto cache = make(4096, 4);
   ASSERT_TRUE(cache);

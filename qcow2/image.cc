@@ -149,6 +149,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   if (!l2.ok()) co_return std::move(l2).error();
   l2_cache_ = std::move(l2).value();
   l2_cache_->set_debug_events(BlkDebugEvent::kL2Load, BlkDebugEvent::kL2Update);
+  if (data_file_ != file_.get()) l2_cache_->set_also_sync(data_file_);
   auto rc = MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
                                   static_cast<uint32_t>(rc_entries));
   if (!rc.ok()) co_return std::move(rc).error();

@@ -228,8 +228,11 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
         // The partly filled compressed-data cluster is gone: never pack more
         // compressed data into a cluster that may be reallocated whole.
         if (free_byte_offset_ && (free_byte_offset_ >> geo_.cluster_bits) == c) free_byte_offset_ = 0;
-        l2_cache_->discard(c << geo_.cluster_bits);
-        refcount_cache_->discard(c << geo_.cluster_bits);
+        // Every cached slice of a freed table goes (not only the first): a
+        // stale slice would otherwise come back as the content of whatever
+        // table is allocated here next.
+        l2_cache_->discard_range(c << geo_.cluster_bits, geo_.cluster_size);
+        refcount_cache_->discard_range(c << geo_.cluster_bits, geo_.cluster_size);
         overlap_remove(c << geo_.cluster_bits, geo_.cluster_size);
         if (discard_freed) pending_discards_.push_back(c << geo_.cluster_bits);
       }

@@ -239,6 +239,8 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
           s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
                              " was allocated while a compressed write to it was in flight");
         } else {
+          // The compressed data is durable before the entry (see link_l2).
+          l2_cache_->set_depends_on_flush();
           file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
           store_be64(p, l2e);
           if (geo_.extended_l2) store_be64(p + 8, 0);
