@@ -21,6 +21,9 @@
 
 namespace uqcow::testing {
 
+// The wire constants, written down again from the NBD protocol on purpose:
+// the client is an independent check of the server, so it does not share
+// nbd/protocol.h (a wrong constant there would be wrong on both sides).
 namespace nbd_wire {
 constexpr uint32_t kRequestMagic = 0x25609513u;
 constexpr uint32_t kSimpleReplyMagic = 0x67446698u;

@@ -4,9 +4,16 @@
 #include <memory>
 #include <random>
 
-#include "tests/sim/host_tools.h"
+#include "tests/testutil.h"
 
 namespace uqcow::sim {
+
+using testing::CommandResult;
+using testing::find_tool;
+using testing::read_file;
+using testing::run_command;
+using testing::TempDir;
+using testing::write_file;
 namespace {
 
 constexpr uint64_t KiB = 1024, MiB = 1024 * 1024;
@@ -83,12 +90,9 @@ struct Builder {
   explicit Builder(LayoutImages& out) : out(out), dir("sim-layout") {}
   bool run(const std::vector<std::string>& argv) {
     if (!out.error.empty()) return false;
+    // (run_command retries qemu-img's LUKS "Unable to get accurate CPU
+    // usage" flake itself.)
     CommandResult r = run_command(argv, dir.path());
-    // LUKS creation times a PBKDF, which sometimes fails with "Unable to get
-    // accurate CPU usage": try again.
-    for (int retry = 0; retry < 4 && r.output.find("accurate CPU usage") != std::string::npos; ++retry) {
-      r = run_command(argv, dir.path());
-    }
     out.script += r.command + "\n";
     if (!r.ok()) out.error = r.describe();
     return r.ok();
@@ -104,7 +108,7 @@ struct Builder {
 
 void build_images(const Layout& l, LayoutImages& out) {
   for (const char* tool : {"qemu-img", "qemu-io"}) {
-    if (!have_tool(tool)) {
+    if (!find_tool(tool)) {
       out.missing_tool = tool;
       out.error = std::string(tool) + " is not installed (tools/bootstrap.sh installs qemu-utils)";
       return;

@@ -5,10 +5,17 @@
 #include <cstring>
 #include <set>
 
-#include "tests/sim/host_tools.h"
+#include "tests/testutil.h"
 #include "tests/sim/seed_run.h"
 
 namespace uqcow::sim {
+
+using testing::CommandResult;
+using testing::find_tool;
+using testing::read_file;
+using testing::run_command;
+using testing::TempDir;
+using testing::write_file;
 namespace {
 
 constexpr uint64_t kReadChunk = 1 << 20;
