@@ -155,7 +155,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     if (!waited) break;
   }
   UQ_CO_TRY(check_writable(offset, len));
-  UQ_CO_TRY(co_await release_deferred_frees());
+  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();

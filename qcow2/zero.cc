@@ -77,7 +77,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
   // new allocation can start on the range.
   co_await wait_for_allocations(geo_.start_of_cluster(offset), end, guard);
   UQ_CO_TRY(check_writable(offset, len));
-  UQ_CO_TRY(co_await release_deferred_frees());
+  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   std::vector<uint64_t> to_free;
   std::vector<std::pair<uint64_t, uint64_t>> zero_by_writing;  // (offset, length)
@@ -192,7 +192,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
     if (!waited) break;
   }
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
-  UQ_CO_TRY(co_await release_deferred_frees());
+  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();
