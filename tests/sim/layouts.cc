@@ -13,7 +13,6 @@ using testing::find_tool;
 using testing::read_file;
 using testing::run_command;
 using testing::TempDir;
-using testing::write_file;
 namespace {
 
 constexpr uint64_t KiB = 1024, MiB = 1024 * 1024;

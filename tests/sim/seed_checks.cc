@@ -11,7 +11,6 @@
 namespace uqcow::sim {
 
 using testing::CommandResult;
-using testing::find_tool;
 using testing::read_file;
 using testing::run_command;
 using testing::TempDir;
