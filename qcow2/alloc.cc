@@ -20,16 +20,10 @@
 #include <cstring>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
-namespace {
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%" PRIx64, v);
-  return buf;
-}
-}  // namespace
 
 // What one step of an allocating write does to a run of clusters.
 struct Qcow2Image::ClusterPlan {
@@ -182,11 +176,14 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   uint64_t host0 = l2e0 & kL2OffsetMask;
   bool compressed0 = l2e0 & kOflagCompressed;
   bool copied0 = (l2e0 & kOflagCopied) && !compressed0 && l2_has_host(l2e0, header_.has_data_file());
-  if (copied0 && (host0 & (geo_.cluster_size - 1))) {
-    co_return co_await mark_corrupt("L2 entry " + std::to_string(l2e0) + " is not cluster aligned");
+  // Every entry this write replaces or keeps is judged as the read path
+  // judges it (QEMU's calculate_l2_meta): damage met here marks the image
+  // corrupt before anything is written through it.
+  if (const char* why = l2_entry_problem(l2e0, bm0)) {
+    co_return fatal_corruption(bad_l2_entry(slice, index, l2e0, why));
   }
   auto decoded = decode_l2(ref->data(), slice, offset, len);
-  if (!decoded.ok()) co_return std::move(decoded).error();
+  if (!decoded.ok()) co_return fatal_corruption(std::move(decoded).error());
   plan.first_old = *decoded;
 
   if (copied0) {
@@ -207,6 +204,9 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
       uint64_t e, bm;
       entry_at(nb, e, bm);
       if ((e & kOflagCopied) && !(e & kOflagCompressed) && l2_has_host(e, header_.has_data_file())) break;
+      if (const char* why = l2_entry_problem(e, bm)) {
+        co_return fatal_corruption(bad_l2_entry(slice, index + nb, e, why));
+      }
       plan.old_l2e.push_back(e);
       plan.old_bitmap.push_back(bm);
     }
@@ -223,7 +223,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
       if (!t.ok()) co_return std::move(t).error();
       tail = decode_l2(t->data(), slice, last_guest, 1);
     }
-    if (!tail.ok()) co_return std::move(tail).error();
+    if (!tail.ok()) co_return fatal_corruption(std::move(tail).error());
     plan.last_old = *tail;
   }
   if (plan.kind == ClusterPlan::Kind::kNewClusters) {
@@ -424,8 +424,8 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   const uint64_t l1e = l1_[l1_index];
   const uint64_t old_l2 = l1e & kL1OffsetMask;
   if (old_l2 & (geo_.cluster_size - 1)) {
-    co_return co_await mark_corrupt("L2 table offset " + std::to_string(old_l2) + " unaligned (L1 index " +
-                                    std::to_string(l1_index) + ")");
+    co_return fatal_corruption(corruption("L2 table offset " + hex(old_l2) + " unaligned (L1 index " +
+                                          std::to_string(l1_index) + ")"));
   }
   if (old_l2 && (l1e & kOflagCopied)) co_return old_l2;
 

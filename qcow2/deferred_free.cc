@@ -23,6 +23,7 @@
 #include <algorithm>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
@@ -85,7 +86,10 @@ Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
   uint64_t host = l2e & kL2OffsetMask;
   if (!host) co_return Status();
   if (host & (geo_.cluster_size - 1)) {
-    co_return co_await mark_corrupt("cannot free unaligned cluster " + std::to_string(host));
+    // QEMU's decision: not fatal. The entry is already unlinked; the cluster
+    // it named is leaked (check -r leaks reclaims it), nothing is marked.
+    nonfatal_corruption("cannot free unaligned cluster " + hex(host));
+    co_return Status();
   }
   co_return co_await update_refcount(host, geo_.cluster_size, -1, discard);
 }

@@ -146,11 +146,16 @@ inline bool l2_has_host(uint64_t l2e, bool data_file) {
 // entry is `l2e` and extended bitmap is `bitmap` (0 without extended L2).
 // `v3` is false for compat=0.10 images, which have no zero flag; `data_file`
 // is true for images with an external data file.
+//
+// As QEMU's qcow2_get_subcluster_type(), validity is a property of the whole
+// cluster: a bitmap with any subcluster both "zero" and "allocated", or an
+// "allocated" bit without a host cluster, makes every subcluster invalid, so
+// a write anywhere in the cluster meets the damage a read would. The bitmap
+// of a compressed cluster is unused and ignored, as QEMU ignores it (check
+// reports it).
 inline SubclusterType subcluster_type(const Geometry& g, uint64_t l2e, uint64_t bitmap,
                                       uint32_t sc, bool v3, bool data_file = false) {
-  if (l2e & kOflagCompressed) {
-    return bitmap == 0 ? SubclusterType::kCompressed : SubclusterType::kInvalid;
-  }
+  if (l2e & kOflagCompressed) return SubclusterType::kCompressed;
   bool host = l2_has_host(l2e, data_file);
   if (!g.extended_l2) {
     if (l2e & kOflagZero) {
@@ -160,14 +165,16 @@ inline SubclusterType subcluster_type(const Geometry& g, uint64_t l2e, uint64_t 
     }
     return host ? SubclusterType::kNormal : SubclusterType::kUnallocatedPlain;
   }
-  bool alloc = (bitmap >> sc) & 1;
-  bool zero = (bitmap >> (sc + 32)) & 1;
+  const uint64_t alloc_bits = bitmap & 0xffffffffull;
+  const uint64_t zero_bits = bitmap >> 32;
+  bool alloc = (alloc_bits >> sc) & 1;
+  bool zero = (zero_bits >> sc) & 1;
   if (host) {
-    if (alloc && zero) return SubclusterType::kInvalid;
+    if (alloc_bits & zero_bits) return SubclusterType::kInvalid;
     if (zero) return SubclusterType::kZeroAlloc;
     return alloc ? SubclusterType::kNormal : SubclusterType::kUnallocatedAlloc;
   }
-  if (alloc) return SubclusterType::kInvalid;
+  if (alloc_bits) return SubclusterType::kInvalid;
   return zero ? SubclusterType::kZeroPlain : SubclusterType::kUnallocatedPlain;
 }
 

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 
 namespace uqcow::qcow2 {
 namespace {
@@ -13,11 +14,6 @@ Error invalid(const std::string& field, const std::string& problem) {
   return Error(EINVAL, "invalid qcow2 image: " + field + ": " + problem);
 }
 
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 // Byte offsets of the header fields (docs/interop/qcow2.txt, "Header").
 enum HeaderOffset : size_t {

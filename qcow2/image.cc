@@ -9,6 +9,7 @@
 #include "engine/sync_wait.h"
 #include "qcow2/compress.h"
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/path.h"
 
 namespace uqcow::qcow2 {
@@ -20,11 +21,6 @@ constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
 constexpr uint64_t kMaxCacheEntries = INT32_MAX;
 constexpr uint64_t kFirstReadBytes = 64 << 10;
 
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
@@ -72,6 +68,29 @@ Qcow2Image::~Qcow2Image() {
 
 Error Qcow2Image::corruption(const std::string& what) {
   return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: " + what);
+}
+
+Error Qcow2Image::fatal_corruption(Error e) {
+  if (options_.read_only) return e;
+  if (corrupt_) return Error(e.code(), e.message() + " (the image is marked corrupt)");
+  corrupt_ = true;
+  // The bit goes through the metadata lock, which the caller may hold: it
+  // lands after any header update in progress (the lazy-refcounts dirty
+  // bit), which would otherwise overwrite it. close() joins the task.
+  background_.spawn([](Qcow2Image* self) -> Task<void> {
+    auto guard = co_await self->lock_.scoped_lock();
+    (void)co_await self->write_header_incompatible(self->header_.incompatible_features | kIncompatCorrupt);
+    (void)co_await self->file_->co_flush();
+  }(this));
+  return Error(e.code(), e.message() + "; the image is marked corrupt");
+}
+
+void Qcow2Image::nonfatal_corruption(const std::string& what) {
+  // QEMU reports the first non-fatal event and suppresses the rest.
+  if (nonfatal_reported_) return;
+  nonfatal_reported_ = true;
+  std::fprintf(stderr, "uqcow: qcow2 image %s is corrupt: %s; further non-fatal corruption events will be "
+               "suppressed\n", file_->name().c_str(), what.c_str());
 }
 
 const std::string& Qcow2Image::data_file_name() const { return data_file_path_; }
@@ -273,6 +292,29 @@ uint64_t Qcow2Image::slice_offset(uint64_t l2_table, uint64_t offset) const {
   return l2_table + slice * cache_sizes_.l2_entry_size;
 }
 
+const char* Qcow2Image::l2_entry_problem(uint64_t l2e, uint64_t bitmap) const {
+  const bool df = header_.has_data_file();
+  if (l2e & kOflagCompressed) return df ? "compressed cluster in an image with an external data file" : nullptr;
+  const bool host = l2_has_host(l2e, df);
+  const uint64_t alloc_bits = bitmap & 0xffffffffull;
+  if (!geo_.extended_l2) {
+    if ((l2e & kOflagZero) && !v3_) return "zero flag in a compat=0.10 image";
+  } else if (host && (alloc_bits & (bitmap >> 32))) {
+    return "a subcluster is both allocated and zero";
+  } else if (!host && alloc_bits) {
+    return "subclusters allocated without a host cluster";
+  }
+  if (host && ((l2e & kL2OffsetMask) & (geo_.cluster_size - 1))) {
+    return "cluster allocation offset is not cluster aligned";
+  }
+  return nullptr;
+}
+
+Error Qcow2Image::bad_l2_entry(uint64_t slice_host, uint64_t index, uint64_t l2e, const char* why) const {
+  return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 entry " + hex(l2e) + " (L2 slice " +
+                        hex(slice_host) + ", index " + std::to_string(index) + "): " + why);
+}
+
 Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host, uint64_t offset,
                                       uint64_t max_bytes) const {
   const uint64_t entries_per_slice = 1ull << slice_bits_;
@@ -286,10 +328,6 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
     l2e = load_be64(p);
     bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
   };
-  auto bad_entry = [&](uint64_t i, uint64_t l2e, const char* why) {
-    return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 entry " + hex(l2e) + " (L2 slice " +
-                          hex(slice_host) + ", index " + std::to_string(i) + "): " + why);
-  };
 
   uint64_t l2e, bitmap;
   entry(index, l2e, bitmap);
@@ -298,9 +336,10 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
   SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_, df);
   Mapping m;
   m.type = type;
-  if (type == SubclusterType::kInvalid) return bad_entry(index, l2e, "invalid flag combination");
+  if (type == SubclusterType::kInvalid || (type == SubclusterType::kCompressed && df)) {
+    return bad_l2_entry(slice_host, index, l2e, l2_entry_problem(l2e, bitmap));
+  }
   if (type == SubclusterType::kCompressed) {
-    if (header_.has_data_file()) return bad_entry(index, l2e, "compressed cluster in an image with a data file");
     m.host_offset = l2e;
     m.bytes = std::min(max_bytes, geo_.cluster_size - in_cluster);
     return m;
@@ -309,7 +348,7 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
   bool has_host = type == SubclusterType::kNormal || type == SubclusterType::kZeroAlloc ||
                   type == SubclusterType::kUnallocatedAlloc;
   if (has_host && (host & (geo_.cluster_size - 1))) {
-    return bad_entry(index, l2e, "cluster allocation offset is not cluster aligned");
+    return bad_l2_entry(slice_host, index, l2e, "cluster allocation offset is not cluster aligned");
   }
   if (has_host) m.host_offset = host + in_cluster;
   m.copied = (l2e & kOflagCopied) != 0;
@@ -362,7 +401,7 @@ Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) 
   auto guard = co_await lock_.scoped_lock();
   // Re-read the L1 entry under the lock: it may have changed while waiting.
   auto l2 = l2_table_of(offset);
-  if (!l2.ok()) co_return std::move(l2).error();
+  if (!l2.ok()) co_return fatal_corruption(std::move(l2).error());
   if (*l2 == 0) {
     Result<Mapping> m = Mapping{};
     map_fast(offset, max_bytes, m);
@@ -371,12 +410,15 @@ Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) 
   uint64_t slice = slice_offset(*l2, offset);
   auto ref = co_await l2_cache_->get(slice);
   if (!ref.ok()) co_return std::move(ref).error();
-  co_return decode_l2(ref->data(), slice, offset, max_bytes);
+  auto m = decode_l2(ref->data(), slice, offset, max_bytes);
+  if (!m.ok()) co_return fatal_corruption(std::move(m).error());
+  co_return m;
 }
 
 Task<Result<Mapping>> Qcow2Image::map_range(uint64_t offset, uint64_t max_bytes) {
+  // A damaged entry takes the slow path, which marks the image corrupt.
   Result<Mapping> m = Mapping{};
-  if (map_fast(offset, max_bytes, m)) co_return m;
+  if (map_fast(offset, max_bytes, m) && m.ok()) co_return m;
   co_return co_await map_slow(offset, max_bytes);
 }
 
@@ -404,7 +446,8 @@ Task<Status> Qcow2Image::read_range(uint64_t offset, std::span<std::byte> buf, E
   }
   while (!buf.empty()) {
     Result<Mapping> m = Mapping{};
-    if (!map_fast(offset, buf.size(), m)) m = co_await map_slow(offset, buf.size());
+    // A damaged entry takes the slow path too, which marks the image corrupt.
+    if (!map_fast(offset, buf.size(), m) || !m.ok()) m = co_await map_slow(offset, buf.size());
     if (!m.ok()) co_return std::move(m).error();
     size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
     assert(n > 0 && "a mapping always covers at least one byte");

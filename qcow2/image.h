@@ -128,6 +128,9 @@ class Qcow2Image final : public Disk {
  private:
   const Snapshot* find_snapshot(const std::string& id_or_name) const;
   Status check_snapshot_support() const;
+  // Refuses (EIO, nothing changed) when a cluster `l1` reaches lies beyond
+  // the end of the image file; marks the image corrupt on a damaged entry.
+  Task<Status> check_mapping_in_file(const std::vector<uint64_t>& l1);
   Task<Status> snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend, bool discard);
   Task<Status> snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed);
   Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
@@ -169,6 +172,11 @@ class Qcow2Image final : public Disk {
   Task<Status> select_snapshot(const std::string& id_or_name);
   Task<Status> load_l1(uint64_t offset, uint32_t entries);
 
+  // Why an L2 entry (and its extended bitmap) is damaged, as the read and
+  // the write path judge it (QEMU's qcow2_get_subcluster_type plus the
+  // alignment checks), or nullptr when it is valid.
+  const char* l2_entry_problem(uint64_t l2e, uint64_t bitmap) const;
+  Error bad_l2_entry(uint64_t slice_host, uint64_t index, uint64_t l2e, const char* why) const;
   // Decodes the mapping of `offset` from an L2 slice (no I/O, no lock).
   Result<Mapping> decode_l2(const uint8_t* slice, uint64_t slice_host_offset, uint64_t offset,
                             uint64_t max_bytes) const;
@@ -258,7 +266,6 @@ class Qcow2Image final : public Disk {
   void overlap_add(uint64_t offset, uint64_t length, const char* what);
   void overlap_remove(uint64_t offset, uint64_t length);
   Task<Status> build_metadata_regions();
-  Task<Status> mark_corrupt(const std::string& why);
 
   // --- Encrypted data (encrypted_io.cc) --------------------------------------
   // Unlocks the image's encryption with options_.passphrase (then wiped).
@@ -285,6 +292,14 @@ class Qcow2Image final : public Disk {
   Task<Status> read_backing(uint64_t offset, std::span<std::byte> buf);
   Task<Status> read_compressed(uint64_t l2_entry, uint64_t offset, std::span<std::byte> buf);
   Error corruption(const std::string& what);
+  // QEMU's qcow2_signal_corruption(fatal = true): damaged metadata met during
+  // I/O. A read-write image is marked corrupt (writes refused from now on,
+  // the incompatible bit written in the background); a read-only one only
+  // reports it. Returns `e` with the decision appended.
+  Error fatal_corruption(Error e);
+  // QEMU's non-fatal event (a cluster that cannot be freed is leaked
+  // instead): reported on stderr once per image, nothing marked.
+  void nonfatal_corruption(const std::string& what);
   Task<void> clean_timer();
 
   std::unique_ptr<BlockDevice> file_;
@@ -341,6 +356,7 @@ class Qcow2Image final : public Disk {
   bool lazy_refcounts_ = false;
   bool marked_dirty_ = false;         // dirty bit set on disk (lazy refcounts)
   bool corrupt_ = false;              // writes refused after an overlap
+  bool nonfatal_reported_ = false;
   CoMutex lock_;
   std::unique_ptr<ImageEncryption> crypto_;  // null: not encrypted, or no key
   // Serialises unaligned (read-modify-write) writes of an encrypted image

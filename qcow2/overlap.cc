@@ -5,16 +5,10 @@
 #include <cstring>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
-namespace {
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
-}  // namespace
 
 void Qcow2Image::overlap_add(uint64_t offset, uint64_t length, const char* what) {
   regions_.add(offset, length, what);
@@ -28,27 +22,13 @@ Status Qcow2Image::check_metadata_write(uint64_t offset, uint64_t length, const 
   // A metadata write may land on its own kind (an L2 slice on its L2 table).
   if (!hit || std::strcmp(hit, what) == 0) return Status();
   std::string why = std::string("metadata write (") + what + ") at " + hex(offset) + " would overwrite the " + hit;
-  corrupt_ = true;
-  background_.spawn([](Qcow2Image* self) -> Task<void> {
-    (void)co_await self->write_header_incompatible(self->header_.incompatible_features | kIncompatCorrupt);
-    (void)co_await self->file_->co_flush();
-  }(this));
-  return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: " + why + "; the image is marked corrupt");
+  return fatal_corruption(corruption(why));
 }
 
 Status Qcow2Image::check_data_write(uint64_t offset, uint64_t length) {
   if (options_.overlap_check == OverlapCheck::kNone || data_file_ != file_.get()) return Status();
   if (!regions_.overlaps(offset, length)) return Status();
   return check_metadata_write(offset, length, "guest data");
-}
-
-Task<Status> Qcow2Image::mark_corrupt(const std::string& why) {
-  if (!options_.read_only && !corrupt_) {
-    corrupt_ = true;
-    (void)co_await write_header_incompatible(header_.incompatible_features | kIncompatCorrupt);
-    (void)co_await file_->co_flush();
-  }
-  co_return corruption(why);
 }
 
 Task<Status> Qcow2Image::build_metadata_regions() {

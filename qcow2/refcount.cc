@@ -14,6 +14,7 @@
 #include <cstdio>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/image.h"
 #include "qcow2/refcount_entry.h"
 
@@ -21,11 +22,6 @@ namespace uqcow::qcow2 {
 namespace {
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
-}
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
 }
 }  // namespace
 
@@ -47,8 +43,8 @@ Task<Status> Qcow2Image::load_refcount_table() {
 Task<Result<MetadataCache::Ref>> Qcow2Image::load_refcount_block(uint64_t rt_index) {
   uint64_t block = reftable_[rt_index] & kReftableOffsetMask;
   if (block & (geo_.cluster_size - 1)) {
-    co_return corruption("refcount block offset " + hex(block) + " unaligned (refcount table index " +
-                         std::to_string(rt_index) + ")");
+    co_return fatal_corruption(corruption("refcount block offset " + hex(block) +
+                                          " unaligned (refcount table index " + std::to_string(rt_index) + ")"));
   }
   co_return co_await refcount_cache_->get(block);
 }

@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 
 namespace uqcow::qcow2::check_internal {
 namespace {
@@ -28,11 +29,6 @@ std::span<const std::byte> as_bytes(std::span<const uint8_t> v) {
   return {reinterpret_cast<const std::byte*>(v.data()), v.size()};
 }
 
-std::string hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 Task<Result<std::vector<uint64_t>>> read_table(BlockDevice& file, uint64_t offset, uint64_t entries) {
   std::vector<uint8_t> raw(entries * 8);

@@ -15,6 +15,7 @@
 #include <ctime>
 
 #include "qcow2/endian.h"
+#include "qcow2/hex.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
@@ -45,6 +46,52 @@ const Snapshot* Qcow2Image::find_snapshot(const std::string& key) const {
   return nullptr;
 }
 
+Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) {
+  // Every cluster the snapshot will reference must exist: a reference to a
+  // cluster past the end of the file would grow the refcount structures to
+  // count a cluster that holds nothing. Checked before any refcount changes,
+  // so a refusal leaves the image as it was. (QEMU 7.2 fails such a
+  // snapshot too, with EAGAIN from its refcount code, after raising the
+  // refcounts before it; we refuse first and say why.)
+  const uint64_t cs = geo_.cluster_size;
+  const uint32_t slice_size = cache_sizes_.l2_entry_size;
+  const uint64_t entries = slice_size / geo_.l2_entry_size;
+  auto beyond_end = [&](uint64_t offset, uint64_t bytes, const std::string& what) -> Status {
+    if (offset < alloc_end_ && bytes <= alloc_end_ - offset) return Status();
+    return corruption(what + " at " + hex(offset) + " lies beyond the end of the image file (" + hex(alloc_end_) +
+                      "); no snapshot was created. Run 'uqcow check -r all' to repair the image");
+  };
+  for (size_t i = 0; i < l1.size(); ++i) {
+    const uint64_t l2 = l1[i] & kL1OffsetMask;
+    if (!l2) continue;
+    if (l2 & (cs - 1)) {
+      co_return fatal_corruption(corruption("L2 table offset " + hex(l2) + " unaligned (L1 index " +
+                                            std::to_string(i) + ")"));
+    }
+    UQ_CO_TRY(beyond_end(l2, cs, "the L2 table of L1 index " + std::to_string(i)));
+    for (uint64_t off = 0; off < cs; off += slice_size) {
+      auto ref = co_await l2_cache_->get(l2 + off);
+      if (!ref.ok()) co_return std::move(ref).error();
+      for (uint64_t k = 0; k < entries; ++k) {
+        const uint8_t* p = ref->data() + k * geo_.l2_entry_size;
+        const uint64_t l2e = load_be64(p);
+        const uint64_t bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+        const uint64_t index = off / geo_.l2_entry_size + k;
+        if (const char* why = l2_entry_problem(l2e, bitmap)) {
+          co_return fatal_corruption(bad_l2_entry(l2 + off, index, l2e, why));
+        }
+        if (l2e & kOflagCompressed) {
+          const uint64_t coffset = geo_.compressed_offset(l2e);
+          UQ_CO_TRY(beyond_end(coffset, geo_.compressed_size(l2e), "compressed data of L2 entry " + hex(l2e)));
+        } else if (uint64_t host = l2e & kL2OffsetMask) {
+          if (data_file_ == file_.get()) UQ_CO_TRY(beyond_end(host, cs, "the data cluster of L2 entry " + hex(l2e)));
+        }
+      }
+    }
+  }
+  co_return Status();
+}
+
 Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend,
                                                   bool discard) {
   // The refcount half of QEMU's qcow2_update_snapshot_refcount for one L2
@@ -64,7 +111,7 @@ Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t
     }
     const uint64_t host = l2e & kL2OffsetMask;
     if (!host) continue;
-    if (host & (cs - 1)) co_return co_await mark_corrupt("L2 entry points at unaligned cluster " + std::to_string(host));
+    if (host & (cs - 1)) co_return fatal_corruption(corruption("L2 entry points at unaligned cluster " + hex(host)));
     if (run_len && run_start + run_len == host) {
       run_len += cs;
       continue;
@@ -134,7 +181,7 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
     const uint64_t l2 = l1e & kL1OffsetMask;
     if (!l2) continue;
     if (l2 & (geo_.cluster_size - 1)) {
-      co_return co_await mark_corrupt("L2 table offset " + std::to_string(l2) + " unaligned");
+      co_return fatal_corruption(corruption("L2 table offset " + hex(l2) + " unaligned"));
     }
     UQ_CO_TRY(co_await snapshot_l2_refcount(l2, addend, discard));
     if (addend != 0) {
@@ -235,6 +282,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   }
   if (snapshots_.size() >= kMaxSnapshots) co_return Error(EFBIG, "too many snapshots");
   UQ_CO_TRY(co_await flush_metadata());
+  UQ_CO_TRY(co_await check_mapping_in_file(l1_));
   // Everything the active L1 reaches gains the snapshot's reference; the
   // active entries lose COPIED, so later writes copy on write.
   bool l1_changed = false;

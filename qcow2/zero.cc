@@ -86,7 +86,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
     const uint64_t chunk_end = std::min(end, guest_cluster + geo_.cluster_size);
     const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + geo_.cluster_size || chunk_end == size_);
     auto l2_now = l2_table_of(offset);
-    if (!l2_now.ok()) co_return std::move(l2_now).error();
+    if (!l2_now.ok()) co_return fatal_corruption(std::move(l2_now).error());
     if (discard_mode && *l2_now == 0 && !backing_) {  // nothing allocated here
       offset = chunk_end;
       continue;
