@@ -213,9 +213,10 @@ CommandResult run_uqcow(const std::vector<std::string>& args, const std::string&
   return run_command(argv, cwd);
 }
 
-TempDir::TempDir(const std::string& prefix) {
-  const char* base = std::getenv("TEST_TMPDIR");
-  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/" + prefix + ".XXXXXX";
+TempDir::TempDir(const std::string& prefix, const std::string& base) {
+  const char* env = std::getenv("TEST_TMPDIR");
+  std::string root = !base.empty() ? base : env && *env ? env : "/tmp";
+  std::string tmpl = root + "/" + prefix + ".XXXXXX";
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data())) path_ = buf.data();

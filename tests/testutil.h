@@ -65,11 +65,11 @@ std::string uqcow_binary();
 // Runs the uqcow binary with `args`.
 CommandResult run_uqcow(const std::vector<std::string>& args, const std::string& cwd = "");
 
-// A fresh directory under $TEST_TMPDIR (or /tmp), removed with its contents
-// on destruction.
+// A fresh directory under `base`, by default $TEST_TMPDIR (or /tmp), removed
+// with its contents on destruction.
 class TempDir {
  public:
-  explicit TempDir(const std::string& prefix = "uqcow");
+  explicit TempDir(const std::string& prefix = "uqcow", const std::string& base = "");
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
