@@ -109,7 +109,8 @@ class Qcow2Image final : public Disk {
   // an incompressible cluster is written normally.
   Task<Status> write_compressed(uint64_t offset, std::span<const std::byte> buf);
   // Changes the virtual size: grows (enlarging the L1 table if needed) or
-  // shrinks when nothing is allocated past the new end (ENOTSUP otherwise).
+  // shrinks, discarding what lies past the new end (ENOTSUP with internal
+  // snapshots), as qemu-img resize --shrink.
   Task<Status> resize(uint64_t new_size);
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
@@ -239,7 +240,16 @@ class Qcow2Image final : public Disk {
   void inflight_remove(InFlightAlloc& a);
   Task<Status> mark_dirty_for_lazy_refcounts();
   Task<Status> write_header_incompatible(uint64_t bits);
-  Task<Status> zero_clusters(uint64_t offset, uint64_t len, bool may_unmap, bool discard_mode);
+  // What zero_clusters() makes of each whole cluster (QEMU's
+  // zero_in_l2_slice and discard_in_l2_slice).
+  enum class ZeroMode {
+    kZero,          // zero flag, the host cluster kept (write -z)
+    kZeroMayUnmap,  // zero flag, the host cluster freed (write -z -u)
+    kDiscard,       // freed; reads as zeros (zero flag where needed)
+    kFullDiscard,   // freed and unallocated, whatever a backing file holds
+                    // (the clusters a shrink crops)
+  };
+  Task<Status> zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode);
   Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
 
   // --- Refcounts (refcount.cc) ----------------------------------------------
@@ -257,6 +267,18 @@ class Qcow2Image final : public Disk {
   // clusters are queued for discard passthrough when `discard_freed`.
   Task<Status> update_refcount(uint64_t offset, uint64_t length, int64_t delta, bool discard_freed);
   Task<Status> grow_refcount_table(uint64_t min_entries);
+
+  // --- Shrinking (shrink.cc), resize() to a smaller size ---------------------
+  // Zeroes the L1 entries from `entries` on (on disk first) and frees their
+  // L2 tables.
+  Task<Status> shrink_l1_table(uint64_t entries);
+  // Drops refcount blocks that count nothing but themselves from the
+  // refcount table and frees them; a block not covered by the refcount
+  // structures marks the image corrupt (QEMU's qcow2_shrink_reftable).
+  Task<Status> shrink_refcount_table();
+  Task<Status> free_refcount_block(uint64_t block);
+  // Truncates the image file after its last referenced cluster.
+  Task<Status> truncate_to_last_cluster();
   Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
   Task<Status> process_discards();
 

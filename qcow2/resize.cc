@@ -3,8 +3,9 @@
 // Growing may need a larger L1 table: the new table is written and flushed
 // before the header points at it (l1_size and l1_table_offset are adjacent
 // and change in one write), and the old one is freed afterwards, as QEMU's
-// qcow2_grow_l1_table. Shrinking only lowers the size, and is refused while
-// anything beyond the new end is allocated.
+// qcow2_grow_l1_table. Shrinking discards the clusters past the new end,
+// frees the L2 tables and refcount blocks that no longer count anything
+// (shrink.cc) and truncates the file, as QEMU's qcow2_co_truncate.
 #include <algorithm>
 
 #include "qcow2/endian.h"
@@ -21,19 +22,14 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
   if (!snapshots_.empty() && new_size < size_) {
     co_return Error(ENOTSUP, "cannot shrink an image with internal snapshots");
   }
+  const uint64_t cs = geo_.cluster_size;
   if (new_size < size_) {
-    for (uint64_t off = new_size; off < size_;) {
-      auto st = co_await block_status(off, size_ - off);
-      if (!st.ok()) co_return std::move(st).error();
-      if (st->kind != BlockStatus::Kind::kUnallocated) {
-        co_return Error(ENOTSUP, "cannot shrink to " + std::to_string(new_size) + " bytes: data is allocated at " +
-                                     std::to_string(off) + " (discard it first)");
-      }
-      off += st->length;
-    }
+    // The clusters wholly past the new end are discarded, whatever they
+    // hold, as QEMU's qcow2_co_truncate does (qemu-img resize --shrink).
+    const uint64_t crop = (new_size + cs - 1) & ~(cs - 1);
+    if (crop < size_) UQ_CO_TRY(co_await zero_clusters(crop, size_ - crop, ZeroMode::kFullDiscard));
   }
   auto guard = co_await lock_.scoped_lock();
-  const uint64_t cs = geo_.cluster_size;
   const uint64_t need = l1_entries_for(new_size, geo_);
   if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
   if (need > l1_.size()) {
@@ -66,6 +62,15 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     header_.l1_size = static_cast<uint32_t>(entries);
     l1_.resize(entries, 0);
     if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
+  }
+  if (new_size < size_) {
+    // As QEMU's qcow2_co_truncate: the metadata past the new end goes before
+    // the size changes, so a failure leaves the old size. The discarded
+    // clusters are freed first (no request is in flight to wait for).
+    UQ_CO_TRY(co_await flush_metadata());
+    UQ_CO_TRY(co_await shrink_l1_table(need));
+    UQ_CO_TRY(co_await shrink_refcount_table());
+    UQ_CO_TRY(co_await truncate_to_last_cluster());
   }
   uint8_t size_field[8];
   store_be64(size_field, new_size);

@@ -46,7 +46,7 @@ Task<Status> Qcow2Image::write_zeroes_range(uint64_t offset, uint64_t len, bool 
   if (offset + len == size_) end = offset + len;  // the disk's partial last (sub)cluster
   if (start >= end) co_return co_await write_zero_buffers(offset, len);
   if (start > offset) UQ_CO_TRY(co_await write_zero_buffers(offset, start - offset));
-  UQ_CO_TRY(co_await zero_clusters(start, end - start, may_unmap, false));
+  UQ_CO_TRY(co_await zero_clusters(start, end - start, may_unmap ? ZeroMode::kZeroMayUnmap : ZeroMode::kZero));
   if (offset + len > end) UQ_CO_TRY(co_await write_zero_buffers(end, offset + len - end));
   co_return Status();
 }
@@ -65,11 +65,14 @@ Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
   uint64_t end = (offset + len) & ~(cs - 1);
   if (offset + len == size_ && size_ > end) end = size_;
   if (start >= end) co_return Status();
-  co_return co_await zero_clusters(start, end - start, true, true);
+  co_return co_await zero_clusters(start, end - start, ZeroMode::kDiscard);
 }
 
-Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_unmap, bool discard_mode) {
+Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode) {
   const uint64_t end = offset + len;
+  const bool discard_mode = mode == ZeroMode::kDiscard || mode == ZeroMode::kFullDiscard;
+  const bool full_discard = mode == ZeroMode::kFullDiscard;
+  const bool may_unmap = mode != ZeroMode::kZero;
   auto guard = co_await lock_.scoped_lock();
   // Allocations in flight on the range finish first: their plans (COW data,
   // host clusters kept in place, clusters to free) assume the entries they
@@ -87,7 +90,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
     const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + geo_.cluster_size || chunk_end == size_);
     auto l2_now = l2_table_of(offset);
     if (!l2_now.ok()) co_return fatal_corruption(std::move(l2_now).error());
-    if (discard_mode && *l2_now == 0 && !backing_) {  // nothing allocated here
+    if (discard_mode && *l2_now == 0 && (!backing_ || full_discard)) {  // nothing allocated here
       offset = chunk_end;
       continue;
     }
@@ -103,7 +106,11 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, bool may_u
     const bool allocated = compressed || (old & kL2OffsetMask);
     uint64_t entry = old, bitmap = old_bitmap;
     bool free_old = false;
-    if (discard_mode) {
+    if (full_discard) {
+      entry = 0;
+      bitmap = 0;
+      free_old = allocated;
+    } else if (discard_mode) {
       if (backing_ || allocated) {
         entry = geo_.extended_l2 ? 0 : (v3_ ? kOflagZero : 0);
         bitmap = geo_.extended_l2 ? kZeroMask : 0;

@@ -59,7 +59,7 @@ struct Range {
 // where the corrupt bit goes.
 const std::vector<Range> kHeaderCluster = {{0, 72}, {80, kCluster - 80}};
 
-enum class Op { kIo, kIoReadOnly, kSnapshotCreate };
+enum class Op { kIo, kIoReadOnly, kSnapshotCreate, kShrinkTo32M };
 
 struct Case {
   std::string name;
@@ -121,6 +121,10 @@ std::vector<Case> cases() {
   // uqcow refuses before changing anything.
   c.push_back({"SnapshotOverOutOfRangeL2Entry", "", m64, {"write 0 128k"}, 0, {be64(kL2, 0x800000ff00050000)},
                Op::kSnapshotCreate, {}, true, false, {}, true});
+  // Shrinking drops refcount blocks that count nothing; one the refcount
+  // structures do not cover is corruption, and the size stays.
+  c.push_back({"ShrinkOverOutOfBoundsRefcountBlock", "", m64, {}, 0, {be64(kReftable + 8, 0x00ffffff00000000)},
+               Op::kShrinkTo32M, {}, true, true, {{24, 8}}});
 
   // --- 271: corrupted extended L2 entries, for reads and for writes ---
   const uint64_t m1 = 1ull << 20;
@@ -177,6 +181,12 @@ std::vector<std::string> tool_argv(bool qemu, const Case& c, const std::string& 
       argv = qemu ? std::vector<std::string>{"qemu-img", "snapshot", "-c", "snap"}
                   : std::vector<std::string>{uqcow_binary(), "snapshot", "-c", "snap"};
       break;
+    case Op::kShrinkTo32M:
+      argv = qemu ? std::vector<std::string>{"qemu-img", "resize", "-f", "qcow2", "--shrink"}
+                  : std::vector<std::string>{uqcow_binary(), "resize", "-f", "qcow2", "--shrink"};
+      argv.push_back(image);
+      argv.push_back("32M");
+      return argv;
   }
   argv.push_back(image);
   return argv;
@@ -247,6 +257,39 @@ TEST_P(Corruption, SameDecisionAsQemu) {
   const bool uqcow_repairs = repaired_clean(false, u);
   if (qemu_repairs) EXPECT_TRUE(uqcow_repairs) << "qemu-img check -r all repairs QEMU's copy; uqcow's is not clean";
   if (uqcow_repairs) EXPECT_FALSE(marked_corrupt(u)) << "check -r all leaves the corrupt bit set";
+}
+
+// A clean shrink gives back what qemu-img's gives back: L2 tables past the
+// new end, refcount blocks that count nothing, the file's tail.
+TEST(Shrink, GivesBackWhatQemuGivesBack) {
+  UQ_REQUIRE_TOOL("qemu-img");
+  UQ_REQUIRE_TOOL("qemu-io");
+  TempDir dir("uqcow-shrink");
+  ImageBuilder b(dir.path());
+  // 512-byte clusters: many refcount blocks and L2 tables, far apart. Data
+  // past the new end is cropped, zero clusters too.
+  b.create("img.qcow2", "qcow2", "cluster_size=512", 64ull << 20);
+  b.write("img.qcow2", "qcow2",
+          {P(0, 1 << 20, 0x11), P(40ull << 20, 2 << 20, 0x22), D(40ull << 20, 1 << 20), P(50ull << 20, 8192, 0x33)});
+  ASSERT_TRUE(b.ok()) << b.error() << "\n" << b.script();
+  const auto image = read_file(dir.file("img.qcow2"));
+  ASSERT_TRUE(image);
+  ASSERT_TRUE(write_file(dir.file("q.qcow2"), *image));
+  ASSERT_TRUE(write_file(dir.file("u.qcow2"), *image));
+  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "resize", "-q", "--shrink", dir.file("q.qcow2"), "32M"})));
+  ASSERT_TRUE(Succeeded(run_uqcow({"resize", "--shrink", dir.file("u.qcow2"), "32M"})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", dir.file("u.qcow2")})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "compare", dir.file("q.qcow2"), dir.file("u.qcow2")})));
+  const auto q = read_file(dir.file("q.qcow2")), u = read_file(dir.file("u.qcow2"));
+  ASSERT_TRUE(q && u);
+  EXPECT_LT(u->size(), image->size()) << "the file's tail was not truncated";
+  EXPECT_EQ(u->size(), q->size());
+  // The L1 entries past the new end are zero on disk, as in QEMU's copy.
+  const uint64_t l1 = peek_be64(dir.file("u.qcow2"), 40).value_or(0);
+  const uint32_t l1_size = peek_be32(dir.file("u.qcow2"), 36).value_or(0);
+  for (uint32_t i = 0; i < l1_size; ++i) {
+    EXPECT_EQ(peek_be64(dir.file("u.qcow2"), l1 + 8 * i), peek_be64(dir.file("q.qcow2"), l1 + 8 * i)) << "L1 entry " << i;
+  }
 }
 
 std::string case_name(const ::testing::TestParamInfo<std::tuple<Case, Root>>& info) {

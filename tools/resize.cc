@@ -12,8 +12,8 @@ namespace {
 constexpr char kUsage[] = "uqcow resize [-f FMT] [--shrink] FILE [+|-]SIZE";
 constexpr char kDescription[] =
     "Change the virtual size. SIZE is absolute, or relative with + or -.\n"
-    "Shrinking needs --shrink, and a qcow2 image is only shrunk when nothing\n"
-    "is allocated beyond the new end.";
+    "Shrinking needs --shrink; as with qemu-img, the data beyond the new end\n"
+    "is discarded and the image file is truncated after its last used cluster.";
 
 Task<Status> resize(const std::string& path, const OpenOptions& o, const std::string& spec, bool allow_shrink) {
   auto disk = co_await open_disk(path, o);

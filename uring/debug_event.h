@@ -17,6 +17,8 @@ namespace uqcow {
   X(kL1GrowAllocTable, "l1_grow_alloc_table")                          \
   X(kL1GrowWriteTable, "l1_grow_write_table")                          \
   X(kL1GrowActivateTable, "l1_grow_activate_table")                    \
+  X(kL1ShrinkWriteTable, "l1_shrink_write_table")                      \
+  X(kL1ShrinkFreeL2Clusters, "l1_shrink_free_l2_clusters")             \
   X(kL2Load, "l2_load")                                                \
   X(kL2Update, "l2_update")                                            \
   X(kL2UpdateCompressed, "l2_update_compressed")                       \
