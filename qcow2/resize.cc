@@ -4,8 +4,10 @@
 // before the header points at it (l1_size and l1_table_offset are adjacent
 // and change in one write), and the old one is freed afterwards, as QEMU's
 // qcow2_grow_l1_table. Shrinking only lowers the size, and is refused while
-// anything beyond the new end is allocated.
+// anything beyond the new end is allocated. An external data file follows
+// the disk's size; a raw one gets the added area preallocated (metadata).
 #include <algorithm>
+#include <vector>
 
 #include "qcow2/endian.h"
 #include "qcow2/image.h"
@@ -34,6 +36,7 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
   }
   auto guard = co_await lock_.scoped_lock();
   const uint64_t cs = geo_.cluster_size;
+  const uint64_t size_before = size_;
   const uint64_t need = l1_entries_for(new_size, geo_);
   if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
   if (need > l1_.size()) {
@@ -67,12 +70,32 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     l1_.resize(entries, 0);
     if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
   }
+  if (header_.data_file_raw() && new_size > size_) {
+    // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
+    // the L2 tables map every guest cluster 1:1, so the added area is
+    // preallocated (metadata), as creation preallocates the whole disk.
+    std::vector<HostRun> runs;
+    UQ_CO_TRY(co_await preallocate_metadata(size_, new_size, /*fresh=*/false, runs));
+    UQ_CO_TRY(co_await l2_cache_->flush());
+    UQ_CO_TRY(co_await refcount_cache_->flush());
+    UQ_CO_TRY(co_await file_->co_flush());
+  }
+  // QEMU resizes an external data file to the new disk size, raw or not:
+  // clusters sit at their guest offsets, so it holds exactly the disk. It
+  // grows before the header says the disk is larger, and shrinks after it
+  // says the disk is smaller, so the disk never reaches past its end.
+  const bool data_file = header_.has_data_file();
+  if (data_file && new_size > size_) {
+    UQ_CO_TRY(data_file_->truncate(new_size));
+    UQ_CO_TRY(co_await data_file_->co_flush());
+  }
   uint8_t size_field[8];
   store_be64(size_field, new_size);
   UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
   UQ_CO_TRY(co_await file_->co_flush());
   header_.size = new_size;
   size_ = new_size;
+  if (data_file && new_size < size_before) UQ_CO_TRY(data_file_->truncate(new_size));
   co_return Status();
 }
 
