@@ -122,6 +122,9 @@ class Qcow2Image final : public Disk {
   // new one, and appends the host ranges it linked to `runs`. `fresh`: the
   // range must be unallocated (EEXIST otherwise). Lock held.
   Task<Status> preallocate_metadata(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs);
+  // The length QEMU gives a preallocated external data file for a disk of
+  // `disk_size` bytes.
+  uint64_t data_file_end(uint64_t disk_size) const;
 
  public:
 

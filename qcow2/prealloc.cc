@@ -50,9 +50,11 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
         const uint64_t h = df ? offset + k * cs : host + i * cs;
         uint8_t* p = slice->data() + (index + k) * geo_.l2_entry_size;
         store_be64(p, h | kOflagCopied);
-        // Extended L2: the clusters are reserved, their subclusters read as
-        // zeros until written.
-        if (geo_.extended_l2) store_be64(p + 8, 0xffffffffull << 32);
+        // Extended L2: reserved clusters whose subclusters are unallocated
+        // (bitmap 0), as QEMU's preallocation leaves them. They read as
+        // zeros: preallocation is refused with a backing file, and a raw
+        // data file holds zeros there.
+        if (geo_.extended_l2) store_be64(p + 8, 0);
         if (!runs.empty() && runs.back().host + runs.back().length == h) {
           runs.back().length += cs;
         } else {
@@ -66,6 +68,14 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
   co_return Status();
 }
 
+uint64_t Qcow2Image::data_file_end(uint64_t disk_size) const {
+  // QEMU's preallocate_co extends the data file to the end of the last
+  // allocation unit it maps: the disk's last cluster, or subcluster with
+  // extended L2 entries.
+  const uint64_t unit = geo_.subcluster_size;
+  return (disk_size + unit - 1) / unit * unit;
+}
+
 Task<Status> Qcow2Image::preallocate(Preallocation mode) {
   UQ_CO_TRY(check_writable(0, size_));
   auto guard = co_await lock_.scoped_lock();
@@ -75,16 +85,15 @@ Task<Status> Qcow2Image::preallocate(Preallocation mode) {
   // The file must hold every cluster the L2 tables reference (QEMU grows it
   // the same way), even when nothing is written to them: a reference past
   // the end of the file is what qemu-img check reports as corruption.
-  // Growing a file by truncate keeps it sparse. An external data file is
-  // sized to the disk, as QEMU's preallocate_co sizes it.
+  // Growing a file by truncate keeps it sparse.
   uint64_t end = 0;
   for (const HostRun& r : runs) end = std::max(end, r.host + r.length);
-  if (header_.has_data_file()) end = std::min(end, size_);
+  if (header_.has_data_file()) end = data_file_end(size_);
   auto length = data_file_->length();
   if (!length.ok()) co_return std::move(length).error();
   if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
   for (const HostRun& r : runs) {
-    const uint64_t len = std::min(r.length, end - std::min(end, r.host));
+    const uint64_t len = r.length;
     if (mode == Preallocation::kFalloc) {
       UQ_CO_TRY(co_await data_file_->co_write_zeroes(r.host, len, /*may_unmap=*/false));
     } else if (mode == Preallocation::kFull) {

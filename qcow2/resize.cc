@@ -80,13 +80,17 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     UQ_CO_TRY(co_await refcount_cache_->flush());
     UQ_CO_TRY(co_await file_->co_flush());
   }
-  // QEMU resizes an external data file to the new disk size, raw or not:
-  // clusters sit at their guest offsets, so it holds exactly the disk. It
-  // grows before the header says the disk is larger, and shrinks after it
-  // says the disk is smaller, so the disk never reaches past its end.
+  // QEMU resizes an external data file with the disk: clusters sit at their
+  // guest offsets, so it holds exactly the disk (a raw one as preallocation
+  // leaves it, data_file_end). It grows before the header says the disk is
+  // larger, and shrinks after it says the disk is smaller, so the disk never
+  // reaches past its end.
   const bool data_file = header_.has_data_file();
   if (data_file && new_size > size_) {
-    UQ_CO_TRY(data_file_->truncate(new_size));
+    const uint64_t end = header_.data_file_raw() ? data_file_end(new_size) : new_size;
+    auto length = data_file_->length();
+    if (!length.ok()) co_return std::move(length).error();
+    if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
     UQ_CO_TRY(co_await data_file_->co_flush());
   }
   uint8_t size_field[8];
