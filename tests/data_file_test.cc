@@ -21,7 +21,8 @@
 //    to the source; -c with a data file is refused before anything exists.
 //  - Refusals as QEMU's: internal snapshots, compressed writes.
 //  - MismatchedHostOffset: an L2 entry whose data-file offset is not its
-//    guest offset is refused on read and write, and nothing is written
+//    guest offset is refused on read and write (the write marks the image
+//    corrupt; QEMU 7.2 refuses only the read), and nothing is written
 //    through it.
 //  - ConcurrentWrites: overlapping in-process writes and discards in flight
 //    on one data-file image (the deterministic simulation of tests/sim
@@ -415,12 +416,17 @@ TEST_P(DataFileTest, MismatchedHostOffsetRefused) {
   const uint64_t copied = 1ull << 63;
   ASSERT_EQ(peek_be64(file("d.qcow2"), l2 + entry_bytes), copied | cs);
   ASSERT_TRUE(patch_be64(file("d.qcow2"), l2 + entry_bytes, copied | (2 * cs)));
-  // uqcow refuses the read and the write, naming the mismatch. (qemu-io,
-  // run last, refuses the read too, and marks the image corrupt.)
+  // A copy of the damaged image (same data file) for QEMU, the oracle.
+  ASSERT_TRUE(Succeeded(run_command({"cp", file("d.qcow2"), file("q.qcow2")}))) << history();
+  // uqcow refuses the read and the write, naming the mismatch, and the
+  // write marks the image corrupt. (Deliberately stricter than QEMU 7.2,
+  // whose read path refuses the entry but whose write path writes through
+  // it, into guest cluster 2's data.)
   CommandResult ur = uqcow({"io", "-r", "-f", "qcow2", "-c", "read 0 " + num(2 * cs), "d.qcow2"});
-  EXPECT_TRUE(ur.out.find("read failed") != std::string::npos || !ur.ok()) << ur.describe();
+  EXPECT_NE(ur.out.find("read failed"), std::string::npos) << ur.describe();
   EXPECT_NE((ur.out + ur.err).find("does not match the guest cluster offset"), std::string::npos) << ur.describe();
   CommandResult uw = uqcow_io("d.qcow2", {"write -P 0x33 " + num(cs + 512) + " 512"});
+  EXPECT_NE(uw.out.find("write failed"), std::string::npos) << uw.describe();
   EXPECT_NE((uw.out + uw.err).find("does not match the guest cluster offset"), std::string::npos) << uw.describe();
   // Nothing went through the entry: cluster 2 of the data file is intact.
   auto data = read_file(file("d.qcow2.data"));
@@ -428,8 +434,13 @@ TEST_P(DataFileTest, MismatchedHostOffsetRefused) {
   ASSERT_GE(data->size(), 3 * cs);
   std::vector<uint8_t> want(cs, 0x22);
   EXPECT_TRUE(SameBytes(std::span<const uint8_t>(data->data() + 2 * cs, cs), want, 2 * cs));
-  CommandResult qr = qemu_io("d.qcow2", {"read 0 " + num(2 * cs)});
-  EXPECT_NE(qr.out.find("read failed"), std::string::npos) << "QEMU, the oracle, accepts it: " << qr.describe();
+  // QEMU, the oracle, refuses the read too, and marks its copy corrupt.
+  CommandResult qr = qemu_io("q.qcow2", {"read 0 " + num(2 * cs)});
+  EXPECT_NE(qr.out.find("read failed"), std::string::npos) << "QEMU accepts it: " << qr.describe();
+  for (const char* name : {"d.qcow2", "q.qcow2"}) {
+    CommandResult info = qemu_img({"info", "-U", name});
+    EXPECT_NE(info.out.find("corrupt: true"), std::string::npos) << info.describe() << history();
+  }
 }
 
 // Writes and discards in flight together on one data-file image, in one
