@@ -227,11 +227,23 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     plan.last_old = *tail;
   }
   if (plan.kind == ClusterPlan::Kind::kNewClusters) {
-    auto host = co_await alloc_clusters(plan.nb_clusters);
+    auto host = co_await alloc_data_clusters(geo_.start_of_cluster(offset), plan.nb_clusters);
     if (!host.ok()) co_return std::move(host).error();
     plan.host = *host;
   }
   co_return co_await write_run(plan, offset, buf.first(len), guard);
+}
+
+Task<Result<uint64_t>> Qcow2Image::alloc_data_clusters(uint64_t guest, uint64_t n) {
+  if (header_.has_data_file()) {
+    // QEMU's do_alloc_cluster_offset: with an external data file, the host
+    // cluster of a guest cluster is the same offset in the data file, and no
+    // refcount counts it (the refcounts describe the qcow2 file alone;
+    // qemu-img check counts none for data clusters). Raw or not, the data
+    // file is thus laid out as the guest disk.
+    co_return guest;
+  }
+  co_return co_await alloc_clusters(n);
 }
 
 Task<Status> Qcow2Image::read_cow(uint64_t guest, std::span<std::byte> out) {
@@ -295,8 +307,9 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
   guard = co_await lock_.scoped_lock();
   if (status.ok()) {
     status = co_await link_l2(plan, first_guest, head_start, tail_end);
-  } else if (plan.kind == ClusterPlan::Kind::kNewClusters) {
-    // Give the clusters back; nothing points at them.
+  } else if (plan.kind == ClusterPlan::Kind::kNewClusters && !header_.has_data_file()) {
+    // Give the clusters back; nothing points at them. (Data-file clusters
+    // have no refcount: see alloc_data_clusters.)
     (void)co_await update_refcount(plan.host, plan.nb_clusters * cs, -1, false);
   }
   inflight_remove(flight);

@@ -147,6 +147,10 @@ Status validate(const CreateOptions& o) {
     return Error(EINVAL, "extended_l2: needs cluster_size >= 16k");
   }
   if (o.data_file_raw && o.data_file.empty()) return Error(EINVAL, "data_file_raw: needs data_file");
+  if (o.data_file_raw && !o.backing_file.empty()) {
+    // QEMU: "Backing file and data-file-raw cannot be used at the same time".
+    return Error(EINVAL, "data_file_raw: cannot be combined with a backing file");
+  }
   if (!o.backing_file.empty() && o.preallocation != Preallocation::kOff) {
     return Error(EINVAL, "preallocation: cannot be combined with a backing file");
   }
@@ -254,12 +258,20 @@ Task<Status> create_image(const std::string& path, const CreateOptions& o) {
     UQ_CO_TRY(co_await (*file)->co_write(0, bytes_of(image)));
     UQ_CO_TRY(co_await (*file)->co_flush());
     if (!o.data_file.empty()) {
+      // Created as qemu-img creates it: emptied, then sized to the disk
+      // (sparse), raw or not.
       auto df = RawFile::open(resolve_relative(path, o.data_file), fo);
       if (!df.ok()) co_return std::move(df).error().with_context("data_file");
-      UQ_CO_TRY((*df)->truncate(o.data_file_raw ? o.size : 0));
+      UQ_CO_TRY((*df)->truncate(0));
+      UQ_CO_TRY((*df)->truncate(o.size));
     }
   }
-  if (o.preallocation == Preallocation::kOff) co_return Status();
+  // QEMU's qcow2_co_create: a raw data file must read as the disk whether
+  // or not the metadata is looked at, so its L2 tables map every cluster
+  // 1:1 from the start (preallocation=metadata at least).
+  const Preallocation prealloc =
+      o.data_file_raw && o.preallocation == Preallocation::kOff ? Preallocation::kMetadata : o.preallocation;
+  if (prealloc == Preallocation::kOff) co_return Status();
 
   OpenOptions open_options;
   open_options.read_only = false;
@@ -268,7 +280,7 @@ Task<Status> create_image(const std::string& path, const CreateOptions& o) {
   auto disk = co_await open_disk(path, open_options);
   if (!disk.ok()) co_return std::move(disk).error();
   auto* img = static_cast<Qcow2Image*>(disk->get());
-  Status s = co_await img->preallocate(o.preallocation);
+  Status s = co_await img->preallocate(prealloc);
   Status c = co_await img->close();
   co_return s.ok() ? c : s;
 }

@@ -38,6 +38,19 @@ constexpr uint64_t kMinUndurableFrees = 16;
 }  // namespace
 
 Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
+  if (header_.has_data_file()) {
+    // QEMU's qcow2_free_any_cluster with a data file: no refcount counts a
+    // data cluster, so only the discard passthrough is left to do. It is
+    // done now, not deferred: a data-file cluster can only be reused by its
+    // own guest offset (alloc_data_clusters), by a write that takes the lock
+    // after this returns, and a deferred discard could land on that newer
+    // data. Neither hazard above exists: no other guest offset can reuse
+    // the cluster, and a request still in flight on it overlaps this unlink.
+    if (discard && !(l2e & kOflagCompressed) && l2_has_host(l2e, true)) {
+      (void)co_await data_file_->co_discard(l2e & kL2OffsetMask, geo_.cluster_size);  // advisory
+    }
+    co_return Status();
+  }
   deferred_frees_.push_back({l2e, discard, requests_.stamp(), durable_epoch_});
   co_return Status();
 }
@@ -72,12 +85,8 @@ Task<Status> Qcow2Image::release_deferred_frees() {
 }
 
 Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
-  // QEMU's qcow2_free_any_cluster. With an external data file the freed
-  // range is discarded there; the qcow2 file only holds its refcount.
-  if (discard && data_file_ != file_.get() && !(l2e & kOflagCompressed) && (l2e & kL2OffsetMask)) {
-    (void)co_await data_file_->co_discard(l2e & kL2OffsetMask, geo_.cluster_size);  // advisory
-    discard = false;
-  }
+  // QEMU's qcow2_free_any_cluster for a cluster of the qcow2 file (never
+  // one of an external data file: free_cluster_entry).
   if (l2e & kOflagCompressed) {
     uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
     uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;

@@ -143,12 +143,12 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   data_file_ = file_.get();
   if (header_.has_data_file()) {
     data_file_path_ = resolve_relative(file_->name(), *header_.data_file);
-    // Locked as the image's open mode says, as QEMU locks it, even while
-    // the data file itself is only read.
-    RawFileOptions ro{.read_only = true,
+    // Opened and locked in the image's own mode, as QEMU opens its
+    // data-file child: guest data of a read-write image is written there.
+    RawFileOptions fo{.read_only = options_.read_only,
                       .cache = options_.cache,
                       .lock = lock_perms(options_, LockedFile::kDataFile)};
-    auto df = RawFile::open(data_file_path_, ro);
+    auto df = RawFile::open(data_file_path_, fo);
     if (!df.ok()) co_return std::move(df).error().with_context("external data file");
     data_file_storage_ = std::move(df).value();
     data_file_ = data_file_storage_.get();
@@ -349,6 +349,13 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
                   type == SubclusterType::kUnallocatedAlloc;
   if (has_host && (host & (geo_.cluster_size - 1))) {
     return bad_l2_entry(slice_host, index, l2e, "cluster allocation offset is not cluster aligned");
+  }
+  if (has_host && df && host != offset - in_cluster) {
+    // QEMU's check: a data-file cluster sits at its guest offset. Going
+    // through any other host offset would read, or overwrite, another guest
+    // cluster's data.
+    return bad_l2_entry(slice_host, index, l2e,
+                        "external data file host cluster offset does not match the guest cluster offset");
   }
   if (has_host) m.host_offset = host + in_cluster;
   m.copied = (l2e & kOflagCopied) != 0;

@@ -115,6 +115,20 @@ class Qcow2Image final : public Disk {
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
 
+ private:
+  struct HostRun {
+    uint64_t host = 0, length = 0;
+  };
+  // Links every cluster of guest [start, end) that has no host cluster to a
+  // new one, and appends the host ranges it linked to `runs`. `fresh`: the
+  // range must be unallocated (EEXIST otherwise). Lock held.
+  Task<Status> preallocate_metadata(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs);
+  // The length QEMU gives a preallocated external data file for a disk of
+  // `disk_size` bytes.
+  uint64_t data_file_end(uint64_t disk_size) const;
+
+ public:
+
   // --- Internal snapshots (snapshot_ops.cc), qemu-img snapshot -c/-a/-d ---
   // Each returns OK or the error: EEXIST (name taken), ENOENT (no such id or
   // name), ENOTSUP (external data file), or an I/O / corruption error. A
@@ -217,6 +231,10 @@ class Qcow2Image final : public Disk {
   Task<void> wait_for_allocations(uint64_t start, uint64_t end, CoMutex::Guard& guard);
   Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
   Task<Status> write_l1_entry(uint64_t l1_index);
+  // Host offset for n new data clusters starting at guest cluster `guest`:
+  // fresh clusters of the qcow2 file, or, with an external data file, the
+  // guest offset itself (nothing is allocated). Lock held.
+  Task<Result<uint64_t>> alloc_data_clusters(uint64_t guest, uint64_t n);
   Task<Result<size_t>> write_run(const ClusterPlan& plan, uint64_t offset,
                                  std::span<const std::byte> buf, CoMutex::Guard& guard);
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);

@@ -1,5 +1,6 @@
-// Preallocation of a freshly created image (qemu-img create -o
-// preallocation=metadata|falloc|full). Member function of Qcow2Image.
+// Preallocation: of a freshly created image (qemu-img create -o
+// preallocation=metadata|falloc|full), and of the area a resize adds to an
+// image whose data file is raw. Member functions of Qcow2Image.
 #include <algorithm>
 #include <vector>
 
@@ -9,56 +10,97 @@
 
 namespace uqcow::qcow2 {
 
-Task<Status> Qcow2Image::preallocate(Preallocation mode) {
-  UQ_CO_TRY(check_writable(0, size_));
-  auto guard = co_await lock_.scoped_lock();
+Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs) {
   const uint64_t cs = geo_.cluster_size;
-  std::vector<std::pair<uint64_t, uint64_t>> runs;  // host data ranges
-  for (uint64_t offset = 0; offset < size_;) {
+  const bool df = header_.has_data_file();
+  for (uint64_t offset = geo_.start_of_cluster(start); offset < end;) {
     auto l2 = co_await l2_table_for_write(offset);
     if (!l2.ok()) co_return std::move(l2).error();
     const uint64_t per_slice = 1ull << slice_bits_;
     const uint64_t index = geo_.l2_index(offset) & (per_slice - 1);
-    const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(size_ - offset));
-    auto host = co_await alloc_clusters(nb);
-    if (!host.ok()) co_return std::move(host).error();
-    if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+    const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(end - offset));
     auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
     if (!ref.ok()) co_return std::move(ref).error();
+    // The clusters of this slice that have no host cluster yet; those that
+    // have one (the old last cluster of a grown disk) keep it.
+    std::vector<uint64_t> todo;
     for (uint64_t k = 0; k < nb; ++k) {
-      uint8_t* p = ref->data() + (index + k) * geo_.l2_entry_size;
-      if (load_be64(p) != 0) co_return Error(EEXIST, "preallocation: the image already has data");
-      store_be64(p, (*host + k * cs) | kOflagCopied);
-      // Extended L2: the clusters are reserved, their subclusters read as
-      // zeros until written.
-      if (geo_.extended_l2) store_be64(p + 8, 0xffffffffull << 32);
+      const uint64_t l2e = load_be64(ref->data() + (index + k) * geo_.l2_entry_size);
+      if (l2e == 0) {
+        todo.push_back(k);
+      } else if (fresh) {
+        co_return Error(EEXIST, "preallocation: the image already has data");
+      }
     }
-    l2_cache_->mark_dirty(*ref);
-    if (!runs.empty() && runs.back().first + runs.back().second == *host) {
-      runs.back().second += nb * cs;
-    } else {
-      runs.emplace_back(*host, nb * cs);
+    ref->reset();
+    if (!todo.empty()) {
+      // One run of fresh host clusters for the slice; with a data file each
+      // cluster's host offset is its guest offset (alloc_data_clusters).
+      uint64_t host = 0;
+      if (!df) {
+        auto h = co_await alloc_clusters(todo.size());
+        if (!h.ok()) co_return std::move(h).error();
+        host = *h;
+        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+      }
+      auto slice = co_await l2_cache_->get(slice_offset(*l2, offset));
+      if (!slice.ok()) co_return std::move(slice).error();
+      for (size_t i = 0; i < todo.size(); ++i) {
+        const uint64_t k = todo[i];
+        const uint64_t h = df ? offset + k * cs : host + i * cs;
+        uint8_t* p = slice->data() + (index + k) * geo_.l2_entry_size;
+        store_be64(p, h | kOflagCopied);
+        // Extended L2: reserved clusters whose subclusters are unallocated
+        // (bitmap 0), as QEMU's preallocation leaves them. They read as
+        // zeros: preallocation is refused with a backing file, and a raw
+        // data file holds zeros there.
+        if (geo_.extended_l2) store_be64(p + 8, 0);
+        if (!runs.empty() && runs.back().host + runs.back().length == h) {
+          runs.back().length += cs;
+        } else {
+          runs.push_back({h, cs});
+        }
+      }
+      l2_cache_->mark_dirty(*slice);
     }
     offset += nb * cs;
   }
+  co_return Status();
+}
+
+uint64_t Qcow2Image::data_file_end(uint64_t disk_size) const {
+  // QEMU's preallocate_co extends the data file to the end of the last
+  // allocation unit it maps: the disk's last cluster, or subcluster with
+  // extended L2 entries.
+  const uint64_t unit = geo_.subcluster_size;
+  return (disk_size + unit - 1) / unit * unit;
+}
+
+Task<Status> Qcow2Image::preallocate(Preallocation mode) {
+  UQ_CO_TRY(check_writable(0, size_));
+  auto guard = co_await lock_.scoped_lock();
+  std::vector<HostRun> runs;
+  UQ_CO_TRY(co_await preallocate_metadata(0, size_, /*fresh=*/true, runs));
   guard.unlock();
-  // The image file must hold every cluster the L2 tables reference (QEMU
-  // grows it the same way), even when nothing is written to them: a
-  // reference past the end of the file is what qemu-img check reports as
-  // corruption. Growing a file by truncate keeps it sparse.
+  // The file must hold every cluster the L2 tables reference (QEMU grows it
+  // the same way), even when nothing is written to them: a reference past
+  // the end of the file is what qemu-img check reports as corruption.
+  // Growing a file by truncate keeps it sparse.
   uint64_t end = 0;
-  for (auto [host, len] : runs) end = std::max(end, host + len);
+  for (const HostRun& r : runs) end = std::max(end, r.host + r.length);
+  if (header_.has_data_file()) end = data_file_end(size_);
   auto length = data_file_->length();
   if (!length.ok()) co_return std::move(length).error();
   if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
-  for (auto [host, len] : runs) {
+  for (const HostRun& r : runs) {
+    const uint64_t len = r.length;
     if (mode == Preallocation::kFalloc) {
-      UQ_CO_TRY(co_await data_file_->co_write_zeroes(host, len, /*may_unmap=*/false));
+      UQ_CO_TRY(co_await data_file_->co_write_zeroes(r.host, len, /*may_unmap=*/false));
     } else if (mode == Preallocation::kFull) {
       std::vector<std::byte> zeros(std::min<uint64_t>(len, 1 << 20));
       for (uint64_t done = 0; done < len;) {
         size_t n = static_cast<size_t>(std::min<uint64_t>(len - done, zeros.size()));
-        UQ_CO_TRY(co_await data_file_->co_write(host + done, std::span<const std::byte>(zeros.data(), n)));
+        UQ_CO_TRY(co_await data_file_->co_write(r.host + done, std::span<const std::byte>(zeros.data(), n)));
         done += n;
       }
     }

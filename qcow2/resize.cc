@@ -5,8 +5,11 @@
 // and change in one write), and the old one is freed afterwards, as QEMU's
 // qcow2_grow_l1_table. Shrinking discards the clusters past the new end,
 // frees the L2 tables and refcount blocks that no longer count anything
-// (shrink.cc) and truncates the file, as QEMU's qcow2_co_truncate.
+// (shrink.cc) and truncates the file, as QEMU's qcow2_co_truncate. An
+// external data file follows the disk's size; a raw one gets the added area
+// preallocated (metadata).
 #include <algorithm>
+#include <vector>
 
 #include "qcow2/endian.h"
 #include "qcow2/image.h"
@@ -30,6 +33,7 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     if (crop < size_) UQ_CO_TRY(co_await zero_clusters(crop, size_ - crop, ZeroMode::kFullDiscard));
   }
   auto guard = co_await lock_.scoped_lock();
+  const uint64_t size_before = size_;
   const uint64_t need = l1_entries_for(new_size, geo_);
   if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
   if (need > l1_.size()) {
@@ -72,12 +76,36 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     UQ_CO_TRY(co_await shrink_refcount_table());
     UQ_CO_TRY(co_await truncate_to_last_cluster());
   }
+  if (header_.data_file_raw() && new_size > size_) {
+    // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
+    // the L2 tables map every guest cluster 1:1, so the added area is
+    // preallocated (metadata), as creation preallocates the whole disk.
+    std::vector<HostRun> runs;
+    UQ_CO_TRY(co_await preallocate_metadata(size_, new_size, /*fresh=*/false, runs));
+    UQ_CO_TRY(co_await l2_cache_->flush());
+    UQ_CO_TRY(co_await refcount_cache_->flush());
+    UQ_CO_TRY(co_await file_->co_flush());
+  }
+  // QEMU resizes an external data file with the disk: clusters sit at their
+  // guest offsets, so it holds exactly the disk (a raw one as preallocation
+  // leaves it, data_file_end). It grows before the header says the disk is
+  // larger, and shrinks after it says the disk is smaller, so the disk never
+  // reaches past its end.
+  const bool data_file = header_.has_data_file();
+  if (data_file && new_size > size_) {
+    const uint64_t end = header_.data_file_raw() ? data_file_end(new_size) : new_size;
+    auto length = data_file_->length();
+    if (!length.ok()) co_return std::move(length).error();
+    if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
+    UQ_CO_TRY(co_await data_file_->co_flush());
+  }
   uint8_t size_field[8];
   store_be64(size_field, new_size);
   UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
   UQ_CO_TRY(co_await file_->co_flush());
   header_.size = new_size;
   size_ = new_size;
+  if (data_file && new_size < size_before) UQ_CO_TRY(data_file_->truncate(new_size));
   co_return Status();
 }
 

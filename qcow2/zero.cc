@@ -82,6 +82,16 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
   UQ_CO_TRY(check_writable(offset, len));
   if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
+  if (header_.data_file_raw()) {
+    // The raw data file must read as the guest disk on its own, so the
+    // zeros go there first, as QEMU's qcow2_subcluster_zeroize does. QEMU
+    // 7.2 leaves a discard to the passthrough (which punches a hole where
+    // the file system can, and is skipped when pass-discard-request is
+    // off); here a discard zeroes the range too, so the raw view never
+    // keeps data the qcow2 view has dropped.
+    data_file_->debug_event(BlkDebugEvent::kPwritevZero);
+    UQ_CO_TRY(co_await data_file_->co_write_zeroes(offset, len, may_unmap || discard_mode));
+  }
   std::vector<uint64_t> to_free;
   std::vector<std::pair<uint64_t, uint64_t>> zero_by_writing;  // (offset, length)
   while (offset < end) {
@@ -103,7 +113,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     const uint64_t old = load_be64(p);
     const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
     const bool compressed = old & kOflagCompressed;
-    const bool allocated = compressed || (old & kL2OffsetMask);
+    const bool allocated = compressed || l2_has_host(old, header_.has_data_file());
     uint64_t entry = old, bitmap = old_bitmap;
     bool free_old = false;
     if (full_discard) {

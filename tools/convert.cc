@@ -269,6 +269,12 @@ std::string target_options(const Args& args, bool compress, qcow2::CreateOptions
   if (!create.backing_file.empty() || !create.backing_format.empty()) {
     return "backing_file/backing_fmt are not supported: the output is a full copy";
   }
+  if (compress && !create.data_file.empty()) {
+    // qemu-img creates the target, then fails its first write ("Operation
+    // not supported": qcow2 refuses compressed clusters with a data file);
+    // this is refused before anything is created.
+    return "Compression is not supported with an external data file";
+  }
   if (compress && create.preallocation != qcow2::Preallocation::kOff) {
     return "Compression and preallocation not supported at the same time";
   }

@@ -133,11 +133,14 @@ int cmd_create(int argc, char** argv) {
   OPENSSL_cleanse(co.passphrase.data(), co.passphrase.size());
   if (!s.ok()) return fail(s);
   if (!args.has("-q")) {
+    // qemu-img's line, data_file options included where given.
+    std::string data_file;
+    if (!co.data_file.empty()) data_file = " data_file=" + co.data_file + (co.data_file_raw ? " data_file_raw=on" : "");
     std::printf("Formatting '%s', fmt=qcow2 cluster_size=%u extended_l2=%s compression_type=%s "
-                "size=%llu lazy_refcounts=%s refcount_bits=%u\n",
+                "size=%llu%s lazy_refcounts=%s refcount_bits=%u\n",
                 path.c_str(), co.cluster_size, co.extended_l2 ? "on" : "off",
                 co.compression_type == qcow2::CompressionType::kZstd ? "zstd" : "zlib",
-                (unsigned long long)co.size, co.lazy_refcounts ? "on" : "off", co.refcount_bits);
+                (unsigned long long)co.size, data_file.c_str(), co.lazy_refcounts ? "on" : "off", co.refcount_bits);
   }
   return 0;
 }
