@@ -52,7 +52,8 @@ struct CheckResult {
 enum class RepairMode { kNone, kLeaks, kAll };
 
 // Reads and validates the header of the qcow2 image in `file` (the whole
-// first cluster). Errors name the offending field, as parse_header does.
+// first cluster) as qemu-img check opens it (HeaderUse::kCheck). Errors name
+// the offending field, as parse_header does.
 Task<Result<Header>> read_image_header(BlockDevice& file);
 
 // Checks the qcow2 image in `file`; with a repair mode other than kNone the
