@@ -36,8 +36,10 @@ struct CheckResult {
   uint64_t compressed_clusters = 0;
   // One line per finding, in the order found, worded like QEMU's
   // ("ERROR cluster 5 refcount=0 reference=1", "Leaked cluster ...",
-  // "Repairing ..."). A repair run holds the lines of both passes.
+  // "Repairing ..."). A repair run holds the lines of both passes, up to
+  // kMaxCheckMessages; the lines past that are only counted.
   std::vector<std::string> messages;
+  uint64_t messages_dropped = 0;
   // Not ok when the check stopped before the end (QEMU's ret < 0): the counts
   // are then partial and qemu-img prints no summary, only "Check failed".
   Status stopped;
@@ -45,6 +47,9 @@ struct CheckResult {
   // check that ran after it ("Double checking the fixed image now...").
   bool rechecked = false;
 };
+
+// The most finding lines a CheckResult keeps (the counts stay exact).
+inline constexpr size_t kMaxCheckMessages = 100000;
 
 // kLeaks: lower refcounts that are too high. kAll: also raise refcounts that
 // are too low, fix OFLAG_COPIED flags and bad L2 entries, and rebuild the

@@ -110,6 +110,12 @@ void note(CheckResult& res, const char* format, ...) {
   va_start(ap, format);
   std::vsnprintf(buf, sizeof buf, format, ap);
   va_end(ap);
+  // Bounded: a damaged image can have a finding for each of 2^28 clusters
+  // (iotest 220's 512 TiB image), whose lines would not fit in memory.
+  if (res.messages.size() >= kMaxCheckMessages) {
+    ++res.messages_dropped;
+    return;
+  }
   res.messages.emplace_back(buf);
 }
 
