@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -321,6 +322,51 @@ TEST_P(IotestsOpen, InvalidSnapshotL1Table) {
     EXPECT_EQ(run_command({"qemu-img", "check", file("q.qcow2")}).exit_code, 2);
     EXPECT_NE(run_uqcow({"check", img_}).exit_code, 0);
   }
+}
+
+// Finds the header extension of `type` in the first cluster (64 KiB here);
+// returns the offset of its 8-byte type/length header.
+std::optional<uint64_t> find_extension(const std::string& path, uint32_t type) {
+  uint64_t pos = *peek_be32(path, kHeaderLength);
+  while (pos + 8 <= (64 << 10)) {
+    auto t = peek_be32(path, pos);
+    auto len = peek_be32(path, pos + 4);
+    if (!t || !len || *t == 0) return std::nullopt;
+    if (*t == type) return pos;
+    pos += 8 + ((uint64_t{*len} + 7) & ~uint64_t{7});
+  }
+  return std::nullopt;
+}
+
+// qcow2_read_extensions()'s refusals: a backing format name of 16 bytes or
+// more, and a bitmaps extension (while the bitmaps autoclear bit is set)
+// with no bitmaps or an unaligned directory.
+TEST_P(IotestsOpen, HeaderExtensionValues) {
+  constexpr uint32_t kExtBackingFormat = 0xe2792aca;
+  constexpr uint32_t kExtBitmaps = 0x23852875;
+  ImageBuilder b(dir_);
+  b.create("base.qcow2", "qcow2", "", 64 << 20);
+  b.create("t.qcow2", "qcow2", "", 0, "base.qcow2", "qcow2");
+  b.run({"qemu-img", "bitmap", "--add", "t.qcow2", "bm0"});
+  ASSERT_TRUE(b.ok()) << b.error();
+  const std::string pristine = file("pristine.qcow2");
+  std::filesystem::copy_file(img_, pristine);
+  auto restore = [&] { std::filesystem::copy_file(pristine, img_, std::filesystem::copy_options::overwrite_existing); };
+
+  auto fmt = find_extension(img_, kExtBackingFormat);
+  ASSERT_TRUE(fmt.has_value());
+  poke32(*fmt + 4, 16);  // "qcow2" and 11 bytes of what follows
+  expect_both_refuse("backing format");
+
+  restore();
+  auto bitmaps = find_extension(img_, kExtBitmaps);
+  ASSERT_TRUE(bitmaps.has_value());
+  poke32(*bitmaps + 8, 0);  // nb_bitmaps
+  expect_both_refuse("nb_bitmaps");
+
+  restore();
+  poke64(*bitmaps + 8 + 16, *peek_be64(img_, *bitmaps + 8 + 16) + 512);  // bitmap_directory_offset
+  expect_both_refuse("bitmap_directory_offset");
 }
 
 // ---- 287: compression type ------------------------------------------------------
