@@ -200,8 +200,9 @@ Status validate_features(Header& h) {
     return invalid("autoclear_features", "data_file_raw cannot be combined with encryption");
   }
   if (!h.has_data_file() && h.data_file_raw()) {
-    // QEMU clears a stray raw-data-file bit; reads are unaffected.
-    h.autoclear_features &= ~kAutoclearDataFileRaw;
+    // QEMU 7.2 refuses to open such an image ("data-file-raw requires a data
+    // file"; only qemu-img info, which opens no data file, shows it).
+    return invalid("autoclear_features", "data_file_raw is set but the image has no external data file");
   }
   if (h.has_data_file() && !h.data_file) {
     return invalid("data file", "external data file feature set but no data file name "

@@ -278,6 +278,31 @@ TEST_P(IotestsOpen, InvalidBackingFileSize) {
   expect_both_refuse("backing_file");
 }
 
+// An L2 entry with a huge host offset (080: "Invalid L2 entry (huge
+// physical offset)"): qemu-img snapshot -c fails (EFBIG for the compressed
+// one, EAGAIN for the standard one), and so does uqcow, without writing.
+TEST_P(IotestsOpen, InvalidL2EntryHugePhysicalOffset) {
+  make_image();
+  run_ok({"qemu-io", "-c", "write 0 512", img_});
+  for (uint64_t entry : {0xbfffffffffff0000ull, 0x800000ffffff0000ull}) {
+    SCOPED_TRACE(entry);
+    poke64(kL2Table0, entry);
+    std::filesystem::copy_file(img_, file("q.qcow2"), std::filesystem::copy_options::overwrite_existing);
+    EXPECT_NE(run_command({"qemu-img", "snapshot", "-c", "test", file("q.qcow2")}).exit_code, 0);
+    auto before = read_file(img_);
+    CommandResult ours = run_uqcow({"snapshot", "-c", "test", img_});
+    EXPECT_EQ(ours.exit_code, 1) << ours.describe();
+    EXPECT_TRUE(SameBytes(*read_file(img_), *before)) << "the refused snapshot wrote to the image";
+  }
+}
+
+// data-file-raw without an external data file: QEMU refuses to open it.
+TEST_P(IotestsOpen, DataFileRawWithoutDataFile) {
+  make_image();
+  poke64(88, 2);  // autoclear_features: data_file_raw
+  expect_both_refuse("data_file_raw");
+}
+
 // A snapshot table entry whose L1 table is unaligned (080: "Invalid snapshot
 // L1 table offset"), or too large ("... size"). QEMU opens the image but
 // refuses every use of the snapshot; uqcow refuses the image at open (its
