@@ -729,7 +729,7 @@ Task<Result<Header>> read_image_header(BlockDevice& file) {
       UQ_CO_TRY(co_await file.co_read(0, as_bytes(first)));
     }
   }
-  auto header = parse_header(first);
+  auto header = parse_header(first, HeaderUse::kCheck);
   if (!header.ok()) co_return std::move(header).error().with_context(file.name());
   co_return std::move(header).value();
 }

@@ -36,8 +36,10 @@ struct CheckResult {
   uint64_t compressed_clusters = 0;
   // One line per finding, in the order found, worded like QEMU's
   // ("ERROR cluster 5 refcount=0 reference=1", "Leaked cluster ...",
-  // "Repairing ..."). A repair run holds the lines of both passes.
+  // "Repairing ..."). A repair run holds the lines of both passes, up to
+  // kMaxCheckMessages; the lines past that are only counted.
   std::vector<std::string> messages;
+  uint64_t messages_dropped = 0;
   // Not ok when the check stopped before the end (QEMU's ret < 0): the counts
   // are then partial and qemu-img prints no summary, only "Check failed".
   Status stopped;
@@ -46,13 +48,17 @@ struct CheckResult {
   bool rechecked = false;
 };
 
+// The most finding lines a CheckResult keeps (the counts stay exact).
+inline constexpr size_t kMaxCheckMessages = 100000;
+
 // kLeaks: lower refcounts that are too high. kAll: also raise refcounts that
 // are too low, fix OFLAG_COPIED flags and bad L2 entries, and rebuild the
 // refcount structure when it is itself broken (QEMU's -r leaks / -r all).
 enum class RepairMode { kNone, kLeaks, kAll };
 
 // Reads and validates the header of the qcow2 image in `file` (the whole
-// first cluster). Errors name the offending field, as parse_header does.
+// first cluster) as qemu-img check opens it (HeaderUse::kCheck). Errors name
+// the offending field, as parse_header does.
 Task<Result<Header>> read_image_header(BlockDevice& file);
 
 // Checks the qcow2 image in `file`; with a repair mode other than kNone the

@@ -62,6 +62,25 @@ std::string incompatible_names(const Header& h, uint64_t bits) {
   return out;
 }
 
+// The bitmaps extension's checks in qcow2_read_extensions().
+Status validate_bitmaps(const BitmapsExtension& b, uint32_t reserved, const Header& h) {
+  constexpr uint32_t kMaxBitmaps = 65535;                           // QCOW2_MAX_BITMAPS
+  constexpr uint64_t kMaxDirectoryBytes = uint64_t{1024} * kMaxBitmaps;  // QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+  if (reserved != 0) return invalid("bitmaps extension", "reserved field is not zero");
+  if (b.nb_bitmaps > kMaxBitmaps) {
+    return invalid("nb_bitmaps", std::to_string(b.nb_bitmaps) + " exceeds the maximum of 65535");
+  }
+  if (b.nb_bitmaps == 0) return invalid("nb_bitmaps", "0 in a bitmaps extension");
+  if (b.directory_offset & (h.cluster_size() - 1)) {
+    return invalid("bitmap_directory_offset", hex(b.directory_offset) + " is not aligned to the cluster size");
+  }
+  if (b.directory_size > kMaxDirectoryBytes) {
+    return invalid("bitmap_directory_size", std::to_string(b.directory_size) + " exceeds the maximum of " +
+                                                std::to_string(kMaxDirectoryBytes));
+  }
+  return Status();
+}
+
 Status parse_extensions(std::span<const uint8_t> buf, size_t start, size_t end, Header& h) {
   size_t pos = start;
   while (true) {
@@ -84,6 +103,12 @@ Status parse_extensions(std::span<const uint8_t> buf, size_t start, size_t end, 
     const uint8_t* d = &buf[pos];
     switch (type) {
       case kExtBackingFormat:
+        // QEMU keeps the name in a 16-byte buffer and refuses a longer one
+        // ("ext_backing_format: len=N too large (>=16)").
+        if (len >= 16) {
+          return invalid("backing format extension", "length " + std::to_string(len) +
+                                                         " is too large (at most 15)");
+        }
         h.backing_format = std::string(reinterpret_cast<const char*>(d), len);
         if (h.backing_format->find('\0') != std::string::npos) {
           h.backing_format->resize(h.backing_format->find('\0'));
@@ -100,15 +125,22 @@ Status parse_extensions(std::span<const uint8_t> buf, size_t start, size_t end, 
         }
         break;
       case kExtBitmaps: {
-        if (len < 24) return invalid("bitmaps extension", "length " + std::to_string(len) + " < 24");
         BitmapsExtension b;
+        if (len != 24) return invalid("bitmaps extension", "length " + std::to_string(len) + " is not 24");
         b.nb_bitmaps = load_be32(d);
         b.directory_size = load_be64(d + 8);
         b.directory_offset = load_be64(d + 16);
+        // QEMU validates the extension only while the bitmaps autoclear bit
+        // says it is consistent; without the bit it is dropped on a write.
+        if (h.autoclear_features & kAutoclearBitmaps) UQ_TRY(validate_bitmaps(b, load_be32(d + 4), h));
         h.bitmaps = b;
         break;
       }
       case kExtCryptoHeader: {
+        if (h.crypt_method != CryptMethod::kLuks) {
+          return invalid("full disk encryption header extension",
+                         "only expected with LUKS encryption (crypt_method 2)");
+        }
         if (len != 16) {
           return invalid("full disk encryption header extension",
                          "length " + std::to_string(len) + " is not 16");
@@ -141,10 +173,16 @@ Status validate_features(Header& h) {
     return Error(ENOTSUP, "unsupported qcow2 image: incompatible_features: unknown feature(s) " +
                               incompatible_names(h, unknown));
   }
+  // QEMU's validate_compression_type(): the bit is set exactly when the type
+  // is not zlib. A header too short for the field means zlib.
   if (h.incompatible_features & kIncompatCompression) {
     if (h.header_length <= kOffCompressionType) {
       return invalid("header_length", "compression type bit set but the header has no "
                                       "compression_type field");
+    }
+    if (h.compression_type == CompressionType::kZlib) {
+      return invalid("incompatible_features", "compression type bit set with compression_type zlib "
+                                              "(the bit must only be set for a non-zlib type)");
     }
   } else if (h.compression_type != CompressionType::kZlib) {
     return invalid("compression_type", "non-zlib compression type without the incompatible "
@@ -158,8 +196,9 @@ Status validate_features(Header& h) {
     return invalid("autoclear_features", "data_file_raw cannot be combined with encryption");
   }
   if (!h.has_data_file() && h.data_file_raw()) {
-    // QEMU clears a stray raw-data-file bit; reads are unaffected.
-    h.autoclear_features &= ~kAutoclearDataFileRaw;
+    // QEMU 7.2 refuses to open such an image ("data-file-raw requires a data
+    // file"; only qemu-img info, which opens no data file, shows it).
+    return invalid("autoclear_features", "data_file_raw is set but the image has no external data file");
   }
   if (h.has_data_file() && !h.data_file) {
     return invalid("data file", "external data file feature set but no data file name "
@@ -182,7 +221,14 @@ uint64_t l1_entries_for(uint64_t size, const Geometry& g) {
   return (size + (1ull << shift) - 1) >> shift;
 }
 
-Result<Header> parse_header(std::span<const uint8_t> buf) {
+Status validate_snapshot_table_pointer(const Header& h) {
+  if (h.nb_snapshots > kMaxSnapshots) {
+    return invalid("nb_snapshots", std::to_string(h.nb_snapshots) + " exceeds the maximum of 65536");
+  }
+  return validate_table("snapshots", h.snapshots_offset, uint64_t{h.nb_snapshots} * 40, h.cluster_size());
+}
+
+Result<Header> parse_header(std::span<const uint8_t> buf, HeaderUse use) {
   if (buf.size() < kV2HeaderSize) {
     return invalid("header", "file is " + std::to_string(buf.size()) +
                                  " bytes, smaller than a qcow2 header (72)");
@@ -286,11 +332,10 @@ Result<Header> parse_header(std::span<const uint8_t> buf) {
     return invalid("l1_size", std::to_string(h.l1_size) + " entries are too few for size " +
                                   std::to_string(h.size));
   }
-  if (h.l1_size > 0) {
-    UQ_TRY(validate_table("l1_table", h.l1_table_offset, uint64_t{h.l1_size} * 8, cluster_size));
-  }
+  // QEMU validates the offset even of an empty table.
+  UQ_TRY(validate_table("l1_table", h.l1_table_offset, uint64_t{h.l1_size} * 8, cluster_size));
   // Refcount table.
-  if (h.refcount_table_clusters == 0) {
+  if (h.refcount_table_clusters == 0 && use != HeaderUse::kCheck) {
     return invalid("refcount_table_clusters", "0: an image needs a refcount table");
   }
   if (uint64_t{h.refcount_table_clusters} << h.cluster_bits > kMaxRefcountTableBytes) {
@@ -299,15 +344,56 @@ Result<Header> parse_header(std::span<const uint8_t> buf) {
   }
   UQ_TRY(validate_table("refcount_table", h.refcount_table_offset,
                         uint64_t{h.refcount_table_clusters} << h.cluster_bits, cluster_size));
-  // Snapshot table.
-  if (h.nb_snapshots > kMaxSnapshots) {
-    return invalid("nb_snapshots", std::to_string(h.nb_snapshots) + " exceeds the maximum of 65536");
-  }
-  if (h.nb_snapshots > 0) {
-    UQ_TRY(validate_table("snapshots", h.snapshots_offset, uint64_t{h.nb_snapshots} * 40,
-                          cluster_size));
-  }
+  if (use != HeaderUse::kCheck) UQ_TRY(validate_snapshot_table_pointer(h));
   return h;
+}
+
+namespace {
+
+struct TableExtent {
+  const char* field;  // the header field that places the table
+  const char* what;
+  uint64_t offset;
+  uint64_t bytes;
+  bool overlaps(const TableExtent& o) const {
+    return bytes && o.bytes && offset < o.offset + o.bytes && o.offset < offset + bytes;
+  }
+};
+
+Status beyond_end(const TableExtent& t, uint64_t file_length) {
+  if (!t.bytes || t.offset + t.bytes <= file_length) return Status();
+  return invalid(t.field, std::string("the ") + t.what + " (" + hex(t.offset) + ", " + std::to_string(t.bytes) +
+                              " bytes) lies beyond the end of the file (" + std::to_string(file_length) +
+                              " bytes); QEMU would read the missing part as zeros, uqcow refuses the image "
+                              "(uqcow check reports it, as qemu-img check does)");
+}
+
+Status overlap(const TableExtent& t, const TableExtent& other) {
+  if (!t.overlaps(other)) return Status();
+  return invalid(t.field, std::string("the ") + t.what + " (" + hex(t.offset) + ", " + std::to_string(t.bytes) +
+                              " bytes) overlaps the " + other.what + "; a write would damage it, so uqcow "
+                              "refuses to open the image read-write (QEMU accepts it)");
+}
+
+}  // namespace
+
+Status validate_table_placement(const Header& h, uint64_t file_length, bool read_write) {
+  // parse_header bounded every offset + size below 2^56: no overflow here.
+  const TableExtent header{"header", "header cluster", 0, h.cluster_size()};
+  const TableExtent l1{"l1_table_offset", "active L1 table", h.l1_table_offset, uint64_t{h.l1_size} * 8};
+  const TableExtent snapshots{"snapshots_offset", "snapshot table", h.snapshots_offset,
+                              uint64_t{h.nb_snapshots} * 40};
+  const TableExtent refcounts{"refcount_table_offset", "refcount table", h.refcount_table_offset,
+                              uint64_t{h.refcount_table_clusters} << h.cluster_bits};
+  UQ_TRY(beyond_end(l1, file_length));
+  UQ_TRY(beyond_end(snapshots, file_length));
+  if (!read_write) return Status();
+  UQ_TRY(beyond_end(refcounts, file_length));
+  UQ_TRY(overlap(refcounts, header));
+  UQ_TRY(overlap(refcounts, l1));
+  UQ_TRY(overlap(refcounts, snapshots));
+  UQ_TRY(overlap(l1, header));
+  return Status();
 }
 
 Result<std::vector<uint8_t>> serialize_header(const Header& h) {

@@ -86,10 +86,39 @@ struct Header {
   std::optional<std::string> feature_name(uint8_t type, uint8_t bit) const;
 };
 
+// What the header is parsed for. kOpen makes every check qcow2_do_open()
+// makes; kCheck is QEMU's BDRV_O_CHECK open (qemu-img check): a header with
+// no refcount table (refcount_table_clusters 0) is accepted so that a repair
+// can rebuild one, and the snapshot table is left to the checker, which
+// validates it itself (qcow2_check_read_snapshot_table()).
+enum class HeaderUse { kOpen, kCheck };
+
 // Parses and validates the header in `first_cluster`: the first bytes of the
 // image (at least 72; callers pass min(file length, 2 MiB) so that the whole
 // first cluster of any valid image is present).
-Result<Header> parse_header(std::span<const uint8_t> first_cluster);
+Result<Header> parse_header(std::span<const uint8_t> first_cluster, HeaderUse use = HeaderUse::kOpen);
+
+// QEMU's qcow2_validate_table() for the snapshot table: nb_snapshots within
+// 65536 and snapshots_offset cluster-aligned with the table's minimal extent
+// (40 bytes an entry) below the largest image offset, checked even when
+// there are no snapshots, as QEMU checks it. Errors name the field.
+Status validate_snapshot_table_pointer(const Header& h);
+
+// Where uqcow is deliberately stricter than QEMU's open: checks the tables
+// the header points at against the file (`file_length` bytes) and against
+// each other. QEMU reads a table lying (partly) beyond the end of the file
+// as zeros, and accepts a refcount table over the header (e.g.
+// refcount_table_offset 0); the first allocation then writes refcounts over
+// the header. Refused here, naming the field:
+//   - the active L1 table (l1_table_offset) or the snapshot table's minimal
+//     extent (snapshots_offset, 40 bytes an entry) beyond the end of the file;
+//   - with `read_write` (the only opens that use the refcount table): the
+//     refcount table beyond the end of the file, or overlapping the header
+//     cluster, the active L1 table or the snapshot table; the active L1
+//     table overlapping the header cluster.
+// qemu-img check still opens such images (`uqcow check` reads them as QEMU
+// does, through check_image(), which does not call this).
+Status validate_table_placement(const Header& h, uint64_t file_length, bool read_write);
 
 // Serialises `h` (header, extensions, backing file name) into a buffer of
 // h.cluster_size() bytes laid out as QEMU writes it. Fails with EINVAL if the

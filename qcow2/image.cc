@@ -137,6 +137,10 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
                                             "or repair it with 'uqcow check -r all'");
   }
 
+  if (Status placed = validate_table_placement(header_, *file_len, !options_.read_only); !placed.ok()) {
+    co_return placed.error().with_context(file_->name());
+  }
+
   UQ_CO_TRY(co_await open_encryption());
 
   // External data file.

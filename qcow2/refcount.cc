@@ -84,13 +84,24 @@ Task<Result<uint64_t>> Qcow2Image::find_free_clusters(uint64_t n) {
       run = std::min(n, block_end - start);
       continue;
     }
-    auto rc = co_await get_refcount(idx);
-    if (!rc.ok()) co_return std::move(rc).error();
-    if (*rc == 0) {
-      ++run;
-    } else {
-      start = idx + 1;
-      run = 0;
+    // Make sure the block is cached (this may suspend), then scan the rest of
+    // it without suspending: a scan over a large image (iotest 220: 2^28
+    // clusters) must not pay a coroutine frame or a cache lookup per cluster.
+    const uint64_t block_offset = reftable_[rt] & kReftableOffsetMask;
+    const uint8_t* block = refcount_cache_->lookup(block_offset);
+    if (!block) {
+      auto loaded = co_await load_refcount_block(rt);
+      if (!loaded.ok()) co_return std::move(loaded).error();
+      continue;  // the table may have changed while suspended: look again
+    }
+    const uint64_t block_end = (rt + 1) * per_block;
+    for (; idx < block_end && run < n; ++idx) {
+      if (get_refcount_entry(block, idx & (per_block - 1), header_.refcount_order) == 0) {
+        ++run;
+      } else {
+        start = idx + 1;
+        run = 0;
+      }
     }
     if ((start + run) << geo_.cluster_bits >= (1ull << 56)) {
       co_return Error(ENOSPC, file_->name() + ": no free clusters below the 64 PiB limit");
@@ -348,6 +359,20 @@ Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
     if (!offset || free_in_cluster < size) {
       auto found = co_await find_free_clusters(1);
       if (!found.ok()) co_return std::move(found).error();
+      // A compressed-cluster descriptor holds host offsets up to
+      // coffset_mask only (512 TiB with 2 MiB clusters): a cluster above it
+      // must not be used, or the descriptor would get a truncated offset.
+      // QEMU's alloc_clusters_noref() fails the same way (iotest 220).
+      if (*found > geo_.coffset_mask) {
+        co_return Error(EFBIG, file_->name() + ": the next free cluster at " + std::to_string(*found) +
+                                   " lies beyond the largest offset a compressed-cluster descriptor can "
+                                   "hold (" + std::to_string(geo_.coffset_mask) + ")");
+      }
+      // Cluster 0 is the header; only a broken refcount says it is free.
+      if (*found == 0) {
+        co_return Error(EIO, file_->name() + ": refusing to allocate a compressed cluster at offset 0 "
+                                             "(the header's refcount is 0)");
+      }
       if (!offset || ((offset + cs - 1) & ~(cs - 1)) != *found) {
         offset = *found;
         free_in_cluster = cs;

@@ -135,6 +135,10 @@ Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mod
 // The exit code and output once the check has run.
 int report(const CheckResult& r, const std::string& filename, bool json, bool quiet) {
   for (const auto& m : r.messages) std::fprintf(stderr, "%s\n", m.c_str());
+  if (r.messages_dropped) {
+    std::fprintf(stderr, "(%llu more lines of findings not shown)\n",
+                 static_cast<unsigned long long>(r.messages_dropped));
+  }
   if (!r.stopped.ok()) return fail("Check failed: " + r.stopped.message(), kExitFailed);
   if (!quiet) {
     if (json) {
