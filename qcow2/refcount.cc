@@ -368,10 +368,12 @@ Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
                                    " lies beyond the largest offset a compressed-cluster descriptor can "
                                    "hold (" + std::to_string(geo_.coffset_mask) + ")");
       }
-      // Cluster 0 is the header; only a broken refcount says it is free.
+      // Cluster 0 is the header; only a broken refcount says it is free
+      // (QEMU marks the image corrupt: "Preventing invalid allocation of
+      // compressed cluster at offset 0").
       if (*found == 0) {
-        co_return Error(EIO, file_->name() + ": refusing to allocate a compressed cluster at offset 0 "
-                                             "(the header's refcount is 0)");
+        co_return fatal_corruption(corruption("refusing to allocate a compressed cluster at offset 0 "
+                                              "(the header's refcount is 0)"));
       }
       if (!offset || ((offset + cs - 1) & ~(cs - 1)) != *found) {
         offset = *found;
