@@ -265,6 +265,10 @@ class Qcow2Image final : public Disk {
   // to fresh clusters ignores nothing). `what` names the write.
   Status check_metadata_write(uint64_t offset, uint64_t length, const char* what, OverlapMask ignore = 0);
   Status check_cache_write(uint64_t offset, uint64_t length, MetadataKind own);
+  std::optional<MetadataKind> find_overlap(uint64_t offset, uint64_t length, OverlapMask mask) const;
+  // Marks the image corrupt (in the background) and returns the EIO that
+  // names the kind hit, as QEMU's message does.
+  Status refuse_overlap(MetadataKind hit, uint64_t offset, uint64_t length, const char* what);
   Status check_data_write(uint64_t offset, uint64_t length);
   void overlap_add(MetadataKind kind, uint64_t offset, uint64_t length);
   void overlap_remove(MetadataKind kind, uint64_t offset, uint64_t length);

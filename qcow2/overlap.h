@@ -14,8 +14,10 @@
 //
 // Unlike QEMU, which walks its tables (and for inactive L2 reads every
 // snapshot L1 from disk) on each check, the regions are kept as sorted sets,
-// updated wherever a structure moves, appears or goes: a check costs one
-// ordered lookup per enabled kind.
+// updated wherever a structure moves, appears or goes. A check first asks a
+// merged index of every tracked region (one ordered lookup, as many for
+// `all` as for `cached`); only a write that lands on some metadata goes on
+// to the per-kind sets to learn which kind it hit.
 #pragma once
 
 #include <array>
@@ -96,8 +98,25 @@ class MetadataRegions {
     // in a damaged image; max_length bounds how far back a query looks.
     std::map<std::pair<uint64_t, uint64_t>, uint32_t> regions;
     uint64_t max_length = 0;
+    // [lo, hi) covers every region (first start, last start + max_length):
+    // most queries miss the single-region kinds (header, tables) on these
+    // two compares, without a lookup.
+    uint64_t lo = 0;
+    uint64_t hi = 0;
     bool overlaps(uint64_t start, uint64_t end) const;
+    void update_bounds();
   };
+  std::optional<MetadataKind> first_overlap(uint64_t start, uint64_t end, OverlapMask mask) const;
+  // The merged index: disjoint [start, end) intervals covering every region
+  // of every kind. Removals leave it a superset (a hit there is confirmed
+  // by the per-kind sets); it is rebuilt once removed regions outnumber a
+  // quarter of the live ones, so that costs O(1) amortised per removal.
+  void merge_into_index(uint64_t start, uint64_t end);
+  void rebuild_index();
+  std::map<uint64_t, uint64_t> index_;
+  size_t live_ = 0;     // distinct regions over all kinds
+  size_t removed_ = 0;  // regions gone since the last rebuild_index()
+
   std::array<KindSet, kMetadataKinds> kinds_;
   OverlapMask tracked_ = 0;
   OverlapMask nonempty_ = 0;

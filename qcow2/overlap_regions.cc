@@ -1,6 +1,8 @@
 // MetadataRegions (overlap.h): reference-counted region sets, one per kind.
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
+#include <iterator>
 
 #include "qcow2/overlap.h"
 
@@ -55,8 +57,12 @@ void MetadataRegions::add(MetadataKind kind, uint64_t offset, uint64_t length) {
   // A length from a damaged image may run past 2^64: clamp, do not wrap.
   const uint64_t end = offset + length < offset ? UINT64_MAX : offset + length;
   KindSet& set = kinds_[static_cast<size_t>(kind)];
-  ++set.regions[{offset, end}];
+  if (++set.regions[{offset, end}] == 1) {
+    ++live_;
+    merge_into_index(offset, end);
+  }
   set.max_length = std::max(set.max_length, end - offset);
+  set.update_bounds();
   nonempty_ |= overlap_bit(kind);
 }
 
@@ -66,20 +72,58 @@ void MetadataRegions::remove(MetadataKind kind, uint64_t offset, uint64_t length
   KindSet& set = kinds_[static_cast<size_t>(kind)];
   auto it = set.regions.find({offset, end});
   if (it == set.regions.end()) return;
-  if (--it->second == 0) set.regions.erase(it);
+  if (--it->second == 0) {
+    set.regions.erase(it);
+    --live_;
+    if (++removed_ > std::max<size_t>(64, live_ / 4)) rebuild_index();
+  }
   if (set.regions.empty()) {
     set.max_length = 0;
     nonempty_ &= ~overlap_bit(kind);
   }
+  set.update_bounds();
+}
+
+void MetadataRegions::merge_into_index(uint64_t start, uint64_t end) {
+  // Joins every interval that overlaps or touches [start, end).
+  auto it = index_.upper_bound(start);
+  if (it != index_.begin() && std::prev(it)->second >= start) --it;
+  while (it != index_.end() && it->first <= end) {
+    start = std::min(start, it->first);
+    end = std::max(end, it->second);
+    it = index_.erase(it);
+  }
+  index_.emplace_hint(it, start, end);
+}
+
+void MetadataRegions::rebuild_index() {
+  index_.clear();
+  removed_ = 0;
+  for (const KindSet& set : kinds_) {
+    for (const auto& [region, refs] : set.regions) merge_into_index(region.first, region.second);
+  }
+}
+
+void MetadataRegions::KindSet::update_bounds() {
+  if (regions.empty()) {
+    lo = hi = 0;
+    return;
+  }
+  lo = regions.begin()->first.first;
+  const uint64_t last = regions.rbegin()->first.first;
+  hi = last > UINT64_MAX - max_length ? UINT64_MAX : last + max_length;
 }
 
 void MetadataRegions::reset(OverlapMask tracked) {
   for (KindSet& set : kinds_) set = KindSet{};
+  index_.clear();
+  live_ = removed_ = 0;
   tracked_ = tracked;
   nonempty_ = 0;
 }
 
 bool MetadataRegions::KindSet::overlaps(uint64_t start, uint64_t end) const {
+  // The caller has checked [lo, hi).
   // Regions starting at or after `end` cannot overlap; of those before it,
   // only ones starting within max_length of `start` can reach it.
   auto it = regions.lower_bound({end, 0});
@@ -93,12 +137,23 @@ bool MetadataRegions::KindSet::overlaps(uint64_t start, uint64_t end) const {
 }
 
 std::optional<MetadataKind> MetadataRegions::overlaps(uint64_t offset, uint64_t length, OverlapMask mask) const {
-  if (length == 0) return std::nullopt;
+  if (length == 0 || !(mask & nonempty_)) return std::nullopt;
   const uint64_t end = offset + length < offset ? UINT64_MAX : offset + length;
+  // The index intervals are disjoint: only the last one starting before
+  // `end` can reach `offset`.
+  auto it = index_.lower_bound(end);
+  if (it == index_.begin() || std::prev(it)->second <= offset) return std::nullopt;
+  return first_overlap(offset, end, mask);
+}
+
+std::optional<MetadataKind> MetadataRegions::first_overlap(uint64_t offset, uint64_t end, OverlapMask mask) const {
   mask &= nonempty_;
-  if (!mask) return std::nullopt;
   for (MetadataKind kind : kCheckOrder) {
-    if ((mask & overlap_bit(kind)) && kinds_[static_cast<size_t>(kind)].overlaps(offset, end)) return kind;
+    if (!mask) break;
+    if (!(mask & overlap_bit(kind))) continue;
+    mask &= ~overlap_bit(kind);
+    const KindSet& set = kinds_[static_cast<size_t>(kind)];
+    if (end > set.lo && offset < set.hi && set.overlaps(offset, end)) return kind;
   }
   return std::nullopt;
 }
