@@ -278,6 +278,39 @@ TEST(OverlapBookkeeping, RegionsStayExactAcrossSnapshotsAndGrowth) {
   EXPECT_EQ(read.out.find("verification failed"), std::string::npos) << read.describe();
 }
 
+// Snapshot apply and delete rewrite OFLAG_COPIED in the L2 tables of the L1
+// they walk, which other snapshots may share: legitimate writes to inactive
+// L2 tables, which `all` must let through. qemu-img makes such a table:
+// deleting s1 sets COPIED in the table s1 shared with s2 (the data there now
+// has refcount 1); applying s2 then clears it again. (qemu-img snapshot -a
+// with overlap-check=all refuses that write and marks the image corrupt;
+// uqcow deliberately exempts its own snapshot walks.)
+TEST(OverlapBookkeeping, SnapshotApplyRewritesASharedTableUnderAll) {
+  UQ_REQUIRE_TOOL("qemu-img");
+  UQ_REQUIRE_TOOL("qemu-io");
+  TempDir dir("overlap-apply");
+  ImageBuilder b(dir.path());
+  b.create("img.qcow2", "qcow2", "", 64 << 20);
+  b.write("img.qcow2", "qcow2", {P(0, 128 << 10, 0x11)});
+  b.run({"qemu-img", "snapshot", "-c", "s1", "img.qcow2"});
+  b.run({"qemu-img", "snapshot", "-c", "s2", "img.qcow2"});
+  b.write("img.qcow2", "qcow2", {P(0, 128 << 10, 0x22)});
+  b.run({"qemu-img", "snapshot", "-d", "s1", "img.qcow2"});
+  ASSERT_TRUE(b.ok()) << b.error() << "\n" << b.script();
+  const std::string path = dir.file("img.qcow2");
+  auto layout = read_layout(path);  // snapshot entry 0 is now s2
+  ASSERT_TRUE(layout.has_value());
+  auto entry = peek_be64(path, layout->snapshot_l2);
+  ASSERT_TRUE(entry && (*entry & qcow2::kOflagCopied)) << "premise: qemu-img set COPIED in s2's L2 table";
+  CommandResult apply = run_uqcow({"snapshot", "--image-opt", "overlap-check=all", "-a", "s2", path});
+  EXPECT_TRUE(Succeeded(apply));
+  EXPECT_FALSE(corrupt_bit(path));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", path})));
+  CommandResult read = run_command({"qemu-io", "-r", "-c", "read -P 0x11 0 128k", path});
+  EXPECT_TRUE(Succeeded(read));
+  EXPECT_EQ(read.out.find("verification failed"), std::string::npos) << read.describe();
+}
+
 enum class Target { kInactiveL2, kInactiveL1 };
 
 struct Case {
