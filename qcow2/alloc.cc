@@ -463,16 +463,14 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   file_->debug_event(BlkDebugEvent::kL2AllocWrite);
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
-  l1_[l1_index] = *new_l2 | kOflagCopied;
-  overlap_add(*new_l2, geo_.cluster_size, "L2 table");
+  set_active_l1_entry(l1_index, *new_l2 | kOflagCopied);
   Status linked = co_await write_l1_entry(l1_index);
   if (!linked.ok()) {
     // The in-memory L1 must keep matching the disk's, or later writes would
     // go through a table that a reopened image cannot reach (their data lost).
     // The new table is leaked, not freed: the failed write may still have
     // reached the disk, and then the on-disk L1 points at it.
-    l1_[l1_index] = l1e;
-    overlap_remove(*new_l2, geo_.cluster_size);
+    set_active_l1_entry(l1_index, l1e);
     for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) l2_cache_->discard(*new_l2 + off);
     co_return linked.error();
   }
@@ -491,6 +489,7 @@ Task<Status> Qcow2Image::write_l1_entry(uint64_t l1_index) {
   uint8_t sector[kSectorSize] = {};
   for (uint64_t i = 0; i < count; ++i) store_be64(sector + i * 8, l1_[first + i]);
   const uint64_t offset = header_.l1_table_offset + first * 8;
+  UQ_CO_TRY(check_metadata_write(offset, count * 8, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1Update);
   co_return co_await file_->co_write(offset, std::span<const std::byte>(reinterpret_cast<std::byte*>(sector), count * 8));
 }

@@ -140,6 +140,12 @@ class Qcow2Image final : public Disk {
   // Removes the snapshot and frees what only it referenced.
   Task<Status> snapshot_delete(const std::string& id_or_name);
 
+  // Consistency check of the overlap-check bookkeeping (overlap.cc): OK if
+  // the regions kept in memory are the ones a fresh walk of the image's
+  // tables finds (EIO naming the first difference otherwise). Read-only
+  // opens keep none: OK.
+  Task<Status> verify_metadata_regions();
+
  private:
   const Snapshot* find_snapshot(const std::string& id_or_name) const;
   Status check_snapshot_support() const;
@@ -152,7 +158,7 @@ class Qcow2Image final : public Disk {
   Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
                                         bool& l1_changed);
   Task<Status> write_active_l1();
-  Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, const char* what);
+  Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind);
   Task<Status> switch_snapshot_table(std::vector<Snapshot> next);
   Task<Status> flush_metadata();
   Task<Result<std::vector<uint64_t>>> read_l1_table(uint64_t offset, uint32_t entries);
@@ -301,10 +307,25 @@ class Qcow2Image final : public Disk {
   Task<Status> process_discards();
 
   // --- Overlap check (overlap.cc) --------------------------------------------
-  Status check_metadata_write(uint64_t offset, uint64_t length, const char* what);
+  // OK, or EIO after marking the image corrupt when [offset, offset +
+  // length) overlaps a region of an enabled kind outside `ignore` (QEMU's
+  // `ign`: a write to an existing structure ignores its own kind; a write
+  // to fresh clusters ignores nothing). `what` names the write.
+  Status check_metadata_write(uint64_t offset, uint64_t length, const char* what, OverlapMask ignore = 0);
+  Status check_cache_write(uint64_t offset, uint64_t length, MetadataKind own);
+  std::optional<MetadataKind> find_overlap(uint64_t offset, uint64_t length, OverlapMask mask) const;
+  // Marks the image corrupt (in the background) and returns the EIO that
+  // names the kind hit, as QEMU's message does.
+  Status refuse_overlap(MetadataKind hit, uint64_t offset, uint64_t length, const char* what);
   Status check_data_write(uint64_t offset, uint64_t length);
-  void overlap_add(uint64_t offset, uint64_t length, const char* what);
-  void overlap_remove(uint64_t offset, uint64_t length);
+  void overlap_add(MetadataKind kind, uint64_t offset, uint64_t length);
+  void overlap_remove(MetadataKind kind, uint64_t offset, uint64_t length);
+  // Adds (or removes) one inactive/active L2 reference per entry of `l1`.
+  void overlap_l2_tables(MetadataKind kind, const std::vector<uint64_t>& l1, bool add);
+  // The one writer of l1_[index] on the write path: keeps the active L2
+  // regions in step with it.
+  void set_active_l1_entry(uint64_t index, uint64_t entry);
+  Task<Result<MetadataRegions>> collect_metadata_regions(OverlapMask tracked);
   Task<Status> build_metadata_regions();
 
   // --- Encrypted data (encrypted_io.cc) --------------------------------------
@@ -382,17 +403,26 @@ class Qcow2Image final : public Disk {
   // Counts the points at which every L2 change so far was on disk.
   uint64_t durable_epoch_ = 0;
   MetadataRegions regions_;
+  OverlapMask overlap_mask_ = 0;  // the kinds checked (overlap_check_mask())
+  // Set while snapshot apply/delete rewrite OFLAG_COPIED in L2 tables that
+  // other snapshots may share (check_cache_write).
+  bool rewriting_snapshot_l2_ = false;
+  struct SnapshotL2Rewrite {
+    Qcow2Image& image;
+    explicit SnapshotL2Rewrite(Qcow2Image& i) : image(i) { image.rewriting_snapshot_l2_ = true; }
+    ~SnapshotL2Rewrite() { image.rewriting_snapshot_l2_ = false; }
+  };
   // Routes the caches' metadata writes through the overlap check.
   struct CacheWriteCheck final : MetadataWriteCheck {
     Qcow2Image* image;
-    const char* what;
-    CacheWriteCheck(Qcow2Image* i, const char* w) : image(i), what(w) {}
+    MetadataKind own;
+    CacheWriteCheck(Qcow2Image* i, MetadataKind k) : image(i), own(k) {}
     Status check_metadata_write(uint64_t offset, uint64_t length, const char*) override {
-      return image->check_metadata_write(offset, length, what);
+      return image->check_cache_write(offset, length, own);
     }
   };
-  CacheWriteCheck l2_write_check_{this, "L2 table"};
-  CacheWriteCheck refcount_write_check_{this, "refcount block"};
+  CacheWriteCheck l2_write_check_{this, MetadataKind::kActiveL2};
+  CacheWriteCheck refcount_write_check_{this, MetadataKind::kRefcountBlock};
   bool lazy_refcounts_ = false;
   bool marked_dirty_ = false;         // dirty bit set on disk (lazy refcounts)
   bool corrupt_ = false;              // writes refused after an overlap

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "qcow2/overlap.h"
+
 namespace uqcow {
 
 Result<uint64_t> parse_size(const std::string& text, const std::string& what) {
@@ -46,6 +48,17 @@ Result<OverlapCheck> parse_overlap_check(const std::string& value) {
   return Error(EINVAL, "overlap-check: '" + value + "' is not one of none, constant, cached, all");
 }
 
+uint32_t overlap_check_mask(const OpenOptions& o) {
+  uint32_t mask = 0;
+  switch (o.overlap_check) {
+    case OverlapCheck::kNone: mask = 0; break;
+    case OverlapCheck::kConstant: mask = qcow2::kOverlapConstant; break;
+    case OverlapCheck::kCached: mask = qcow2::kOverlapCached; break;
+    case OverlapCheck::kAll: mask = qcow2::kOverlapAll; break;
+  }
+  return (mask | o.overlap_check_on) & ~o.overlap_check_off;
+}
+
 namespace {
 Result<bool> parse_bool(const std::string& key, const std::string& v) {
   if (v == "on" || v == "true" || v == "1" || v == "yes") return true;
@@ -85,7 +98,23 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
     o.lazy_refcounts = b;
     return Status();
   }
-  if (key == "overlap-check") {
+  if (key.starts_with("overlap-check.") && key != "overlap-check.template") {
+    // QEMU's per-kind switches: overlap-check.inactive-l2=on, ...
+    const std::string kind = key.substr(sizeof("overlap-check.") - 1);
+    for (size_t k = 0; k < qcow2::kMetadataKinds; ++k) {
+      const char* name = qcow2::metadata_kind_option(static_cast<qcow2::MetadataKind>(k));
+      if (!name || kind != name) continue;
+      bool on = false;
+      UQ_TRY(flag(on));
+      const uint32_t bit = uint32_t{1} << k;
+      o.overlap_check_on = on ? (o.overlap_check_on | bit) : (o.overlap_check_on & ~bit);
+      o.overlap_check_off = on ? (o.overlap_check_off & ~bit) : (o.overlap_check_off | bit);
+      return Status();
+    }
+    return Error(EINVAL, "unknown runtime option '" + key + "'");
+  }
+  // overlap-check.template is QEMU's other spelling of overlap-check.
+  if (key == "overlap-check" || key == "overlap-check.template") {
     auto r = parse_overlap_check(value);
     if (!r.ok()) return std::move(r).error();
     o.overlap_check = *r;

@@ -33,7 +33,12 @@ struct OpenOptions {
   std::optional<uint64_t> refcount_cache_size;  // bytes
   uint64_t cache_clean_interval = 600;          // seconds; 0 disables
   std::optional<bool> lazy_refcounts;
+  // QEMU's overlap-check template (default cached) and its per-kind
+  // overlap-check.<kind>=on|off overrides, as bit masks over QEMU's
+  // QCOW2_OL_*_BITNR (qcow2/overlap.h); overlap_check_mask() combines them.
   OverlapCheck overlap_check = OverlapCheck::kCached;
+  uint32_t overlap_check_on = 0;
+  uint32_t overlap_check_off = 0;
   bool pass_discard_request = true;
   bool pass_discard_snapshot = true;
   bool pass_discard_other = false;
@@ -77,5 +82,10 @@ Result<uint64_t> parse_size(const std::string& text, const std::string& what);
 Status apply_open_option(OpenOptions& options, const std::string& key, const std::string& value);
 
 Result<OverlapCheck> parse_overlap_check(const std::string& value);
+
+// The kinds of metadata the overlap check covers (qcow2::MetadataKind bits):
+// the template's set, with the per-kind overrides applied, as QEMU's
+// qcow2_update_options_prepare computes s->overlap_check.
+uint32_t overlap_check_mask(const OpenOptions& options);
 
 }  // namespace uqcow

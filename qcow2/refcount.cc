@@ -162,7 +162,8 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   UQ_CO_TRY(co_await file_->co_flush());
   uint8_t entry[8];
   store_be64(entry, block);
-  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table"));
+  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table entry",
+                                 overlap_bit(MetadataKind::kRefcountTable)));
   file_->debug_event(BlkDebugEvent::kRefblockAllocHookup);
   Status hooked = co_await file_->co_write(header_.refcount_table_offset + rt * 8,
                                            std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8));
@@ -177,7 +178,7 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
     co_return hooked.error();
   }
   reftable_[rt] = block;
-  overlap_add(block, geo_.cluster_size, "refcount block");
+  overlap_add(MetadataKind::kRefcountBlock, block, geo_.cluster_size);
   co_return ref;
 }
 
@@ -240,7 +241,6 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
         // table is allocated here next.
         l2_cache_->discard_range(c << geo_.cluster_bits, geo_.cluster_size);
         refcount_cache_->discard_range(c << geo_.cluster_bits, geo_.cluster_size);
-        overlap_remove(c << geo_.cluster_bits, geo_.cluster_size);
         if (discard_freed) pending_discards_.push_back(c << geo_.cluster_bits);
       }
     }
@@ -332,13 +332,13 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
 
   const uint64_t old_offset = header_.refcount_table_offset;
   const uint64_t old_clusters = header_.refcount_table_clusters;
-  overlap_remove(old_offset, old_clusters * cs);
+  overlap_remove(MetadataKind::kRefcountTable, old_offset, old_clusters * cs);
   header_.refcount_table_offset = table_offset;
   header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   reftable_ = std::move(table);
   alloc_end_ = std::max(alloc_end_, end * cs);
-  overlap_add(table_offset, table_clusters * cs, "refcount table");
-  for (uint64_t b = 0; b < blocks; ++b) overlap_add((area + b) * cs, cs, "refcount block");
+  overlap_add(MetadataKind::kRefcountTable, table_offset, table_clusters * cs);
+  for (uint64_t b = 0; b < blocks; ++b) overlap_add(MetadataKind::kRefcountBlock, (area + b) * cs, cs);
   // Only now can the old table go.
   co_return co_await update_refcount(old_offset, old_clusters * cs, -1, true);
 }

@@ -60,8 +60,8 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
     UQ_CO_TRY(co_await file_->co_flush());
     const uint64_t old_offset = header_.l1_table_offset;
     const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
-    overlap_remove(old_offset, old_bytes);
-    overlap_add(*table, clusters * cs, "active L1 table");
+    overlap_remove(MetadataKind::kActiveL1, old_offset, old_bytes);
+    overlap_add(MetadataKind::kActiveL1, *table, clusters * cs);
     header_.l1_table_offset = *table;
     header_.l1_size = static_cast<uint32_t>(entries);
     l1_.resize(entries, 0);

@@ -24,7 +24,7 @@ Task<Status> Qcow2Image::shrink_l1_table(uint64_t entries) {
   // the table on disk still points at. (The table keeps its size, as QEMU's.)
   const uint64_t first = header_.l1_table_offset + entries * 8;
   const uint64_t bytes = (l1_.size() - entries) * 8;
-  UQ_CO_TRY(check_metadata_write(first, bytes, "active L1 table"));
+  UQ_CO_TRY(check_metadata_write(first, bytes, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1ShrinkWriteTable);
   std::vector<std::byte> zeros(bytes);
   Status written = co_await file_->co_write(first, zeros);
@@ -33,13 +33,13 @@ Task<Status> Qcow2Image::shrink_l1_table(uint64_t entries) {
     // The table on disk may be partly zeroed: forget the tables in memory
     // too (they leak), so nothing is written through an entry the disk may
     // no longer have. Nothing past the new end is allocated (resize checked).
-    for (uint64_t i = entries; i < l1_.size(); ++i) l1_[i] = 0;
+    for (uint64_t i = entries; i < l1_.size(); ++i) set_active_l1_entry(i, 0);
     co_return written;
   }
   file_->debug_event(BlkDebugEvent::kL1ShrinkFreeL2Clusters);
   for (uint64_t i = l1_.size(); i-- > entries;) {
     const uint64_t l2 = l1_[i] & kL1OffsetMask;
-    l1_[i] = 0;
+    set_active_l1_entry(i, 0);
     if (!l2) continue;
     if (l2 & (cs - 1)) {
       nonfatal_corruption("cannot free unaligned L2 table " + hex(l2));
@@ -79,7 +79,8 @@ Task<Status> Qcow2Image::shrink_refcount_table() {
   // freed. A crash in between leaks them.
   std::vector<uint8_t> table(uint64_t{header_.refcount_table_clusters} * cs, 0);
   for (uint64_t i = 0; i < kept.size(); ++i) store_be64(&table[i * 8], kept[i]);
-  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset, table.size(), "refcount table"));
+  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset, table.size(), "refcount table",
+                                 overlap_bit(MetadataKind::kRefcountTable)));
   Status status = co_await file_->co_write(header_.refcount_table_offset,
                                           std::span<const std::byte>(reinterpret_cast<std::byte*>(table.data()),
                                                                      table.size()));
@@ -94,7 +95,7 @@ Task<Status> Qcow2Image::shrink_refcount_table() {
     if (status.ok()) status = co_await free_refcount_block(block);
     reftable_[i] = 0;
     refcount_cache_->discard_range(block, cs);
-    overlap_remove(block, cs);
+    overlap_remove(MetadataKind::kRefcountBlock, block, cs);
   }
   co_return status;
 }

@@ -212,22 +212,23 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
 Task<Status> Qcow2Image::write_active_l1() {
   std::vector<uint8_t> raw(l1_.size() * 8);
   for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
-  UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table"));
+  UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table",
+                                 overlap_bit(MetadataKind::kActiveL1)));
   co_return co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw));
 }
 
-Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>& data, const char* what) {
+Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind) {
   // Allocates clusters for `data` and writes it there; the clusters are
-  // registered as metadata of kind `what`.
+  // registered as metadata of `kind`.
   if (data.empty()) co_return uint64_t{0};
   const uint64_t bytes = round_up(data.size(), geo_.cluster_size);
   auto off = co_await alloc_clusters(bytes >> geo_.cluster_bits);
   if (!off.ok()) co_return off;
   std::vector<uint8_t> padded(data);
   padded.resize(bytes, 0);
-  UQ_CO_TRY(check_metadata_write(*off, bytes, what));
+  UQ_CO_TRY(check_metadata_write(*off, bytes, metadata_kind_name(kind)));
   UQ_CO_TRY(co_await file_->co_write(*off, cbytes_of(padded)));
-  overlap_add(*off, bytes, what);
+  overlap_add(kind, *off, bytes);
   co_return *off;
 }
 
@@ -237,7 +238,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   // first; the old table is freed only after the header switched.
   auto table = serialize_snapshot_table(next);
   if (!table.ok()) co_return std::move(table).error();
-  auto offset = co_await write_new_clusters(*table, "snapshot table");
+  auto offset = co_await write_new_clusters(*table, MetadataKind::kSnapshotTable);
   if (!offset.ok()) co_return std::move(offset).error();
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
@@ -257,7 +258,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   header_.snapshots_offset = *offset;
   snapshots_ = std::move(next);
   if (had_table && old_bytes) {
-    overlap_remove(old_offset, old_bytes);
+    overlap_remove(MetadataKind::kSnapshotTable, old_offset, old_bytes);
     UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
   }
   co_return Status();
@@ -305,7 +306,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
   std::vector<uint8_t> l1_copy(l1_.size() * 8);
   for (size_t i = 0; i < l1_.size(); ++i) store_be64(&l1_copy[i * 8], l1_[i] & ~kOflagCopied);
-  auto l1_offset = co_await write_new_clusters(l1_copy, "inactive L1 table");
+  auto l1_offset = co_await write_new_clusters(l1_copy, MetadataKind::kInactiveL1);
   if (!l1_offset.ok()) co_return std::move(l1_offset).error();
 
   uint64_t max_id = 0;
@@ -325,6 +326,9 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   std::vector<Snapshot> next = snapshots_;
   next.push_back(std::move(sn));
   UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
+  // The active L2 tables are the snapshot's too from now on (the COPIED
+  // changes above were written while they were not yet inactive).
+  overlap_l2_tables(MetadataKind::kInactiveL2, l1_, true);
   co_return co_await flush_metadata();
 }
 
@@ -349,12 +353,18 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
     if (&s != found) next.push_back(s);
   }
   UQ_CO_TRY(co_await flush_metadata());
+  // Guest writes are flushed and checked as usual; from here on L2 tables
+  // change only by the walks below.
+  SnapshotL2Rewrite rewrite(*this);
   // The header stops pointing at the snapshot before any refcount drops.
   UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
-  overlap_remove(sn.l1_table_offset, l1_bytes);
+  overlap_remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
   if (!l1.ok()) co_return std::move(l1).error();
+  // Its L2 tables stop being inactive ones for this snapshot before any of
+  // them can be freed and reused.
+  overlap_l2_tables(MetadataKind::kInactiveL2, *l1, false);
   bool unused = false;
   const bool discard = options_.pass_discard_snapshot;
   UQ_CO_TRY(co_await update_snapshot_refcount(*l1, -1, discard, unused));
@@ -382,6 +392,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
     co_return Error(ENOTSUP, "snapshot '" + key + "' has a larger L1 table than the image");
   }
   UQ_CO_TRY(co_await flush_metadata());
+  SnapshotL2Rewrite rewrite(*this);  // as in snapshot_delete
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
   if (!l1.ok()) co_return std::move(l1).error();
   std::vector<uint64_t> next = std::move(l1).value();
@@ -393,13 +404,9 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   UQ_CO_TRY(co_await flush_metadata());
   std::vector<uint64_t> old = l1_;
   for (uint64_t& e : next) e &= ~kOflagCopied;
-  for (uint64_t e : old) {
-    if (e & kL1OffsetMask) overlap_remove(e & kL1OffsetMask, geo_.cluster_size);
-  }
+  overlap_l2_tables(MetadataKind::kActiveL2, old, false);
   l1_ = next;
-  for (uint64_t e : l1_) {
-    if (e & kL1OffsetMask) overlap_add(e & kL1OffsetMask, geo_.cluster_size, "L2 table");
-  }
+  overlap_l2_tables(MetadataKind::kActiveL2, l1_, true);
   UQ_CO_TRY(co_await write_active_l1());
   UQ_CO_TRY(co_await file_->co_flush());
   // What the old active table reached loses that reference.
