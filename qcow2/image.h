@@ -108,11 +108,21 @@ class Qcow2Image final : public Disk {
   // unallocated clusters can be written this way (EIO otherwise, as QEMU);
   // an incompressible cluster is written normally.
   Task<Status> write_compressed(uint64_t offset, std::span<const std::byte> buf);
-  // Changes the virtual size: grows (enlarging the L1 table if needed) or
-  // shrinks when nothing is allocated past the new end (ENOTSUP otherwise).
+  // Changes the virtual size, as QEMU's qcow2_co_truncate: grows (enlarging
+  // the L1 table if needed) or shrinks, discarding what lies past the new
+  // end. EINVAL for a size that is not a multiple of 512; ENOTSUP for a v2
+  // image with snapshots. Bytes past the old end read as zero afterwards.
   Task<Status> resize(uint64_t new_size);
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
+
+ private:
+  // --- resize.cc ------------------------------------------------------------
+  Task<Status> drop_tail(uint64_t new_size);
+  Task<Status> zero_partial_cluster(uint64_t from, uint64_t to);
+  Task<Status> grow_l1_for(uint64_t new_size);
+
+ public:
 
   // --- Internal snapshots (snapshot_ops.cc), qemu-img snapshot -c/-a/-d ---
   // Each returns OK or the error: EEXIST (name taken), ENOENT (no such id or
