@@ -143,7 +143,8 @@ class Qcow2Image final : public Disk {
   Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
   Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
                                         bool& l1_changed);
-  Task<Status> write_active_l1();
+  // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
+  Task<Status> write_active_l1(const std::vector<uint64_t>& table);
   Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, const char* what);
   Task<Status> switch_snapshot_table(std::vector<Snapshot> next);
   Task<Status> flush_metadata();
