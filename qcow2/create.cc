@@ -164,7 +164,6 @@ Status validate(const CreateOptions& o) {
     // Preallocated clusters would hold plaintext zeros that decrypt to noise.
     if (o.preallocation != Preallocation::kOff) return Error(EINVAL, "preallocation: cannot be combined with encryption");
     if (o.data_file_raw) return Error(EINVAL, "data_file_raw: cannot be combined with encryption");
-    if (o.size % crypto::kSectorSize) return Error(EINVAL, "size: an encrypted image needs a multiple of 512 bytes");
   }
   return Status();
 }
@@ -175,7 +174,12 @@ std::span<const std::byte> bytes_of(const std::vector<uint8_t>& v) {
 
 }  // namespace
 
-Task<Status> create_image(const std::string& path, const CreateOptions& o) {
+Task<Status> create_image(const std::string& path, const CreateOptions& requested) {
+  // qemu-img creates qcow2 images of whole sectors, rounding the size up
+  // (qcow2_co_create_opts); the data of a raw external data file too.
+  CreateOptions o = requested;
+  if (o.size > uint64_t{INT64_MAX}) co_return Error(EFBIG, "size: must be less than 8 EiB");
+  o.size = (o.size + kSectorSize - 1) / kSectorSize * kSectorSize;
   UQ_CO_TRY(validate(o));
   Header h;
   h.version = o.version;

@@ -39,7 +39,8 @@ struct CreateOptions {
 Status parse_create_options(const std::string& list, CreateOptions& o);
 
 // Creates (or truncates) `path` as an empty qcow2 image, then preallocates
-// as asked. The image passes `qemu-img check` clean.
+// as asked. The size is rounded up to a multiple of 512, as qemu-img does.
+// The image passes `qemu-img check` clean.
 Task<Status> create_image(const std::string& path, const CreateOptions& o);
 
 }  // namespace uqcow::qcow2

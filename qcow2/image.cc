@@ -129,7 +129,9 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   if (!parsed.ok()) co_return std::move(parsed).error().with_context(file_->name());
   header_ = std::move(parsed).value();
   geo_ = header_.geometry();
-  size_ = header_.size;
+  // QEMU counts the disk in whole sectors (bs->total_sectors): a header size
+  // that is not a multiple of 512 loses its partial last sector, as there.
+  size_ = header_.size & ~uint64_t{kSectorSize - 1};
   v3_ = header_.version >= 3;
 
   if (!options_.read_only && header_.corrupt()) {

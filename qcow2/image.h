@@ -108,9 +108,10 @@ class Qcow2Image final : public Disk {
   // unallocated clusters can be written this way (EIO otherwise, as QEMU);
   // an incompressible cluster is written normally.
   Task<Status> write_compressed(uint64_t offset, std::span<const std::byte> buf);
-  // Changes the virtual size: grows (enlarging the L1 table if needed) or
-  // shrinks, discarding what lies past the new end (ENOTSUP with internal
-  // snapshots), as qemu-img resize --shrink.
+  // Changes the virtual size, as QEMU's qcow2_co_truncate: grows (enlarging
+  // the L1 table if needed) or shrinks, discarding what lies past the new
+  // end. EINVAL for a size that is not a multiple of 512; ENOTSUP for a v2
+  // image with snapshots. Bytes past the old end read as zero afterwards.
   Task<Status> resize(uint64_t new_size);
   // Allocates every cluster of a freshly created image (create.h).
   Task<Status> preallocate(Preallocation mode);
@@ -126,6 +127,10 @@ class Qcow2Image final : public Disk {
   // The length QEMU gives a preallocated external data file for a disk of
   // `disk_size` bytes.
   uint64_t data_file_end(uint64_t disk_size) const;
+  // --- resize.cc ------------------------------------------------------------
+  Task<Status> drop_tail(uint64_t new_size);
+  Task<Status> zero_partial_cluster(uint64_t from, uint64_t to);
+  Task<Status> grow_l1_for(uint64_t new_size);
 
  public:
 
@@ -157,7 +162,8 @@ class Qcow2Image final : public Disk {
   Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
   Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
                                         bool& l1_changed);
-  Task<Status> write_active_l1();
+  // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
+  Task<Status> write_active_l1(const std::vector<uint64_t>& table);
   Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind);
   Task<Status> switch_snapshot_table(std::vector<Snapshot> next);
   Task<Status> flush_metadata();

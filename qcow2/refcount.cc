@@ -156,6 +156,23 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
     ref = std::move(fresh).value();
   }
   refcount_cache_->mark_dirty(ref);
+  // reftable_ is set only once the disk's table points at the block too:
+  // refcounts kept in a block the table on disk does not reach would be
+  // lost on reopen (clusters in use would read as free). Until then, any
+  // failure takes the block out of the cache, dirty or not: left there, it
+  // would be written later over its cluster, which is still free (or
+  // leaked, if another block counts it) and may be handed out again.
+  struct UnhookedBlock {
+    Qcow2Image& image;
+    MetadataCache::Ref& ref;
+    uint64_t block;
+    bool hooked = false;
+    ~UnhookedBlock() {
+      if (hooked) return;
+      ref.reset();
+      image.refcount_cache_->discard(block);
+    }
+  } unhooked{*this, ref, block};
   // The block must be on disk before the refcount table points at it.
   file_->debug_event(BlkDebugEvent::kRefblockAllocWrite);
   UQ_CO_TRY(co_await refcount_cache_->flush());
@@ -165,18 +182,9 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table entry",
                                  overlap_bit(MetadataKind::kRefcountTable)));
   file_->debug_event(BlkDebugEvent::kRefblockAllocHookup);
-  Status hooked = co_await file_->co_write(header_.refcount_table_offset + rt * 8,
-                                           std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8));
-  if (!hooked.ok()) {
-    // reftable_ is set only once the disk's table points at the block too:
-    // refcounts kept in a block the table on disk does not reach would be
-    // lost on reopen (clusters in use would read as free). The block leaves
-    // the cache; its cluster is free again (or leaked, if another block
-    // counts it).
-    ref.reset();
-    refcount_cache_->discard(block);
-    co_return hooked.error();
-  }
+  UQ_CO_TRY(co_await file_->co_write(header_.refcount_table_offset + rt * 8,
+                                     std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8)));
+  unhooked.hooked = true;
   reftable_[rt] = block;
   overlap_add(MetadataKind::kRefcountBlock, block, geo_.cluster_size);
   co_return ref;

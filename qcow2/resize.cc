@@ -1,13 +1,23 @@
-// Changing the virtual size (qemu-img resize). Member function of Qcow2Image.
+// Changing the virtual size (qemu-img resize). Member functions of
+// Qcow2Image, after QEMU's qcow2_co_truncate.
 //
 // Growing may need a larger L1 table: the new table is written and flushed
 // before the header points at it (l1_size and l1_table_offset are adjacent
 // and change in one write), and the old one is freed afterwards, as QEMU's
-// qcow2_grow_l1_table. Shrinking discards the clusters past the new end,
-// frees the L2 tables and refcount blocks that no longer count anything
-// (shrink.cc) and truncates the file, as QEMU's qcow2_co_truncate. An
-// external data file follows the disk's size; a raw one gets the added area
-// preallocated (metadata).
+// qcow2_grow_l1_table. Shrinking discards every cluster past the new end,
+// frees the L2 tables and refcount blocks that no longer count anything and
+// truncates the file (shrink.cc), as QEMU does. An external data file
+// follows the disk's size; a raw one gets the added area preallocated
+// (metadata).
+//
+// Bytes past the old end read as zero after a grow. QEMU does not promise
+// that: it keeps the bytes of the cluster that holds the new end when it
+// shrinks, and shows them again when it grows. Here the partial cluster's
+// tail is zeroed on both sides: past the new end when shrinking (so that
+// qemu-img growing the image later finds zeros), and past the old end when
+// growing (for images shrunk by someone else). Both writes happen before the
+// header's size changes: a crash in between leaves the old size, with zeros
+// where the caller asked to drop the data, or beyond the visible end.
 #include <algorithm>
 #include <vector>
 
@@ -15,97 +25,153 @@
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
+namespace {
+uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
+}  // namespace
 
 Task<Status> Qcow2Image::resize(uint64_t new_size) {
   UQ_CO_TRY(check_writable(0, 0));
+  // QEMU's qcow2_co_truncate refuses what its header could not keep exactly
+  // (bs->total_sectors counts whole sectors).
+  if (new_size % kSectorSize) co_return Error(EINVAL, "The new size must be a multiple of 512");
   // No request may be in flight past a new, smaller end, or hold an L1
   // entry while the table moves.
   co_await requests_.drain();
   DrainedSection drained(requests_);
-  if (!snapshots_.empty() && new_size < size_) {
-    co_return Error(ENOTSUP, "cannot shrink an image with internal snapshots");
+  // Snapshots record their own disk size from v3 on; QEMU refuses v2.
+  if (!snapshots_.empty() && !v3_) co_return Error(ENOTSUP, "Can't resize a v2 image which has snapshots");
+  const uint64_t old_size = size_;
+  if (new_size < old_size) UQ_CO_TRY(co_await drop_tail(new_size));
+  const bool data_file = header_.has_data_file();
+  {
+    auto guard = co_await lock_.scoped_lock();
+    UQ_CO_TRY(co_await grow_l1_for(new_size));
+    if (new_size < old_size) {
+      // As QEMU's qcow2_co_truncate: the metadata past the new end goes
+      // before the size changes, so a failure leaves the old size. The
+      // discarded clusters are freed first (no request is in flight to wait
+      // for).
+      UQ_CO_TRY(co_await flush_metadata());
+      UQ_CO_TRY(co_await shrink_l1_table(l1_entries_for(new_size, geo_)));
+      UQ_CO_TRY(co_await shrink_refcount_table());
+      UQ_CO_TRY(co_await truncate_to_last_cluster());
+    }
+    if (header_.data_file_raw() && new_size > old_size) {
+      // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
+      // the L2 tables map every guest cluster 1:1, so the added area is
+      // preallocated (metadata), as creation preallocates the whole disk.
+      std::vector<HostRun> runs;
+      UQ_CO_TRY(co_await preallocate_metadata(old_size, new_size, /*fresh=*/false, runs));
+      UQ_CO_TRY(co_await l2_cache_->flush());
+      UQ_CO_TRY(co_await refcount_cache_->flush());
+      UQ_CO_TRY(co_await file_->co_flush());
+    }
+    // QEMU resizes an external data file with the disk: clusters sit at
+    // their guest offsets, so it holds exactly the disk (a raw one as
+    // preallocation leaves it, data_file_end). It grows before the header
+    // says the disk is larger, and shrinks after it says the disk is
+    // smaller, so the disk never reaches past its end.
+    if (data_file && new_size > old_size) {
+      const uint64_t end = header_.data_file_raw() ? data_file_end(new_size) : new_size;
+      auto length = data_file_->length();
+      if (!length.ok()) co_return std::move(length).error();
+      if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
+      UQ_CO_TRY(co_await data_file_->co_flush());
+    }
   }
-  const uint64_t cs = geo_.cluster_size;
-  if (new_size < size_) {
-    // The clusters wholly past the new end are discarded, whatever they
-    // hold, as QEMU's qcow2_co_truncate does (qemu-img resize --shrink).
-    const uint64_t crop = (new_size + cs - 1) & ~(cs - 1);
-    if (crop < size_) UQ_CO_TRY(co_await zero_clusters(crop, size_ - crop, ZeroMode::kFullDiscard));
+  // Until the header says otherwise, a failure leaves the old size in memory.
+  struct SizeRollback {
+    uint64_t& size;
+    uint64_t old;
+    bool committed = false;
+    ~SizeRollback() {
+      if (!committed) size = old;
+    }
+  } rollback{size_, old_size};
+  if (new_size > old_size) {
+    // The write path keeps requests below size_: let the zeros reach the
+    // new area (nothing else runs in the drained section).
+    size_ = new_size;
+    UQ_CO_TRY(co_await zero_partial_cluster(old_size, new_size));
   }
   auto guard = co_await lock_.scoped_lock();
-  const uint64_t size_before = size_;
-  const uint64_t need = l1_entries_for(new_size, geo_);
-  if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
-  if (need > l1_.size()) {
-    // Grow by at least half, as QEMU does, so repeated growth stays cheap.
-    uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, l1_.size() + l1_.size() / 2), kMaxL1Bytes / 8);
-    uint64_t clusters = (entries * 8 + cs - 1) / cs;
-    entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
-    file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
-    auto table = co_await alloc_clusters(clusters);
-    if (!table.ok()) co_return std::move(table).error();
-    UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
-    std::vector<uint8_t> buf(clusters * cs, 0);
-    for (size_t i = 0; i < l1_.size(); ++i) store_be64(&buf[i * 8], l1_[i]);
-    // The refcount of the new table, then the table itself, before the header.
-    UQ_CO_TRY(co_await refcount_cache_->flush());
-    file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
-    UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
-    UQ_CO_TRY(co_await file_->co_flush());
-    uint8_t fields[12];
-    store_be32(fields, static_cast<uint32_t>(entries));
-    store_be64(fields + 4, *table);
-    file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
-    UQ_CO_TRY(co_await file_->co_write(36, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
-    UQ_CO_TRY(co_await file_->co_flush());
-    const uint64_t old_offset = header_.l1_table_offset;
-    const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
-    overlap_remove(MetadataKind::kActiveL1, old_offset, old_bytes);
-    overlap_add(MetadataKind::kActiveL1, *table, clusters * cs);
-    header_.l1_table_offset = *table;
-    header_.l1_size = static_cast<uint32_t>(entries);
-    l1_.resize(entries, 0);
-    if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
-  }
-  if (new_size < size_) {
-    // As QEMU's qcow2_co_truncate: the metadata past the new end goes before
-    // the size changes, so a failure leaves the old size. The discarded
-    // clusters are freed first (no request is in flight to wait for).
-    UQ_CO_TRY(co_await flush_metadata());
-    UQ_CO_TRY(co_await shrink_l1_table(need));
-    UQ_CO_TRY(co_await shrink_refcount_table());
-    UQ_CO_TRY(co_await truncate_to_last_cluster());
-  }
-  if (header_.data_file_raw() && new_size > size_) {
-    // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
-    // the L2 tables map every guest cluster 1:1, so the added area is
-    // preallocated (metadata), as creation preallocates the whole disk.
-    std::vector<HostRun> runs;
-    UQ_CO_TRY(co_await preallocate_metadata(size_, new_size, /*fresh=*/false, runs));
-    UQ_CO_TRY(co_await l2_cache_->flush());
-    UQ_CO_TRY(co_await refcount_cache_->flush());
-    UQ_CO_TRY(co_await file_->co_flush());
-  }
-  // QEMU resizes an external data file with the disk: clusters sit at their
-  // guest offsets, so it holds exactly the disk (a raw one as preallocation
-  // leaves it, data_file_end). It grows before the header says the disk is
-  // larger, and shrinks after it says the disk is smaller, so the disk never
-  // reaches past its end.
-  const bool data_file = header_.has_data_file();
-  if (data_file && new_size > size_) {
-    const uint64_t end = header_.data_file_raw() ? data_file_end(new_size) : new_size;
-    auto length = data_file_->length();
-    if (!length.ok()) co_return std::move(length).error();
-    if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
-    UQ_CO_TRY(co_await data_file_->co_flush());
-  }
   uint8_t size_field[8];
   store_be64(size_field, new_size);
   UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
   UQ_CO_TRY(co_await file_->co_flush());
   header_.size = new_size;
   size_ = new_size;
-  if (data_file && new_size < size_before) UQ_CO_TRY(data_file_->truncate(new_size));
+  rollback.committed = true;
+  if (data_file && new_size < old_size) UQ_CO_TRY(data_file_->truncate(new_size));
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::drop_tail(uint64_t new_size) {
+  // Guest bytes [new_size, size_) go: the partial cluster's tail is zeroed,
+  // the whole clusters after it are discarded (their entries cleared, their
+  // references dropped), as QEMU's qcow2_cluster_discard(full_discard).
+  const uint64_t cut = std::min(round_up(new_size, geo_.cluster_size), size_);
+  UQ_CO_TRY(co_await zero_partial_cluster(new_size, cut));
+  if (cut < size_) {
+    Status s = co_await zero_clusters(cut, size_ - cut, ZeroMode::kFullDiscard);
+    if (!s.ok()) co_return s.error().with_context("Failed to discard cropped clusters");
+  }
+  co_return Status();
+}
+
+Task<Status> Qcow2Image::zero_partial_cluster(uint64_t from, uint64_t to) {
+  // Zeroes guest bytes [from, end of their cluster) (at most up to `to`)
+  // when they could read as anything but zero: data or a preallocated
+  // cluster here, or a backing file underneath (resize opens without it).
+  const uint64_t end = std::min(round_up(from, geo_.cluster_size), to);
+  bool needed = false;
+  for (uint64_t off = from; off < end && !needed;) {
+    auto st = co_await block_status(off, end - off);
+    if (!st.ok()) co_return std::move(st).error();
+    needed = st->kind == BlockStatus::Kind::kData ||
+             (st->kind == BlockStatus::Kind::kUnallocated && !header_.backing_file.empty());
+    off += st->length;
+  }
+  if (!needed) co_return Status();
+  co_return co_await write_zeroes_range(from, end - from, false);
+}
+
+Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
+  // Lock held. Nothing in memory changes until the header points at the new
+  // table; a failure before that leaks the new table's clusters at most.
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t need = l1_entries_for(new_size, geo_);
+  if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
+  if (need <= l1_.size()) co_return Status();
+  // Grow by at least half, as QEMU does, so repeated growth stays cheap.
+  uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, l1_.size() + l1_.size() / 2), kMaxL1Bytes / 8);
+  uint64_t clusters = (entries * 8 + cs - 1) / cs;
+  entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
+  file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
+  auto table = co_await alloc_clusters(clusters);
+  if (!table.ok()) co_return std::move(table).error();
+  UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
+  std::vector<uint8_t> buf(clusters * cs, 0);
+  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&buf[i * 8], l1_[i]);
+  // The refcount of the new table, then the table itself, before the header.
+  UQ_CO_TRY(co_await refcount_cache_->flush());
+  file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
+  UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
+  UQ_CO_TRY(co_await file_->co_flush());
+  uint8_t fields[12];
+  store_be32(fields, static_cast<uint32_t>(entries));
+  store_be64(fields + 4, *table);
+  file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
+  UQ_CO_TRY(co_await file_->co_write(36, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
+  UQ_CO_TRY(co_await file_->co_flush());
+  const uint64_t old_offset = header_.l1_table_offset;
+  const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
+  overlap_remove(MetadataKind::kActiveL1, old_offset, old_bytes);
+  overlap_add(MetadataKind::kActiveL1, *table, clusters * cs);
+  header_.l1_table_offset = *table;
+  header_.l1_size = static_cast<uint32_t>(entries);
+  l1_.resize(entries, 0);
+  if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
   co_return Status();
 }
 

@@ -209,12 +209,22 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
   co_return Status();
 }
 
-Task<Status> Qcow2Image::write_active_l1() {
-  std::vector<uint8_t> raw(l1_.size() * 8);
-  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&raw[i * 8], l1_[i]);
+Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
+  // Writes `table` over the active L1 table and, only once the write
+  // succeeded, makes it the in-memory one (with its L2 tables as the
+  // active-L2 overlap regions): after a failed write, l1_ still holds what
+  // the disk held before (a torn write aside, as in QEMU), and the
+  // references the new table would have taken are leaked at most.
+  std::vector<uint8_t> raw(table.size() * 8);
+  for (size_t i = 0; i < table.size(); ++i) store_be64(&raw[i * 8], table[i]);
   UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table",
                                  overlap_bit(MetadataKind::kActiveL1)));
-  co_return co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw));
+  file_->debug_event(BlkDebugEvent::kL1Update);
+  UQ_CO_TRY(co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw)));
+  overlap_l2_tables(MetadataKind::kActiveL2, l1_, false);
+  l1_ = table;
+  overlap_l2_tables(MetadataKind::kActiveL2, l1_, true);
+  co_return Status();
 }
 
 Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind) {
@@ -296,14 +306,16 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(co_await check_mapping_in_file(l1_));
   // Everything the active L1 reaches gains the snapshot's reference; the
   // active entries lose COPIED, so later writes copy on write.
+  // The walk works on a copy: l1_ changes only with the disk's table.
   bool l1_changed = false;
-  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, +1, false, l1_changed));
+  std::vector<uint64_t> active = l1_;
+  UQ_CO_TRY(co_await update_snapshot_refcount(active, +1, false, l1_changed));
   // The raised refcounts are durable before the L2 tables (their cache
   // depends on the refcount cache) and the L1 table drop COPIED.
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
-  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   std::vector<uint8_t> l1_copy(l1_.size() * 8);
   for (size_t i = 0; i < l1_.size(); ++i) store_be64(&l1_copy[i * 8], l1_[i] & ~kOflagCopied);
   auto l1_offset = co_await write_new_clusters(l1_copy, MetadataKind::kInactiveL1);
@@ -373,9 +385,10 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   // lowered refcounts are on disk.
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
-  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, 0, false, l1_changed));
+  std::vector<uint64_t> active = l1_;
+  UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
   UQ_CO_TRY(co_await l2_cache_->flush());
-  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
 }
 
@@ -404,19 +417,19 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   UQ_CO_TRY(co_await flush_metadata());
   std::vector<uint64_t> old = l1_;
   for (uint64_t& e : next) e &= ~kOflagCopied;
-  overlap_l2_tables(MetadataKind::kActiveL2, old, false);
-  l1_ = next;
-  overlap_l2_tables(MetadataKind::kActiveL2, l1_, true);
-  UQ_CO_TRY(co_await write_active_l1());
+  // l1_ becomes `next` only once the disk's active table is `next` too:
+  // reads and writes after a failed write still go through the old table.
+  UQ_CO_TRY(co_await write_active_l1(next));
   UQ_CO_TRY(co_await file_->co_flush());
   // What the old active table reached loses that reference.
   UQ_CO_TRY(co_await update_snapshot_refcount(old, -1, false, unused));
   // COPIED is set only after the lowered refcounts are on disk.
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
-  UQ_CO_TRY(co_await update_snapshot_refcount(l1_, 0, false, l1_changed));
+  std::vector<uint64_t> active = l1_;
+  UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
   UQ_CO_TRY(co_await l2_cache_->flush());
-  if (l1_changed) UQ_CO_TRY(co_await write_active_l1());
+  if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
 }
 

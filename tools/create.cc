@@ -2,6 +2,7 @@
 #include <openssl/crypto.h>
 
 #include <cstdio>
+#include <sstream>
 
 #include "qcow2/create.h"
 #include "qcow2/open.h"
@@ -23,7 +24,8 @@ constexpr char kDescription[] =
     "  encrypt.hash-alg (sha256|sha1|sha512), encrypt.iter-time (ms, default 2000).\n"
     "  The passphrase of an encrypted image is read from --passphrase-file.\n"
     "raw options: preallocation (off|falloc|full).\n"
-    "SIZE accepts k, M, G, T suffixes; with a backing file it defaults to the backing file's size.";
+    "SIZE accepts k, M, G, T suffixes and is rounded up to a multiple of 512, as qemu-img does;\n"
+    "with a backing file it defaults to the backing file's size.";
 
 Task<Status> create_raw(const std::string& path, uint64_t size, const std::string& options) {
   std::string prealloc = "off";
@@ -38,6 +40,8 @@ Task<Status> create_raw(const std::string& path, uint64_t size, const std::strin
   }
   auto file = RawFile::open(path, {.read_only = false, .create = true, .lock = kCreateLockPerms});
   if (!file.ok()) co_return std::move(file).error();
+  // Whole sectors, rounded up, as qemu-img creates raw images.
+  size = (size + 511) / 512 * 512;
   UQ_CO_TRY((*file)->truncate(0));
   UQ_CO_TRY((*file)->truncate(size));
   if (prealloc == "falloc") UQ_CO_TRY(co_await (*file)->co_write_zeroes(0, size, false));
@@ -49,6 +53,27 @@ Task<Status> create_raw(const std::string& path, uint64_t size, const std::strin
     }
   }
   co_return co_await (*file)->co_flush();
+}
+
+// The SIZE argument, refused with qemu-img create's messages.
+Result<uint64_t> parse_image_size(const std::string& text) {
+  auto size = parse_size(text, "size");
+  if (size.ok() && *size <= uint64_t{INT64_MAX}) return size;
+  if (!size.ok() && size.error().code() != ERANGE) {
+    return Error(EINVAL, "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+                         "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+  }
+  return Error(EINVAL, "Invalid image size specified. Must be between 0 and 9223372036854775807.");
+}
+
+// Whether the -o list sets `size` (and not only, say, cluster_size).
+bool has_size_option(const std::string& options) {
+  std::stringstream ss(options);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item.rfind("size=", 0) == 0) return true;
+  }
+  return false;
 }
 
 // The virtual size of a backing file, for `create -b` without a size.
@@ -93,7 +118,7 @@ int cmd_create(int argc, char** argv) {
 
   if (format == "raw") {
     if (pos.size() < 2) return fail("raw images need a SIZE");
-    auto size = parse_size(pos[1], "size");
+    auto size = parse_image_size(pos[1]);
     if (!size.ok()) return fail(size.error().message());
     Status s = run(create_raw(path, *size, options));
     if (!s.ok()) return fail(s);
@@ -119,14 +144,19 @@ int cmd_create(int argc, char** argv) {
     co.backing_format = *probed;
   }
   if (pos.size() == 2) {
-    auto size = parse_size(pos[1], "size");
+    if (has_size_option(options)) {
+      return fail(path + ": The image size must be specified only once");
+    }
+    auto size = parse_image_size(pos[1]);
     if (!size.ok()) return fail(size.error().message());
     co.size = *size;
+  } else if (has_size_option(options)) {
+    // -o size= was parsed into co.size.
   } else if (!co.backing_file.empty()) {
     auto size = run(backing_size(path, co.backing_file, co.backing_format));
     if (!size.ok()) return fail(size.error().message());
     co.size = *size;
-  } else if (co.size == 0 && options.find("size=") == std::string::npos) {
+  } else {
     return fail("image creation needs a SIZE");
   }
   s = run(qcow2::create_image(path, co));

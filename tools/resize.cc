@@ -12,31 +12,53 @@ namespace {
 constexpr char kUsage[] = "uqcow resize [-f FMT] [--shrink] FILE [+|-]SIZE";
 constexpr char kDescription[] =
     "Change the virtual size. SIZE is absolute, or relative with + or -.\n"
-    "Shrinking needs --shrink; as with qemu-img, the data beyond the new end\n"
-    "is discarded and the image file is truncated after its last used cluster.";
+    "Shrinking needs --shrink; as with qemu-img, the data past the new end is\n"
+    "discarded and the image file is truncated after its last used cluster. A\n"
+    "qcow2 size must be a multiple of 512. Errors use qemu-img resize's wording.";
+
+// The size argument, parsed as qemu-img resize parses it (QemuOpts 'size').
+Result<uint64_t> parse_resize_size(const std::string& digits) {
+  auto n = parse_size(digits, "size");
+  if (n.ok()) return n;
+  if (n.error().code() == ERANGE) return Error(EINVAL, "Value '" + digits + "' is out of range for parameter 'size'");
+  return Error(EINVAL,
+               "Parameter 'size' expects a non-negative number below 2^64\n"
+               "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+               "and exabytes, respectively.");
+}
+
+// qemu-img's img_resize checks, in its order, over int64 arithmetic as
+// there (a size of 2^63 or more is negative). Returns the new size.
+Result<uint64_t> target_size(uint64_t current, uint64_t n, int sign, bool allow_shrink) {
+  const int64_t total = static_cast<int64_t>(sign == 0 ? n : sign > 0 ? current + n : current - n);
+  if (total <= 0) return Error(EINVAL, "New image size must be positive");
+  if (static_cast<uint64_t>(total) < current && !allow_shrink) {
+    return Error(EINVAL,
+                 "Use the --shrink option to perform a shrink operation.\n"
+                 "warning: Shrinking an image will delete all data beyond the shrunken image's end. "
+                 "Before performing such an operation, make sure there is no important data there.");
+  }
+  return static_cast<uint64_t>(total);
+}
 
 Task<Status> resize(const std::string& path, const OpenOptions& o, const std::string& spec, bool allow_shrink) {
-  auto disk = co_await open_disk(path, o);
-  if (!disk.ok()) co_return std::move(disk).error();
-  Disk& d = **disk;
-  uint64_t size = d.size();
   std::string digits = spec;
   int sign = 0;
   if (!spec.empty() && (spec[0] == '+' || spec[0] == '-')) {
     sign = spec[0] == '+' ? 1 : -1;
     digits = spec.substr(1);
   }
-  auto n = parse_size(digits, "size");
+  // Parsed before the image is opened, as qemu-img does.
+  auto n = parse_resize_size(digits);
+  if (!n.ok()) co_return std::move(n).error();
+  auto disk = co_await open_disk(path, o);
+  if (!disk.ok()) co_return std::move(disk).error();
+  Disk& d = **disk;
+  auto target = target_size(d.size(), *n, sign, allow_shrink);
   Status s;
-  if (!n.ok()) {
-    s = std::move(n).error();
-  } else {
-    uint64_t target = sign == 0 ? *n : sign > 0 ? size + *n : (*n > size ? 0 : size - *n);
-    if (sign < 0 && *n > size) s = Error(EINVAL, "size: cannot shrink below zero");
-    else if (target < size && !allow_shrink) s = Error(EINVAL, "shrinking needs --shrink (it may lose data)");
-    else if (auto* q = dynamic_cast<qcow2::Qcow2Image*>(&d)) s = co_await q->resize(target);
-    else if (auto* r = dynamic_cast<RawDisk*>(&d)) s = r->file().truncate(target);
-  }
+  if (!target.ok()) s = std::move(target).error();
+  else if (auto* q = dynamic_cast<qcow2::Qcow2Image*>(&d)) s = co_await q->resize(*target);
+  else if (auto* r = dynamic_cast<RawDisk*>(&d)) s = r->file().truncate(*target);
   Status c = co_await d.close();
   co_return s.ok() ? c : s;
 }
@@ -47,18 +69,24 @@ int cmd_resize(int argc, char** argv) {
   Args args;
   args.flag("--shrink", "allow the size to go down").flag("-q,--quiet", "print nothing").flag("-h,--help", "show this help");
   add_open_flags(args);
+  // The size is the last argument, taken before the options are parsed so
+  // that "-1G" is not an option (qemu-img resize does the same).
+  std::string size_arg;
+  if (argc >= 3 && std::string(argv[argc - 1]) != "-h" && std::string(argv[argc - 1]) != "--help") {
+    size_arg = argv[--argc];
+  }
   Status parsed = args.parse(argc, argv);
   if (!parsed.ok()) return fail(parsed);
   if (args.has("-h")) {
     print_help(kUsage, kDescription, args);
     return 0;
   }
-  if (args.positional().size() != 2) return fail(std::string("usage: ") + kUsage);
+  if (size_arg.empty() || args.positional().size() != 1) return fail(std::string("usage: ") + kUsage);
   auto o = open_options(args, false);
   if (!o.ok()) return fail(o.error().message());
   o->no_backing = true;
   o->resize = true;
-  Status s = run(resize(args.positional()[0], *o, args.positional()[1], args.has("--shrink")));
+  Status s = run(resize(args.positional()[0], *o, size_arg, args.has("--shrink")));
   if (!s.ok()) return fail(s);
   if (!args.has("-q")) std::printf("Image resized.\n");
   return 0;

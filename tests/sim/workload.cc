@@ -160,6 +160,7 @@ Op Workload::next(uint64_t id, WorkloadState& st) {
         return op;
       case OpKind::kSnapshotCreate:
         if (!layout_.snapshots || st.snapshots.size() + st.snapshot_names_used.size() >= kMaxSnapshots) continue;
+        if (layout_.v2 && st.resize_in_batch) continue;  // see kResize
         op.snapshot = "s" + std::to_string(next_snapshot_++);
         st.snapshot_names_used.insert(op.snapshot);
         return op;
@@ -182,6 +183,9 @@ Op Workload::next(uint64_t id, WorkloadState& st) {
       }
       case OpKind::kResize: {
         if (st.resize_in_batch || st.apply_in_batch || st.size >= st.max_size) continue;
+        // QEMU (and uqcow) refuse to resize a compat=0.10 image that has
+        // snapshots: one snapshot, or one being created, rules it out.
+        if (layout_.v2 && (!st.snapshots.empty() || !st.snapshot_names_used.empty())) continue;
         const uint64_t grow = cs * below(3) + 512 * (1 + below(8));
         op.new_size = std::min(st.max_size, st.size + grow);
         st.resize_in_batch = true;
