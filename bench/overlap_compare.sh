@@ -19,7 +19,9 @@
 # IOPS on a shared 2-core machine swing by more than the check costs, the
 # user-space instructions per write of each level (callgrind, runs of N and
 # 2N requests so that start-up cancels out; UQCOW_OVERLAP_COUNT=N, default
-# 20000; UQCOW_OVERLAP_CALLGRIND=0 skips them).
+# 20000; UQCOW_OVERLAP_CALLGRIND=0 skips them). Between the two, QEMU's own
+# cost of each level on the in-place image (qemu-img bench; its ratios to
+# `none` are the comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT=${UQCOW_OVERLAP_REPEAT:-3}
@@ -69,6 +71,28 @@ for w in ("inplace", "alloc"):
         iops = med(level, w, 2)
         print(f"{w:<9} {level:<9} {iops:>10.0f} {iops / base:>8.3f} {med(level, w, 3):>8.0f}")
 PY
+
+# The peer: QEMU's own cost of each level on the same in-place image, with
+# qemu-img bench (4 KiB sequential writes, QD32, io_uring, writeback), the
+# median of REPEAT runs of QEMU_COUNT writes. Compare the ratios to `none`
+# of the two tools, not their IOPS (different workload shapes).
+QEMU_COUNT=${UQCOW_OVERLAP_QEMU_COUNT:-200000}
+echo
+echo "qemu-img bench -w -s 4k -d 32 -i io_uring -c $QEMU_COUNT on the in-place image, --image-opts overlap-check=LEVEL"
+printf '%-9s %10s %8s\n' level IOPS "vs none"
+qbase=""
+for level in "${levels[@]}"; do
+  secs=()
+  for ((i = 0; i < REPEAT; i++)); do
+    secs+=("$(qemu-img bench -w -s 4k -d 32 -c "$QEMU_COUNT" -i io_uring -t writeback \
+      --image-opts "driver=qcow2,file.filename=$work/snap.qcow2,overlap-check=$level" |
+      awk '/Run completed/ {print $4}')")
+  done
+  med=$(printf '%s\n' "${secs[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}')
+  iops=$(python3 -c "print(round($QEMU_COUNT / $med))")
+  [[ -n $qbase ]] || qbase=$iops
+  printf '%-9s %10d %8.3f\n' "$level" "$iops" "$(python3 -c "print($iops / $qbase)")"
+done
 
 [[ $CALLGRIND == 1 ]] || exit 0
 instructions() {  # instructions LEVEL COUNT IMAGE ARGS... -> user-space instructions of the whole run
