@@ -624,6 +624,8 @@ Task<void> Qcow2Image::clean_timer() {
 
 Task<Status> Qcow2Image::close() {
   if (closed_) co_return Status();
+  auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
+  if (closed_) co_return Status();
   // Requests still in flight finish first, and none starts after; the
   // flush below then releases every deferred free.
   co_await requests_.drain();  // a drained section that never ends

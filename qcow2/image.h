@@ -28,6 +28,10 @@
 // - Snapshot create/apply/delete, resize and close run in a drained section:
 //   no request is in flight and none starts until they finish, so clearing
 //   OFLAG_COPIED or swapping the L1 table cannot race with an in-place write.
+//   They also exclude each other (`exclusive_`, taken before the drain):
+//   drained sections nest, and resize releases the metadata lock while it
+//   zeroes, so without it a snapshot could record half a shrink, or set
+//   OFLAG_COPIED under a zero write in flight.
 #pragma once
 
 #include <cstdint>
@@ -128,6 +132,14 @@ class Qcow2Image final : public Disk {
   // `disk_size` bytes.
   uint64_t data_file_end(uint64_t disk_size) const;
   // --- resize.cc ------------------------------------------------------------
+  // resize() with exclusive_ held (snapshot_apply resizes to the snapshot's
+  // size inside its own exclusive section, without zeroing the new area:
+  // the snapshot's L1 table replaces the mapping right after).
+  Task<Status> resize_exclusive(uint64_t new_size, bool zero_new_area);
+  // When growing over a backing file longer than the old size, zeroes the
+  // whole clusters added that it would show through (QEMU's
+  // BDRV_REQ_ZERO_WRITE in bdrv_co_truncate).
+  Task<Status> zero_over_backing(uint64_t old_size, uint64_t new_size);
   Task<Status> drop_tail(uint64_t new_size);
   Task<Status> zero_partial_cluster(uint64_t from, uint64_t to);
   Task<Status> grow_l1_for(uint64_t new_size);
@@ -440,6 +452,9 @@ class Qcow2Image final : public Disk {
   // sector is as unordered as any two overlapping concurrent writes, except
   // that the RMW may also restore the bytes around the unaligned range.
   CoMutex unaligned_write_lock_;
+  // One whole-image operation at a time: snapshot create/apply/delete,
+  // resize, close. Taken before their drained section.
+  CoMutex exclusive_;
   TaskGroup background_;
   uring::TimeoutOp* clean_sleep_ = nullptr;  // the clean timer's pending sleep
   bool closing_ = false;

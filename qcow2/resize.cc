@@ -30,6 +30,11 @@ uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
 }  // namespace
 
 Task<Status> Qcow2Image::resize(uint64_t new_size) {
+  auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
+  co_return co_await resize_exclusive(new_size, /*zero_new_area=*/true);
+}
+
+Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area) {
   UQ_CO_TRY(check_writable(0, 0));
   // QEMU's qcow2_co_truncate refuses what its header could not keep exactly
   // (bs->total_sectors counts whole sectors).
@@ -88,11 +93,12 @@ Task<Status> Qcow2Image::resize(uint64_t new_size) {
       if (!committed) size = old;
     }
   } rollback{size_, old_size};
-  if (new_size > old_size) {
+  if (new_size > old_size && zero_new_area) {
     // The write path keeps requests below size_: let the zeros reach the
     // new area (nothing else runs in the drained section).
     size_ = new_size;
     UQ_CO_TRY(co_await zero_partial_cluster(old_size, new_size));
+    UQ_CO_TRY(co_await zero_over_backing(old_size, new_size));
   }
   auto guard = co_await lock_.scoped_lock();
   uint8_t size_field[8];
@@ -134,6 +140,20 @@ Task<Status> Qcow2Image::zero_partial_cluster(uint64_t from, uint64_t to) {
   }
   if (!needed) co_return Status();
   co_return co_await write_zeroes_range(from, end - from, false);
+}
+
+Task<Status> Qcow2Image::zero_over_backing(uint64_t old_size, uint64_t new_size) {
+  // The clusters past the old end are unallocated (a shrink discarded
+  // them), so a backing file longer than the old size would show through.
+  // Zero clusters cover them up to the backing file's end (all the way
+  // when the backing file is not open, e.g. with no_backing).
+  if (header_.backing_file.empty()) co_return Status();
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t start = round_up(old_size, cs);
+  uint64_t end = new_size;
+  if (backing_) end = std::min(end, round_up(backing_->size(), cs));
+  if (start >= end) co_return Status();
+  co_return co_await write_zeroes_range(start, end - start, false);
 }
 
 Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {

@@ -294,6 +294,7 @@ Status Qcow2Image::check_snapshot_support() const {
 }
 
 Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
+  auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
   UQ_CO_TRY(check_snapshot_support());
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
@@ -353,6 +354,7 @@ Task<Result<std::vector<uint64_t>>> Qcow2Image::read_l1_table(uint64_t offset, u
 }
 
 Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
+  auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
   UQ_CO_TRY(check_snapshot_support());
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
@@ -393,13 +395,14 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
 }
 
 Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
+  auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
   UQ_CO_TRY(check_snapshot_support());
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
   const Snapshot* found = find_snapshot(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
   const Snapshot sn = *found;
-  if (sn.disk_size != size_) UQ_CO_TRY(co_await resize(sn.disk_size));
+  if (sn.disk_size != size_) UQ_CO_TRY(co_await resize_exclusive(sn.disk_size, /*zero_new_area=*/false));
   auto guard = co_await lock_.scoped_lock();
   if (sn.l1_size > l1_.size()) {
     co_return Error(ENOTSUP, "snapshot '" + key + "' has a larger L1 table than the image");

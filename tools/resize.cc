@@ -84,7 +84,8 @@ int cmd_resize(int argc, char** argv) {
   if (size_arg.empty() || args.positional().size() != 1) return fail(std::string("usage: ") + kUsage);
   auto o = open_options(args, false);
   if (!o.ok()) return fail(o.error().message());
-  o->no_backing = true;
+  // The backing chain is opened (read-only), as qemu-img resize opens it:
+  // growing over a longer backing file zeroes what it would show through.
   o->resize = true;
   Status s = run(resize(args.positional()[0], *o, size_arg, args.has("--shrink")));
   if (!s.ok()) return fail(s);
