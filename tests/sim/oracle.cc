@@ -21,6 +21,7 @@ const char* kind_name(Effect::Kind k) {
     case Effect::Kind::kContent: return "snapshot content";
     case Effect::Kind::kTrim: return "trim";
     case Effect::Kind::kRestore: return "read-modify-write";
+    case Effect::Kind::kBacking: return "backing file (unallocated)";
   }
   return "?";
 }
@@ -64,7 +65,8 @@ void Effect::values(uint64_t offset, std::span<uint8_t> out) const {
     case Kind::kData:
       data_bytes(op, offset, runs, out);
       return;
-    case Kind::kContent: {
+    case Kind::kContent:
+    case Kind::kBacking: {
       const uint64_t have = !content || offset >= content->size() ? 0 : std::min<uint64_t>(out.size(), content->size() - offset);
       if (have) std::memcpy(out.data(), content->data() + offset, have);
       std::memset(out.data() + have, 0, out.size() - have);

@@ -8,9 +8,12 @@
 //   give the byte their value and supersede what was there;
 // - WEAK writes give the byte a possible value but supersede nothing: a
 //   discard (the byte reads as zero or as before, as NBD's TRIM allows),
-//   and the read-modify-write of an unaligned write to an encrypted image,
+//   the read-modify-write of an unaligned write to an encrypted image,
 //   which may write back the bytes around its range as it read them (a
-//   documented property of the engine: qcow2/image.h, unaligned_write_lock_).
+//   documented property of the engine: qcow2/image.h, unaligned_write_lock_),
+//   and, in a crash image that kept the old size, what a shrink drops: zeros
+//   (the tail zeroed, clusters unallocated), or the backing file's bytes
+//   under the unallocated clusters.
 //
 // A byte observed over [issue, complete] (a read, a snapshot being taken, a
 // crash) may hold:
@@ -71,6 +74,7 @@ struct Effect {
     kContent,  // strong: (*content)[offset] (snapshot_apply)
     kTrim,     // weak: 0 (discard)
     kRestore,  // weak: what the byte held while the op ran (encrypted RMW)
+    kBacking,  // weak: (*content)[offset], the backing file's byte (unallocated)
   };
   Kind kind = Kind::kData;
   uint64_t begin = 0, end = 0;  // guest bytes
@@ -85,7 +89,8 @@ struct Effect {
   uint8_t value(uint64_t offset) const {
     switch (kind) {
       case Kind::kData: return data_byte(op, offset, runs);
-      case Kind::kContent: return content && offset < content->size() ? (*content)[offset] : 0;
+      case Kind::kContent:
+      case Kind::kBacking: return content && offset < content->size() ? (*content)[offset] : 0;
       case Kind::kZero:
       case Kind::kTrim:
       case Kind::kRestore: return 0;

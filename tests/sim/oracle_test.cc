@@ -77,6 +77,29 @@ TEST(Oracle, AStrongWriteSupersedesButATrimDoesNot) {
   EXPECT_NE(h.check(0, got, 10, 11), "");
 }
 
+TEST(Oracle, WhatAShrinkDropsIsDataZeroOrTheBackingFile) {
+  // A crash image that kept the old size: bytes past the new end may hold
+  // their data, zero, or the backing file's byte (weak effects: kTrim and
+  // kBacking over the dropped range), and nothing else.
+  History h(std::make_shared<std::vector<uint8_t>>(8, 0x11));
+  h.add(write(1, 0, 8, 1, 2));
+  Effect dropped = with_kind(write(2, 4, 8, 3, kNever), Effect::Kind::kTrim);
+  h.add(dropped);
+  dropped.kind = Effect::Kind::kBacking;
+  dropped.content = std::make_shared<std::vector<uint8_t>>(8, 0x22);
+  h.add(dropped);
+  std::vector<uint8_t> got = data(1, 0, 8);
+  EXPECT_EQ(h.check(0, got, 3, kNever), "");
+  got[4] = 0;
+  got[5] = 0x22;
+  EXPECT_EQ(h.check(0, got, 3, kNever), "");
+  got[6] = 0x11;  // the batch start, superseded by op 1
+  EXPECT_NE(h.check(0, got, 3, kNever), "");
+  got[6] = 0x22;
+  got[1] = 0x22;  // below the new end: only op 1's data
+  EXPECT_NE(h.check(0, got, 3, kNever), "");
+}
+
 TEST(Oracle, AnotherOffsetsDataIsNamed) {
   History h(std::make_shared<std::vector<uint8_t>>(8192, 0));
   h.add(write(7, 4096, 8192, 1, 2));

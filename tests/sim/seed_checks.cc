@@ -5,6 +5,7 @@
 #include <cstring>
 #include <set>
 
+#include "qcow2/endian.h"
 #include "tests/testutil.h"
 #include "tests/sim/seed_run.h"
 
@@ -18,6 +19,7 @@ using testing::write_file;
 namespace {
 
 constexpr uint64_t kReadChunk = 1 << 20;
+constexpr size_t kHeaderSizeField = 24;  // the qcow2 header's virtual size, bytes 24-31
 
 std::span<const uint8_t> as_u8(const std::vector<std::byte>& v) {
   return {reinterpret_cast<const uint8_t*>(v.data()), v.size()};
@@ -120,6 +122,24 @@ void SeedRun::add_effects(History& history, const Op& op, uint64_t cut) const {
       e.content = snap.content;
       break;
     }
+    case OpKind::kResize:
+      // What a shrink drops is seen only by a crash image that kept the old
+      // size (afterwards the disk ends before it): the bytes may still hold
+      // their data, or zeros (the tail of the cluster holding the new end
+      // zeroed, the clusters after it unallocated), or over a backing file
+      // its bytes under the unallocated clusters.
+      if (cut == kNever || op.new_size >= batch_start_size_) return;
+      e.kind = Effect::Kind::kTrim;
+      e.begin = op.new_size;
+      e.end = batch_start_size_;
+      history.add(e);
+      e.begin = (op.new_size + layout_.cluster_size - 1) / layout_.cluster_size * layout_.cluster_size;
+      if (backing_content_ && e.begin < e.end) {
+        e.kind = Effect::Kind::kBacking;
+        e.content = backing_content_;
+        history.add(e);
+      }
+      return;
     default:
       return;
   }
@@ -164,7 +184,7 @@ bool SeedRun::check_batch() {
   History history(model_);
   for (const auto& op : ops_) add_effects(history, *op, kNever);
   for (const auto& op : ops_) {
-    if (op->kind != OpKind::kRead) continue;
+    if (op->kind != OpKind::kRead || op->no_op) continue;
     std::string bad = history.check(op->offset, as_u8(op->buf), op->issue, op->complete);
     if (!bad.empty()) return fail("a read returned bytes the oracle does not allow", op->describe() + ": " + bad);
   }
@@ -172,7 +192,7 @@ bool SeedRun::check_batch() {
   if (!flushed) return hang("the flush after the batch");
   if (!flushed->ok()) return fail("flush failed", flushed->message());
   for (const auto& op : ops_) {
-    if (op->kind == OpKind::kResize) size_ = std::max(size_, op->new_size);
+    if (op->kind == OpKind::kResize) size_ = op->new_size;
   }
   std::vector<uint8_t> disk;
   if (!check_read_back(history, disk)) return false;
@@ -200,12 +220,39 @@ bool SeedRun::check_read_back(const History& history, std::vector<uint8_t>& disk
   return true;
 }
 
+std::string SeedRun::past_snapshot_end(std::span<const uint8_t> bytes, uint64_t size) const {
+  // The disk opened at a snapshot keeps the image's current size (as
+  // qemu-img convert -l); past the snapshot's own size it reads as zeros,
+  // or, over a backing file, as the backing file where the snapshot maps
+  // nothing (a snapshot taken after a shrink is smaller than the backing
+  // file).
+  for (uint64_t at = size; at < bytes.size(); ++at) {
+    const uint8_t v = bytes[at];
+    if (v == 0 || (backing_content_ && at < backing_content_->size() && v == (*backing_content_)[at])) continue;
+    return "guest byte " + std::to_string(at) + " past the snapshot's size (" + std::to_string(size) + ") is " +
+           std::to_string(v) + ", neither zero nor the backing file's";
+  }
+  return "";
+}
+
 std::optional<std::vector<uint8_t>> SeedRun::read_snapshot(const std::string& name, uint64_t& size) {
   // The file opened a second time, read-only at the snapshot, as `qemu-img
   // convert -l` would; the image itself stays open (idle and flushed).
   OpenOptions o = layout_.open_options(true);
   o.snapshot = name;
-  auto img = wait(open_image(storage_, o));
+  std::shared_ptr<SimStorage> file = storage_;
+  for (const auto& s : image_->snapshots()) {
+    if (s.name != name || s.disk_size <= image_->size()) continue;
+    // A snapshot taken before a shrink is larger than the disk, which
+    // keeps its current size when opened at the snapshot: it is read
+    // whole from a copy of the file whose header has the snapshot's size
+    // (the active L1 table keeps its size when the disk shrinks, so it
+    // still covers that size).
+    std::vector<uint8_t> copy = storage_->bytes();
+    qcow2::store_be64(copy.data() + kHeaderSizeField, s.disk_size);
+    file = std::make_shared<SimStorage>(std::move(copy), false);
+  }
+  auto img = wait(open_image(file, o));
   if (!img) {
     hang("opening snapshot " + name);
     return std::nullopt;
@@ -223,12 +270,10 @@ std::optional<std::vector<uint8_t>> SeedRun::read_snapshot(const std::string& na
   auto closed = wait(snap.close());
   if (!closed) hang("closing snapshot " + name);
   if (!bytes || !closed) return std::nullopt;
-  // The disk opened at a snapshot keeps the image's current size (as
-  // qemu-img convert -l); past the snapshot's own size it reads as zeros
-  // (the backing file is never larger than the snapshot).
-  if (size > bytes->size() || std::any_of(bytes->begin() + size, bytes->end(), [](uint8_t b) { return b != 0; })) {
-    fail("snapshot reads past its size", name + ": disk size " + std::to_string(size) + ", read " +
-                                             std::to_string(bytes->size()) + " bytes, not zero past the size");
+  const std::string past = size > bytes->size() ? "the disk is smaller" : past_snapshot_end(*bytes, size);
+  if (!past.empty()) {
+    fail("snapshot reads past its size",
+         name + ": disk size " + std::to_string(size) + ", read " + std::to_string(bytes->size()) + " bytes: " + past);
     return std::nullopt;
   }
   bytes->resize(size);
@@ -318,6 +363,7 @@ bool SeedRun::check_crash() {
   if (!img->ok()) return fail("the crash image does not open read-write", img->error().message());
   const uint64_t size = (**img)->size();
   auto bytes = read_disk(***img, "the crash image");
+  if (bytes && size < batch_start_size_ && !check_grown_back(***img, *bytes)) return false;
   auto closed = wait((**img)->close());
   if (!bytes) return false;
   if (!closed) return hang("closing the crash image");
@@ -334,6 +380,26 @@ bool SeedRun::check_crash() {
   }
   return check_metadata(storage, false, "of the crash image after a read-write open and close",
                         snapshot_op_open);
+}
+
+bool SeedRun::check_grown_back(qcow2::Qcow2Image& image, const std::vector<uint8_t>& bytes) {
+  // The crash image has a shrink's new size: growing it back to the old one
+  // must show zeros past the new end, whatever the dropped clusters held
+  // (and whatever a backing file holds there), and leave the rest alone.
+  auto grown = wait(image.resize(batch_start_size_));
+  if (!grown) return hang("growing the shrunk crash image");
+  if (!grown->ok()) return fail("the shrunk crash image does not grow back", grown->message());
+  auto again = read_disk(image, "the crash image grown back");
+  if (!again) return false;
+  std::vector<uint8_t> want = bytes;
+  want.resize(batch_start_size_, 0);
+  std::string diff = first_difference(*again, want);
+  if (!diff.empty()) {
+    return fail("the crash image shrunk to " + std::to_string(bytes.size()) + " and grown back to " +
+                    std::to_string(batch_start_size_) + " is not zero past the smaller size",
+                diff);
+  }
+  return true;
 }
 
 bool SeedRun::finish() {
@@ -390,12 +456,12 @@ bool SeedRun::check_with_qemu(const std::vector<uint8_t>& file, bool final) {
     r = convert(name, dir.file(name + ".raw"));
     if (!r.ok()) return fail("qemu-img convert -l snapshot.name=" + name, r.describe());
     raw = read_file(dir.file(name + ".raw"));
-    // Past the snapshot's size (the image grew since) it reads as zeros.
-    if (raw && raw->size() >= snap.content->size() &&
-        std::all_of(raw->begin() + snap.content->size(), raw->end(), [](uint8_t b) { return b == 0; })) {
-      raw->resize(snap.content->size());
-    }
-    diff = raw ? first_difference(*raw, *snap.content) : "no output";
+    // As the image's own view (read_snapshot) at the disk's current size:
+    // past the snapshot's size, zeros or the backing file; a snapshot
+    // larger than the disk (taken before a shrink) shows its first bytes.
+    const uint64_t common = raw ? std::min<uint64_t>(raw->size(), snap.content->size()) : 0;
+    diff = !raw ? "no output" : past_snapshot_end(*raw, snap.content->size());
+    if (diff.empty()) diff = first_difference(std::span(*raw).first(common), std::span(*snap.content).first(common));
     if (!diff.empty()) return fail("qemu-img's view of snapshot " + name + " differs", diff);
   }
   return true;

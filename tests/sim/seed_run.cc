@@ -55,9 +55,13 @@ SeedRun::SeedRun(const Layout& layout, const LayoutImages& images, uint64_t seed
   // Room to grow: resize never passes this (a multiple of 512, as
   // encryption needs).
   max_size_ = size_ + 4ull * layout.cluster_size;
+  // Nor shrinks below half the starting size: enough to drop L2 tables and
+  // refcount blocks, and to keep the hot spots' neighbourhoods busy.
+  min_size_ = size_ / 2 / 512 * 512;
   auto model = std::make_shared<std::vector<uint8_t>>(images.content);
   model->resize(max_size_, 0);
   model_ = std::move(model);
+  if (layout.backing) backing_content_ = std::make_shared<const std::vector<uint8_t>>(images.content);
   // Durability is tracked (every write kept until flushed) only where a
   // crash image will be taken.
   storage_ = std::make_shared<SimStorage>(images.image, options.crash);
@@ -120,6 +124,8 @@ bool SeedRun::run_batch(uint64_t index, bool crash_here) {
   state_.size = size_;
   batch_start_size_ = size_;
   state_.max_size = max_size_;
+  state_.min_size = min_size_;
+  shrink_to_ = kNever;
   for (const auto& [name, snap] : snapshots_) state_.snapshots[name] = snap.size;
   const uint64_t n = 6 + below(kMaxOpsPerBatch - 5);
   depth_ = std::min(kDepths[below(std::size(kDepths))], std::max<uint64_t>(1, options_.max_depth));
@@ -160,6 +166,7 @@ void SeedRun::issue(TaskGroup& group) {
   if (op.kind == OpKind::kResize) {
     ++resizes_in_flight_;
     ++resizes_issued_;
+    if (op.new_size < size_) shrink_to_ = op.new_size;
   }
   ++in_flight_;
   group.spawn(run_op(op));  // runs until its first suspension
@@ -171,11 +178,27 @@ Task<void> SeedRun::run_op(Op& op) {
   op.complete = ++clock_;
   --in_flight_;
   if (op.kind == OpKind::kResize) --resizes_in_flight_;
-  // Ops issued from now on may use the new size.
-  if (op.kind == OpKind::kResize && op.status.ok()) state_.size = std::max(state_.size, op.new_size);
+  // Ops issued from now on use the new size. Until then they use the old
+  // one: after a shrink, those that no longer fit are refused (execute).
+  if (op.kind == OpKind::kResize && op.status.ok()) state_.size = op.new_size;
 }
 
 Task<Status> SeedRun::execute(Op& op) {
+  Status s = co_await perform(op);
+  // A request that overlapped a shrink in time, generated against the old
+  // size, and reaching past the new end: a drained section orders it
+  // wholly before or wholly after the shrink, and after it the request is
+  // refused whole (EINVAL, checked before anything is read or written).
+  const bool resize_overlapped = op.resize_in_flight || resizes_issued_ != op.resizes_before;
+  if (!s.ok() && s.code() == EINVAL && resize_overlapped && op.offset + op.length > shrink_to_ &&
+      s.message().find("beyond the end of the disk") != std::string::npos) {
+    op.no_op = true;
+    co_return Status();
+  }
+  co_return s;
+}
+
+Task<Status> SeedRun::perform(Op& op) {
   qcow2::Qcow2Image& img = *image_;
   switch (op.kind) {
     case OpKind::kRead:

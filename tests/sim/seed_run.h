@@ -38,6 +38,7 @@ class SeedRun {
   void issue(TaskGroup& group);
   Task<void> run_op(Op& op);
   Task<Status> execute(Op& op);
+  Task<Status> perform(Op& op);
   void take_crash();
   Task<Result<std::unique_ptr<qcow2::Qcow2Image>>> open_image(std::shared_ptr<SimStorage> storage, OpenOptions o);
   Task<Result<std::unique_ptr<Disk>>> open_backing(std::string path, std::string format);
@@ -61,6 +62,10 @@ class SeedRun {
   bool check_metadata(std::shared_ptr<SimStorage> file, bool strict, const std::string& when,
                       bool copied_window_possible = false);
   bool check_crash();
+  bool check_grown_back(qcow2::Qcow2Image& image, const std::vector<uint8_t>& bytes);
+  // "" when the bytes of a disk opened at a snapshot of `size` bytes are
+  // what may lie past that size; else the first that is not.
+  std::string past_snapshot_end(std::span<const uint8_t> bytes, uint64_t size) const;
   bool finish();
   bool check_with_qemu(const std::vector<uint8_t>& file, bool final);
   bool fail(const std::string& what, const std::string& detail);
@@ -80,7 +85,10 @@ class SeedRun {
   // zeros past size_).
   std::shared_ptr<const std::vector<uint8_t>> model_;
   uint64_t size_ = 0;
-  uint64_t max_size_ = 0;
+  uint64_t max_size_ = 0, min_size_ = 0;
+  // The backing file's guest content (backing layouts): what a cluster left
+  // unallocated reads as.
+  std::shared_ptr<const std::vector<uint8_t>> backing_content_;
   std::map<std::string, Snapshot> snapshots_;
   uint64_t clock_ = 0;  // the driver's logical clock (op ticks)
   uint64_t next_op_ = 1;
@@ -92,6 +100,7 @@ class SeedRun {
   uint64_t batch_index_ = 0, batch_start_ = 0, depth_ = 0, in_flight_ = 0;
   uint64_t resizes_in_flight_ = 0, resizes_issued_ = 0;
   uint64_t batch_start_size_ = 0;
+  uint64_t shrink_to_ = kNever;  // the new size of a shrink issued in the batch
   struct Crash {
     bool taken = false;
     uint64_t tick = 0;

@@ -108,6 +108,30 @@ uint64_t Workload::pick_offset(uint64_t length, uint64_t size) {
   return std::min(o, size - length);
 }
 
+uint64_t Workload::pick_smaller_size(const WorkloadState& st) {
+  // A multiple of 512 in [min_size, size): a few sectors off the end (often
+  // inside the last cluster), the last cluster boundary or one a cluster or
+  // two below it, a few clusters and part of one, or anywhere down to the
+  // minimum (dropping L2 tables and refcount blocks).
+  const uint64_t cs = layout_.cluster_size;
+  uint64_t drop;
+  switch (below(4)) {
+    case 0:
+      drop = 512 * (1 + below(8));
+      break;
+    case 1:
+      drop = st.size - (st.size - 1) / cs * cs + cs * below(3);
+      break;
+    case 2:
+      drop = cs * (1 + below(3)) + 512 * below(cs / 512);
+      break;
+    default:
+      drop = 512 * (1 + below((st.size - st.min_size) / 512));
+      break;
+  }
+  return st.size - std::min(drop, st.size - st.min_size);
+}
+
 void Workload::fill(Op& op) {
   op.buf.resize(op.length);
   if (op.writes_data()) {
@@ -182,12 +206,18 @@ Op Workload::next(uint64_t id, WorkloadState& st) {
         return op;
       }
       case OpKind::kResize: {
-        if (st.resize_in_batch || st.apply_in_batch || st.size >= st.max_size) continue;
+        if (st.resize_in_batch || st.apply_in_batch) continue;
         // QEMU (and uqcow) refuse to resize a compat=0.10 image that has
         // snapshots: one snapshot, or one being created, rules it out.
         if (layout_.v2 && (!st.snapshots.empty() || !st.snapshot_names_used.empty())) continue;
-        const uint64_t grow = cs * below(3) + 512 * (1 + below(8));
-        op.new_size = std::min(st.max_size, st.size + grow);
+        const bool can_grow = st.size < st.max_size, can_shrink = st.size > st.min_size;
+        if (!can_grow && !can_shrink) continue;
+        if (can_shrink && (!can_grow || below(2) == 0)) {
+          op.new_size = pick_smaller_size(st);
+        } else {
+          const uint64_t grow = cs * below(3) + 512 * (1 + below(8));
+          op.new_size = std::min(st.max_size, st.size + grow);
+        }
         st.resize_in_batch = true;
         return op;
       }

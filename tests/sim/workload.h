@@ -40,11 +40,13 @@ struct Op {
   bool may_unmap = false;  // write_zeroes; false is NBD's NO_HOLE
   bool runs = false;       // compressible data (data_byte's runs)
   std::string snapshot;    // snapshot ops: the name
-  uint64_t new_size = 0;   // resize
+  uint64_t new_size = 0;   // resize (smaller than the size: a shrink)
   std::vector<std::byte> buf;  // the data written, or the bytes read
   uint64_t issue = 0, complete = kNever;
   Status status;
-  bool no_op = false;  // a compressed write refused: the cluster was allocated
+  // Refused with no effect: a compressed write to an allocated cluster, or a
+  // request admitted after a resize that its range no longer fits.
+  bool no_op = false;
   bool resize_in_flight = false;  // a resize was in flight when this op was issued
   uint64_t resizes_before = 0;    // resizes issued before this op
 
@@ -61,6 +63,7 @@ struct WorkloadState {
   bool resize_in_batch = false;
   bool apply_in_batch = false;
   uint64_t max_size = 0;                     // resize never grows past this
+  uint64_t min_size = 0;                     // nor shrinks below this
 };
 
 class Workload {
@@ -74,6 +77,7 @@ class Workload {
   uint64_t below(uint64_t n) { return n == 0 ? 0 : std::uniform_int_distribution<uint64_t>(0, n - 1)(rng_); }
   uint64_t pick_length();
   uint64_t pick_offset(uint64_t length, uint64_t size);
+  uint64_t pick_smaller_size(const WorkloadState& st);
   void fill(Op& op);
 
   const Layout& layout_;
