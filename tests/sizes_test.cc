@@ -4,6 +4,7 @@
 // after a shrink and a grow (checked by qemu-io, the independent reader).
 #include <gtest/gtest.h>
 
+#include <ostream>
 #include <regex>
 #include <string>
 #include <vector>
@@ -149,7 +150,13 @@ TEST_F(SizesTest, UnalignedHeaderSizeCountsWholeSectors) {
 struct ShrinkGrow {
   std::string options;  // qemu-img create -o
   bool qemu_shrinks;    // qemu-img shrinks, uqcow grows
+  bool backing = false;  // over a 4M raw backing file of 0xcd, which the
+                         // grown area must not show (QEMU zero-writes it)
 };
+
+void PrintTo(const ShrinkGrow& p, std::ostream* os) {
+  *os << p.options << (p.qemu_shrinks ? ", qemu-img shrinks" : "") << (p.backing ? ", over a backing file" : "");
+}
 
 class ShrinkGrowTest : public SizesTest, public ::testing::WithParamInterface<ShrinkGrow> {};
 
@@ -157,7 +164,15 @@ TEST_P(ShrinkGrowTest, BytesPastTheOldSizeReadAsZero) {
   const auto& p = GetParam();
   const std::string img = dir_.file("s.qcow2");
   constexpr uint64_t kSmall = 1000448;  // inside the 16th 64k cluster
-  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-o", p.options, img, "4M"})));
+  if (p.backing) {
+    const std::string base = dir_.file("base.raw");
+    ASSERT_TRUE(Succeeded(run_command({"qemu-img", "create", "-q", "-f", "raw", base, "4M"})));
+    ASSERT_TRUE(Succeeded(run_command({"qemu-io", "-f", "raw", "-c", "write -P 0xcd 0 4M", base})));
+    ASSERT_TRUE(Succeeded(
+        run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-o", p.options, "-b", base, "-F", "raw", img, "4M"})));
+  } else {
+    ASSERT_TRUE(Succeeded(run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-o", p.options, img, "4M"})));
+  }
   ASSERT_TRUE(Succeeded(run_command({"qemu-io", "-c", "write -P 0xab 0 4M", img})));
   if (p.qemu_shrinks) {
     ASSERT_TRUE(Succeeded(run_command({"qemu-img", "resize", "-q", "--shrink", img, std::to_string(kSmall)})));
@@ -180,7 +195,10 @@ INSTANTIATE_TEST_SUITE_P(Layouts, ShrinkGrowTest,
                                            ShrinkGrow{"cluster_size=64k", true},
                                            ShrinkGrow{"cluster_size=64k,extended_l2=on", false},
                                            ShrinkGrow{"cluster_size=64k,compat=0.10", false},
-                                           ShrinkGrow{"cluster_size=4k", false}));
+                                           ShrinkGrow{"cluster_size=4k", false},
+                                           ShrinkGrow{"cluster_size=64k", false, true},
+                                           ShrinkGrow{"cluster_size=64k", true, true},
+                                           ShrinkGrow{"cluster_size=32k,extended_l2=on", false, true}));
 
 }  // namespace
 }  // namespace uqcow::testing
