@@ -21,7 +21,6 @@ constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
 constexpr uint64_t kMaxCacheEntries = INT32_MAX;
 constexpr uint64_t kFirstReadBytes = 64 << 10;
 
-
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
 }
