@@ -101,6 +101,10 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
     UQ_CO_TRY(co_await zero_over_backing(old_size, new_size));
   }
   auto guard = co_await lock_.scoped_lock();
+  // The zeros (zero flags in cached L2 slices) reach the disk before the
+  // header says the disk is larger: a crash in between must not show a
+  // backing file, or old data, past the old end.
+  if (new_size > old_size && zero_new_area) UQ_CO_TRY(co_await flush_metadata());
   uint8_t size_field[8];
   store_be64(size_field, new_size);
   UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
