@@ -135,6 +135,9 @@ struct Geometry {
   }
 };
 
+// `v` rounded up to a multiple of `to`, a power of two.
+inline constexpr uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
+
 // Whether a (non-compressed) L2 entry points at a host cluster. Offset 0
 // normally means "none", but it is a valid offset in an external data file;
 // clusters there always have refcount 1, so QEMU disambiguates with COPIED.

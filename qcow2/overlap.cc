@@ -20,9 +20,6 @@
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
-namespace {
-uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
-}  // namespace
 
 void Qcow2Image::overlap_add(MetadataKind kind, uint64_t offset, uint64_t length) {
   regions_.add(kind, offset, length);

@@ -25,9 +25,6 @@
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
-namespace {
-uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
-}  // namespace
 
 Task<Status> Qcow2Image::resize(uint64_t new_size) {
   auto exclusive = co_await exclusive_.scoped_lock();  // see image.h

@@ -23,7 +23,6 @@ namespace {
 std::span<std::byte> bytes_of(std::vector<uint8_t>& v) { return std::as_writable_bytes(std::span(v)); }
 std::span<const std::byte> cbytes_of(const std::vector<uint8_t>& v) { return std::as_bytes(std::span(v)); }
 
-uint64_t round_up(uint64_t v, uint64_t to) { return (v + to - 1) & ~(to - 1); }
 
 // The entry with OFLAG_COPIED recomputed for `refcount`. A walk that drops
 // references never sets the flag: the dropped counts are not on disk yet, and

@@ -161,7 +161,7 @@ void PrintTo(const Root& r, std::ostream* os) { *os << r.name; }
 class Corruption : public ::testing::TestWithParam<std::tuple<Case, Root>> {};
 
 bool marked_corrupt(const std::string& path) {
-  return (peek_be64(path, 72).value_or(0) & kIncompatCorruptBit) != 0;
+  return (peek_be64(path, header_field::kIncompatibleFeatures).value_or(0) & kIncompatCorruptBit) != 0;
 }
 
 std::vector<std::string> tool_argv(bool qemu, const Case& c, const std::string& image) {

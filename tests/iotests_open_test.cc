@@ -31,19 +31,7 @@
 namespace uqcow::testing {
 namespace {
 
-enum HeaderOffset : uint64_t {
-  kBackingFileOffset = 8,
-  kBackingFileSize = 16,
-  kL1Size = 36,
-  kL1TableOffset = 40,
-  kRefcountTableOffset = 48,
-  kRefcountTableClusters = 56,
-  kNbSnapshots = 60,
-  kSnapshotsOffset = 64,
-  kIncompatibleFeatures = 72,
-  kHeaderLength = 100,
-  kCompressionType = 104,
-};
+using namespace header_field;
 // QEMU 7.2 writes 112-byte v3 headers; the first extension follows.
 constexpr uint64_t kExtMagic = 112;
 constexpr uint64_t kExtSize = 116;

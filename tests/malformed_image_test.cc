@@ -23,24 +23,7 @@
 namespace uqcow::testing {
 namespace {
 
-enum HeaderOffset : uint64_t {
-  kMagic = 0,
-  kVersion = 4,
-  kBackingFileOffset = 8,
-  kBackingFileSize = 16,
-  kClusterBits = 20,
-  kSize = 24,
-  kCryptMethod = 32,
-  kL1Size = 36,
-  kL1TableOffset = 40,
-  kRefcountTableOffset = 48,
-  kRefcountTableClusters = 56,
-  kNbSnapshots = 60,
-  kSnapshotsOffset = 64,
-  kIncompatibleFeatures = 72,
-  kRefcountOrder = 96,
-  kHeaderLength = 100,
-};
+using namespace header_field;
 
 constexpr uint32_t kFeatureTableExtension = 0x6803f857;
 constexpr uint64_t kEntryOffsetMask = 0x00fffffffffffe00ull;  // L1 and standard L2 entries

@@ -93,6 +93,31 @@ bool patch_be64(const std::string& path, uint64_t offset, uint64_t value);
 std::optional<uint32_t> peek_be32(const std::string& path, uint64_t offset);
 std::optional<uint64_t> peek_be64(const std::string& path, uint64_t offset);
 
+// Byte offsets of the qcow2 header fields (docs/interop/qcow2.txt, "Header"),
+// for tests that patch or peek at them. Brought in with
+// `using namespace header_field;` where used.
+namespace header_field {
+enum : uint64_t {
+  kMagic = 0,
+  kVersion = 4,
+  kBackingFileOffset = 8,
+  kBackingFileSize = 16,
+  kClusterBits = 20,
+  kSize = 24,
+  kCryptMethod = 32,
+  kL1Size = 36,
+  kL1TableOffset = 40,
+  kRefcountTableOffset = 48,
+  kRefcountTableClusters = 56,
+  kNbSnapshots = 60,
+  kSnapshotsOffset = 64,
+  kIncompatibleFeatures = 72,
+  kRefcountOrder = 96,
+  kHeaderLength = 100,
+  kCompressionType = 104,
+};
+}  // namespace header_field
+
 // ---- building images with qemu-img / qemu-io --------------------------------
 
 // One qemu-io request, e.g. P(1000, 3000, 0x11) is "write -P 0x11 1000 3000".
