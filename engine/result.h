@@ -111,3 +111,19 @@ inline Status ok_status() { return Status(); }
     auto uq_try_status_ = (expr);                          \
     if (!uq_try_status_.ok()) co_return std::move(uq_try_status_).error(); \
   } while (0)
+
+// Abseil's ASSIGN_OR_RETURN for Result<T>: evaluates `expr` (a Result<T>),
+// returns its error from the enclosing function (Status or Result<U>) if it
+// failed, else declares/assigns `lhs` from its value. UQ_CO_ASSIGN_OR_RETURN
+// is the coroutine form; `expr` may contain co_await:
+//   UQ_CO_ASSIGN_OR_RETURN(uint64_t host, co_await alloc_clusters(n));
+#define UQ_RESULT_CONCAT_INNER_(a, b) a##b
+#define UQ_RESULT_CONCAT_(a, b) UQ_RESULT_CONCAT_INNER_(a, b)
+#define UQ_ASSIGN_OR_RETURN_IMPL_(ret, tmp, lhs, expr) \
+  auto tmp = (expr);                                   \
+  if (!tmp.ok()) ret std::move(tmp).error();           \
+  lhs = std::move(tmp).value()
+#define UQ_ASSIGN_OR_RETURN(lhs, expr) \
+  UQ_ASSIGN_OR_RETURN_IMPL_(return, UQ_RESULT_CONCAT_(uq_result_, __LINE__), lhs, expr)
+#define UQ_CO_ASSIGN_OR_RETURN(lhs, expr) \
+  UQ_ASSIGN_OR_RETURN_IMPL_(co_return, UQ_RESULT_CONCAT_(uq_result_, __LINE__), lhs, expr)
