@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "qcow2/endian.h"
+#include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 
@@ -506,9 +507,7 @@ Task<Status> Qcow2Image::mark_dirty_for_lazy_refcounts() {
 Task<Status> Qcow2Image::write_header_incompatible(uint64_t bits) {
   if (header_.version < 3) co_return Status();
   header_.incompatible_features = bits;
-  uint8_t field[8];
-  store_be64(field, bits);
-  co_return co_await file_->co_write(72, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 8));
+  co_return co_await write_header_fields(*file_, {kOffIncompatible, bits});
 }
 
 Task<Status> Qcow2Image::set_cache_dependency(MetadataCache& cache, MetadataCache& dep) {

@@ -713,27 +713,6 @@ Task<Result<CheckResult>> recheck(BlockDevice& file, BlockDevice* data_file, Che
 
 }  // namespace
 
-Task<Result<Header>> read_image_header(BlockDevice& file) {
-  constexpr uint64_t kFirstRead = 64 << 10;
-  auto len = file.length();
-  if (!len.ok()) co_return std::move(len).error();
-  // The start of the file first; then the whole first cluster once
-  // cluster_bits is known (parse_header validates it).
-  std::vector<uint8_t> first(std::min(*len, kFirstRead));
-  UQ_CO_TRY(co_await file.co_read(0, as_bytes(first)));
-  if (first.size() >= 24 && load_be32(first.data()) == kMagic) {
-    const uint32_t bits = load_be32(first.data() + 20);
-    if (bits >= kMinClusterBits && bits <= kMaxClusterBits && (uint64_t{1} << bits) > first.size() &&
-        *len > first.size()) {
-      first.resize(std::min(*len, uint64_t{1} << bits));
-      UQ_CO_TRY(co_await file.co_read(0, as_bytes(first)));
-    }
-  }
-  auto header = parse_header(first, HeaderUse::kCheck);
-  if (!header.ok()) co_return std::move(header).error().with_context(file.name());
-  co_return std::move(header).value();
-}
-
 Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode) {
   auto img = co_await check_internal::load_image(file, data_file);
   if (!img.ok()) co_return std::move(img).error();

@@ -18,6 +18,7 @@
 #include "engine/result.h"
 #include "engine/task.h"
 #include "qcow2/header.h"
+#include "qcow2/header_io.h"
 #include "uring/block_device.h"
 
 namespace uqcow::qcow2 {
@@ -55,11 +56,6 @@ inline constexpr size_t kMaxCheckMessages = 100000;
 // are too low, fix OFLAG_COPIED flags and bad L2 entries, and rebuild the
 // refcount structure when it is itself broken (QEMU's -r leaks / -r all).
 enum class RepairMode { kNone, kLeaks, kAll };
-
-// Reads and validates the header of the qcow2 image in `file` (the whole
-// first cluster) as qemu-img check opens it (HeaderUse::kCheck). Errors name
-// the offending field, as parse_header does.
-Task<Result<Header>> read_image_header(BlockDevice& file);
 
 // Checks the qcow2 image in `file`; with a repair mode other than kNone the
 // file must be writable and is repaired in place (every write is followed by

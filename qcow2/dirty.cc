@@ -2,6 +2,7 @@
 // refcounts are rebuilt from the L1/L2 tables (check -r all) before anything
 // can be allocated, and the dirty bit is cleared by that repair.
 #include "qcow2/check.h"
+#include "qcow2/header_io.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
@@ -19,7 +20,7 @@ Task<Status> Qcow2Image::repair_after_crash() {
                              std::to_string(checked->corruptions) + " corruptions");
   }
   // The repair may have moved the refcount table and fixed L1 entries.
-  auto h = co_await read_image_header(*file_);
+  auto h = co_await read_image_header(*file_, HeaderUse::kCheck);
   if (!h.ok()) co_return std::move(h).error();
   header_.refcount_table_offset = h->refcount_table_offset;
   header_.refcount_table_clusters = h->refcount_table_clusters;

@@ -15,28 +15,6 @@ Error invalid(const std::string& field, const std::string& problem) {
 }
 
 
-// Byte offsets of the header fields (docs/interop/qcow2.txt, "Header").
-enum HeaderOffset : size_t {
-  kOffMagic = 0,
-  kOffVersion = 4,
-  kOffBackingFileOffset = 8,
-  kOffBackingFileSize = 16,
-  kOffClusterBits = 20,
-  kOffSize = 24,
-  kOffCryptMethod = 32,
-  kOffL1Size = 36,
-  kOffL1TableOffset = 40,
-  kOffRefcountTableOffset = 48,
-  kOffRefcountTableClusters = 56,
-  kOffNbSnapshots = 60,
-  kOffSnapshotsOffset = 64,
-  kOffIncompatible = 72,
-  kOffCompatible = 80,
-  kOffAutoclear = 88,
-  kOffRefcountOrder = 96,
-  kOffHeaderLength = 100,
-  kOffCompressionType = 104,
-};
 constexpr uint32_t kHeaderWithCompression = 112;  // 105 rounded up to 8
 
 Status validate_table(const std::string& name, uint64_t offset, uint64_t bytes,

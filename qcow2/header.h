@@ -17,6 +17,31 @@
 
 namespace uqcow::qcow2 {
 
+// Byte offsets of the header fields (docs/interop/qcow2.txt, "Header"), the
+// one place that knows them: parse_header(), serialize_header() and the
+// in-place field writers (header_io.h) use these names.
+enum HeaderOffset : size_t {
+  kOffMagic = 0,
+  kOffVersion = 4,
+  kOffBackingFileOffset = 8,
+  kOffBackingFileSize = 16,
+  kOffClusterBits = 20,
+  kOffSize = 24,
+  kOffCryptMethod = 32,
+  kOffL1Size = 36,
+  kOffL1TableOffset = 40,
+  kOffRefcountTableOffset = 48,
+  kOffRefcountTableClusters = 56,
+  kOffNbSnapshots = 60,
+  kOffSnapshotsOffset = 64,
+  kOffIncompatible = 72,
+  kOffCompatible = 80,
+  kOffAutoclear = 88,
+  kOffRefcountOrder = 96,
+  kOffHeaderLength = 100,
+  kOffCompressionType = 104,
+};
+
 struct FeatureName {
   uint8_t type = 0;  // 0 incompatible, 1 compatible, 2 autoclear
   uint8_t bit = 0;

@@ -1,3 +1,4 @@
+#include "qcow2/header_io.h"
 #include "qcow2/image.h"
 
 #include <algorithm>
@@ -19,7 +20,6 @@ constexpr uint64_t kMinRefcountCacheEntries = 4;   // QEMU MIN_REFCOUNT_CACHE_SI
 constexpr uint64_t kMinL2CacheEntries = 2;         // QEMU MIN_L2_CACHE_SIZE
 constexpr uint64_t kDefaultL2CacheMax = 32ull << 20;
 constexpr uint64_t kMaxCacheEntries = INT32_MAX;
-constexpr uint64_t kFirstReadBytes = 64 << 10;
 
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
@@ -112,21 +112,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::open(std::unique_ptr<Block
 Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   auto file_len = file_->length();
   if (!file_len.ok()) co_return std::move(file_len).error();
-  // Read the start of the file, then the rest of the first cluster once
-  // cluster_bits (validated by parse_header) says how large it is.
-  std::vector<uint8_t> first(std::min<uint64_t>(*file_len, kFirstReadBytes));
-  UQ_CO_TRY(co_await file_->co_read(0, as_bytes(first)));
-  if (first.size() >= 24 && load_be32(first.data()) == kMagic) {
-    uint32_t bits = load_be32(first.data() + 20);
-    if (bits >= kMinClusterBits && bits <= kMaxClusterBits && (1ull << bits) > first.size() &&
-        *file_len > first.size()) {
-      first.resize(std::min<uint64_t>(*file_len, 1ull << bits));
-      UQ_CO_TRY(co_await file_->co_read(0, as_bytes(first)));
-    }
-  }
-  auto parsed = parse_header(first);
-  if (!parsed.ok()) co_return std::move(parsed).error().with_context(file_->name());
-  header_ = std::move(parsed).value();
+  UQ_CO_ASSIGN_OR_RETURN(header_, co_await read_image_header(*file_, HeaderUse::kOpen));
   geo_ = header_.geometry();
   // QEMU counts the disk in whole sectors (bs->total_sectors): a header size
   // that is not a multiple of 512 loses its partial last sector, as there.
@@ -218,9 +204,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
   uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
   if (header_.version >= 3 && autoclear != header_.autoclear_features) {
     header_.autoclear_features = autoclear;
-    uint8_t field[8];
-    store_be64(field, autoclear);
-    UQ_CO_TRY(co_await file_->co_write(88, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 8)));
+    UQ_CO_TRY(co_await write_header_fields(*file_, {kOffAutoclear, autoclear}));
     UQ_CO_TRY(co_await file_->co_flush());
   }
   co_return Status();

@@ -14,6 +14,7 @@
 #include <cstdio>
 
 #include "qcow2/endian.h"
+#include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 #include "qcow2/refcount_entry.h"
@@ -331,11 +332,9 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
   // Switch the header to the new table in one write of both fields.
-  uint8_t fields[12];
-  store_be64(fields, table_offset);
-  store_be32(fields + 8, static_cast<uint32_t>(table_clusters));
   file_->debug_event(BlkDebugEvent::kRefblockAllocSwitchTable);
-  UQ_CO_TRY(co_await file_->co_write(48, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
+  UQ_CO_TRY(co_await write_header_fields(
+      *file_, {kOffRefcountTableOffset, table_offset}, {kOffRefcountTableClusters, table_clusters}));
   UQ_CO_TRY(co_await file_->co_flush());
 
   const uint64_t old_offset = header_.refcount_table_offset;

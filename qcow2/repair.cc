@@ -1,6 +1,7 @@
 // The checker's view of the image (loading, the refcount array, the recorded
 // refcounts) and every write a repair makes: refcount blocks, L1/L2 entries,
 // a rebuilt refcount structure, header bits.
+#include "qcow2/header_io.h"
 #include "qcow2/repair.h"
 
 #include <algorithm>
@@ -16,8 +17,6 @@ namespace {
 // Header fields a repair rewrites (docs/interop/qcow2.txt, "Header"):
 // refcount_table_offset (bytes 48-55) and refcount_table_clusters (56-59),
 // written together; incompatible_features (72-79, version 3 only).
-constexpr uint64_t kHeaderRefcountTableOffset = 48;
-constexpr uint64_t kHeaderIncompatibleFeatures = 72;
 
 constexpr uint64_t kRefcountCacheBytes = 32ull << 20;
 constexpr uint64_t kSubclusterZeroMask = 0xffffffff00000000ull;  // QCOW_L2_BITMAP_ALL_ZEROES
@@ -116,7 +115,7 @@ void note(CheckResult& res, const char* format, ...) {
 }
 
 Task<Result<CheckedImage>> load_image(BlockDevice& file, BlockDevice* data_file) {
-  auto header = co_await read_image_header(file);
+  auto header = co_await read_image_header(file, HeaderUse::kCheck);
   if (!header.ok()) co_return std::move(header).error();
   CheckedImage img(file, data_file, std::move(header).value());
   auto len = file.length();
@@ -354,12 +353,9 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
   // The new blocks and table must be on disk before the header points at
   // them: a crash before the switch leaves the old structure in charge.
   UQ_CO_TRY(co_await img.file.co_flush());
-  uint8_t fields[12];
-  store_be64(fields, table_offset);
-  store_be32(fields + 8, static_cast<uint32_t>(l.table_clusters));
   img.file.debug_event(BlkDebugEvent::kRefblockAllocSwitchTable);
-  UQ_CO_TRY(co_await img.file.co_write(kHeaderRefcountTableOffset,
-                                       as_bytes(std::span<const uint8_t>(fields, sizeof fields))));
+  UQ_CO_TRY(co_await write_header_fields(
+      img.file, {kOffRefcountTableOffset, table_offset}, {kOffRefcountTableClusters, l.table_clusters}));
   UQ_CO_TRY(co_await img.file.co_flush());
 
   img.header.refcount_table_offset = table_offset;
@@ -375,10 +371,7 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
 Task<Status> clear_incompatible_bits(CheckedImage& img, uint64_t bits) {
   const uint64_t features = img.header.incompatible_features & ~bits;
   if (img.header.version < 3 || features == img.header.incompatible_features) co_return Status();
-  uint8_t raw[8];
-  store_be64(raw, features);
-  UQ_CO_TRY(co_await img.file.co_write(kHeaderIncompatibleFeatures,
-                                       as_bytes(std::span<const uint8_t>(raw, sizeof raw))));
+  UQ_CO_TRY(co_await write_header_fields(img.file, {kOffIncompatible, features}));
   UQ_CO_TRY(co_await img.file.co_flush());
   img.header.incompatible_features = features;
   co_return Status();

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "qcow2/endian.h"
+#include "qcow2/header_io.h"
 #include "qcow2/image.h"
 
 namespace uqcow::qcow2 {
@@ -102,9 +103,7 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   // header says the disk is larger: a crash in between must not show a
   // backing file, or old data, past the old end.
   if (new_size > old_size && zero_new_area) UQ_CO_TRY(co_await flush_metadata());
-  uint8_t size_field[8];
-  store_be64(size_field, new_size);
-  UQ_CO_TRY(co_await file_->co_write(24, std::span<const std::byte>(reinterpret_cast<std::byte*>(size_field), 8)));
+  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffSize, new_size}));
   UQ_CO_TRY(co_await file_->co_flush());
   header_.size = new_size;
   size_ = new_size;
@@ -179,11 +178,8 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
   UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
   UQ_CO_TRY(co_await file_->co_flush());
-  uint8_t fields[12];
-  store_be32(fields, static_cast<uint32_t>(entries));
-  store_be64(fields + 4, *table);
   file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
-  UQ_CO_TRY(co_await file_->co_write(36, std::span<const std::byte>(reinterpret_cast<std::byte*>(fields), 12)));
+  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffL1Size, entries}, {kOffL1TableOffset, *table}));
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;

@@ -15,6 +15,7 @@
 #include <ctime>
 
 #include "qcow2/endian.h"
+#include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 
@@ -252,12 +253,9 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   UQ_CO_TRY(co_await refcount_cache_->flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
-  // nb_snapshots (offset 60) and snapshots_offset (64) change in one write.
-  uint8_t field[12];
-  store_be32(field, static_cast<uint32_t>(next.size()));
-  store_be64(field + 4, *offset);
+  // nb_snapshots and snapshots_offset change in one write.
   file_->debug_event(BlkDebugEvent::kSnapshotUpdate);
-  UQ_CO_TRY(co_await file_->co_write(60, std::span<const std::byte>(reinterpret_cast<std::byte*>(field), 12)));
+  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffNbSnapshots, next.size()}, {kOffSnapshotsOffset, *offset}));
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.snapshots_offset;
   auto old_table = serialize_snapshot_table(snapshots_);

@@ -118,7 +118,7 @@ Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mod
   if (options.inject && !options.inject->empty()) {
     file = std::make_unique<FaultInjectingDevice>(std::move(file), options.inject);
   }
-  auto header = co_await qcow2::read_image_header(*file);
+  auto header = co_await qcow2::read_image_header(*file, qcow2::HeaderUse::kCheck);
   if (!header.ok()) co_return std::move(header).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<RawFile> data_file;
   if (header->has_data_file()) {
