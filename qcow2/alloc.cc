@@ -23,6 +23,7 @@
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 
@@ -160,20 +161,15 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   auto ref = co_await l2_cache_->get(slice);
   if (!ref.ok()) co_return std::move(ref).error();
   const uint64_t per_slice = 1ull << slice_bits_;
-  uint64_t index = geo_.l2_index(offset) & (per_slice - 1);
+  const uint64_t index = slice_index(offset);
   uint64_t in_cluster = geo_.offset_into_cluster(offset);
   uint64_t max_clusters = std::min(per_slice - index, (in_cluster + len + geo_.cluster_size - 1) >> geo_.cluster_bits);
   // Bound one step to 2 MiB of guest data or one cluster, whichever is more.
   max_clusters = std::min<uint64_t>(max_clusters, std::max<uint64_t>(1, (2ull << 20) >> geo_.cluster_bits));
 
   ClusterPlan plan;
-  auto entry_at = [&](uint64_t i, uint64_t& l2e, uint64_t& bitmap) {
-    const uint8_t* p = ref->data() + (index + i) * geo_.l2_entry_size;
-    l2e = load_be64(p);
-    bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
-  };
-  uint64_t l2e0, bm0;
-  entry_at(0, l2e0, bm0);
+  const ConstL2Slice entries(ref->data(), geo_);
+  const uint64_t l2e0 = entries.entry(index), bm0 = entries.bitmap(index);
   uint64_t host0 = l2e0 & kL2OffsetMask;
   bool compressed0 = l2e0 & kOflagCompressed;
   bool copied0 = (l2e0 & kOflagCopied) && !compressed0 && l2_has_host(l2e0, header_.has_data_file());
@@ -202,8 +198,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     plan.kind = ClusterPlan::Kind::kNewClusters;
     uint64_t nb = 0;
     for (; nb < max_clusters; ++nb) {
-      uint64_t e, bm;
-      entry_at(nb, e, bm);
+      const uint64_t e = entries.entry(index + nb), bm = entries.bitmap(index + nb);
       if ((e & kOflagCopied) && !(e & kOflagCompressed) && l2_has_host(e, header_.has_data_file())) break;
       if (const char* why = l2_entry_problem(e, bm)) {
         co_return fatal_corruption(bad_l2_entry(slice, index + nb, e, why));
@@ -394,9 +389,10 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     const uint64_t slice = slice_offset(*l2, guest);
     auto ref = co_await l2_cache_->get(slice);
     if (!ref.ok()) co_return std::move(ref).error();
-    uint8_t* p = ref->data() + (geo_.l2_index(guest) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
-    const uint64_t old = load_be64(p);
-    const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+    L2Slice entries(ref->data(), geo_);
+    const uint64_t index = slice_index(guest);
+    const uint64_t old = entries.entry(index);
+    const uint64_t old_bitmap = entries.bitmap(index);
     // Invariant: while this range is registered in flight, nothing else
     // changes its L2 entries. Allocating and compressed writes wait for it
     // (wait_for_dependencies), zero writes and discards wait for it
@@ -409,7 +405,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
                                " -> 0x" + hex(old) + ")");
     }
     const uint64_t host = plan.host + k * cs;
-    store_be64(p, host | kOflagCopied);
+    entries.set_entry(index, host | kOflagCopied);
     if (geo_.extended_l2) {
       uint64_t lo = std::max(head_start, guest), hi = std::min(tail_end, guest + cs);
       uint32_t first_sc = static_cast<uint32_t>((lo - guest) >> geo_.subcluster_bits);
@@ -419,7 +415,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
       uint64_t old_had_host_data = (old & kOflagCompressed) || (new_clusters && (old & kL2OffsetMask));
       uint64_t alloc = old_had_host_data ? 0xffffffffull : ((old_bitmap & 0xffffffffull) | written);
       uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
-      store_be64(p + 8, alloc | (zero << 32));
+      entries.set_bitmap(index, alloc | (zero << 32));
     }
     l2_cache_->mark_dirty(*ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);

@@ -11,6 +11,7 @@
 
 #include "qcow2/endian.h"
 #include "qcow2/repair.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 
@@ -167,8 +168,9 @@ Task<Status> ReferenceWalk::walk_l1(uint64_t l1_offset, uint32_t l1_size, bool a
     ++res_.check_errors;
     co_return s;
   }
+  const std::vector<uint64_t> l1 = decode_table(raw);
   for (uint32_t i = 0; i < l1_size; ++i) {
-    const uint64_t l1e = load_be64(&raw[uint64_t{i} * 8]);
+    const uint64_t l1e = l1[i];
     if (l1e == 0) continue;
     if (l1e & kL1ReservedMask) {
       note(res_, "ERROR found L1 entry with reserved bits set: %" PRIx64, l1e);
@@ -195,10 +197,9 @@ Task<Status> ReferenceWalk::walk_l2(uint64_t l2_offset, bool active) {
     co_return s;
   }
   next_contiguous_ = 0;
-  const uint32_t entry_size = img_.geo.l2_entry_size;
+  const ConstL2Slice l2(table.data(), img_.geo);
   for (uint64_t i = 0; i < img_.geo.l2_entries; ++i) {
-    const uint8_t* p = &table[i * entry_size];
-    L2Entry e{i, load_be64(p), img_.geo.extended_l2 ? load_be64(p + 8) : 0, ClusterType::kUnallocated};
+    L2Entry e{i, l2.entry(i), l2.bitmap(i), ClusterType::kUnallocated};
     e.type = cluster_type(img_, e.entry);
     bool counted = false;  // the problem is already counted as a corruption
     Next next = check_l2_entry(e, counted);
@@ -546,10 +547,9 @@ Task<Status> compare_refcounts(CompareState st, const RefcountArray& refs, DiskR
 Task<bool> check_l2_copied(CheckedImage& img, CheckResult& res, bool repair, DiskRefcounts& disk,
                            std::span<uint8_t> table) {
   bool dirty = false;
-  const uint32_t entry_size = img.geo.l2_entry_size;
+  L2Slice l2(table.data(), img.geo);
   for (uint64_t j = 0; j < img.geo.l2_entries; ++j) {
-    uint8_t* p = &table[j * entry_size];
-    const uint64_t l2e = load_be64(p);
+    const uint64_t l2e = l2.entry(j);
     ClusterType type = cluster_type(img, l2e);
     if (type != ClusterType::kNormal && type != ClusterType::kZeroAlloc) continue;
     uint64_t refcount = 1;
@@ -562,7 +562,7 @@ Task<bool> check_l2_copied(CheckedImage& img, CheckResult& res, bool repair, Dis
     note(res, "%s OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64,
          repair ? "Repairing" : "ERROR", l2e, refcount);
     if (repair) {
-      store_be64(p, refcount == 1 ? l2e | kOflagCopied : l2e & ~kOflagCopied);
+      l2.set_entry(j, refcount == 1 ? l2e | kOflagCopied : l2e & ~kOflagCopied);
       dirty = true;
       ++res.corruptions_fixed;
     } else {

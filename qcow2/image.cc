@@ -12,6 +12,7 @@
 #include "qcow2/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/path.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 namespace {
@@ -212,10 +213,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
 
 Task<Status> Qcow2Image::load_l1(uint64_t offset, uint32_t entries) {
   // entries is bounded by parse_header / parse_snapshot_table (32 MiB).
-  std::vector<uint8_t> raw(uint64_t{entries} * 8);
-  if (!raw.empty()) UQ_CO_TRY(co_await file_->co_read(offset, as_bytes(raw)));
-  l1_.resize(entries);
-  for (uint32_t i = 0; i < entries; ++i) l1_[i] = load_be64(&raw[uint64_t{i} * 8]);
+  UQ_CO_ASSIGN_OR_RETURN(l1_, co_await read_table(*file_, offset, entries));
   co_return Status();
 }
 
@@ -312,14 +310,8 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
   uint64_t in_cluster = geo_.offset_into_cluster(offset);
   max_bytes = std::min(max_bytes, (entries_per_slice - index) * geo_.cluster_size - in_cluster);
 
-  auto entry = [&](uint64_t i, uint64_t& l2e, uint64_t& bitmap) {
-    const uint8_t* p = slice + i * geo_.l2_entry_size;
-    l2e = load_be64(p);
-    bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
-  };
-
-  uint64_t l2e, bitmap;
-  entry(index, l2e, bitmap);
+  const ConstL2Slice entries(slice, geo_);
+  uint64_t l2e = entries.entry(index), bitmap = entries.bitmap(index);
   uint32_t sc = geo_.subcluster_index(offset);
   const bool df = header_.has_data_file();
   SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_, df);
@@ -359,7 +351,8 @@ Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host,
   while (run < max_bytes) {
     if (next_sc == per_cluster) {
       if (++i >= entries_per_slice) break;
-      entry(i, l2e, bitmap);
+      l2e = entries.entry(i);
+      bitmap = entries.bitmap(i);
       next_sc = 0;
       expected_host += geo_.cluster_size;
       if (has_host && (l2e & kL2OffsetMask) != expected_host) break;

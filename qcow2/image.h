@@ -223,6 +223,8 @@ class Qcow2Image final : public Disk {
   Task<Result<Mapping>> map_slow(uint64_t offset, uint64_t max_bytes);
   // Host offset of the L2 slice that maps `offset`, given its L2 table.
   uint64_t slice_offset(uint64_t l2_table_offset, uint64_t offset) const;
+  // Index of the entry that maps `offset` within its L2 slice.
+  uint64_t slice_index(uint64_t offset) const { return geo_.l2_index(offset) & ((1ull << slice_bits_) - 1); }
   Result<uint64_t> l2_table_of(uint64_t offset) const;  // 0 = no L2 table
 
   // --- Write path (alloc.cc, zero.cc) --------------------------------------

@@ -7,6 +7,7 @@
 #include "qcow2/create.h"
 #include "qcow2/endian.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 
@@ -17,7 +18,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
     auto l2 = co_await l2_table_for_write(offset);
     if (!l2.ok()) co_return std::move(l2).error();
     const uint64_t per_slice = 1ull << slice_bits_;
-    const uint64_t index = geo_.l2_index(offset) & (per_slice - 1);
+    const uint64_t index = slice_index(offset);
     const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(end - offset));
     auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
     if (!ref.ok()) co_return std::move(ref).error();
@@ -25,7 +26,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
     // have one (the old last cluster of a grown disk) keep it.
     std::vector<uint64_t> todo;
     for (uint64_t k = 0; k < nb; ++k) {
-      const uint64_t l2e = load_be64(ref->data() + (index + k) * geo_.l2_entry_size);
+      const uint64_t l2e = ConstL2Slice(ref->data(), geo_).entry(index + k);
       if (l2e == 0) {
         todo.push_back(k);
       } else if (fresh) {
@@ -48,13 +49,11 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
       for (size_t i = 0; i < todo.size(); ++i) {
         const uint64_t k = todo[i];
         const uint64_t h = df ? offset + k * cs : host + i * cs;
-        uint8_t* p = slice->data() + (index + k) * geo_.l2_entry_size;
-        store_be64(p, h | kOflagCopied);
         // Extended L2: reserved clusters whose subclusters are unallocated
         // (bitmap 0), as QEMU's preallocation leaves them. They read as
         // zeros: preallocation is refused with a backing file, and a raw
         // data file holds zeros there.
-        if (geo_.extended_l2) store_be64(p + 8, 0);
+        L2Slice(slice->data(), geo_).set(index + k, h | kOflagCopied, 0);
         if (!runs.empty() && runs.back().host + runs.back().length == h) {
           runs.back().length += cs;
         } else {

@@ -18,6 +18,7 @@
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 #include "qcow2/refcount_entry.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 namespace {
@@ -29,11 +30,8 @@ std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
 Task<Status> Qcow2Image::load_refcount_table() {
   // refcount_table_clusters is bounded to 8 MiB by parse_header.
   uint64_t bytes = uint64_t{header_.refcount_table_clusters} << geo_.cluster_bits;
-  std::vector<uint8_t> raw(bytes);
   file_->debug_event(BlkDebugEvent::kReftableLoad);
-  UQ_CO_TRY(co_await file_->co_read(header_.refcount_table_offset, as_bytes(raw)));
-  reftable_.resize(bytes / 8);
-  for (size_t i = 0; i < reftable_.size(); ++i) reftable_[i] = load_be64(&raw[i * 8]);
+  UQ_CO_ASSIGN_OR_RETURN(reftable_, co_await read_table(*file_, header_.refcount_table_offset, bytes / 8));
   refblock_bits_ = geo_.cluster_bits + 3 - header_.refcount_order;
   auto len = file_->length();
   if (!len.ok()) co_return std::move(len).error();
@@ -319,8 +317,7 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
       refcount_cache_->mark_dirty(*ref);
     }
   }
-  std::vector<uint8_t> table_buf(table_clusters * cs);
-  for (uint64_t i = 0; i < table.size(); ++i) store_be64(&table_buf[i * 8], table[i]);
+  std::vector<uint8_t> table_buf = encode_table(table, table_clusters * cs);
 
   UQ_CO_TRY(check_metadata_write(area * cs, (end - area) * cs, "refcount table growth"));
   if (blocks) {

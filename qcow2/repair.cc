@@ -2,6 +2,7 @@
 // refcounts) and every write a repair makes: refcount blocks, L1/L2 entries,
 // a rebuilt refcount structure, header bits.
 #include "qcow2/header_io.h"
+#include "qcow2/tables.h"
 #include "qcow2/repair.h"
 
 #include <algorithm>
@@ -29,13 +30,6 @@ std::span<const std::byte> as_bytes(std::span<const uint8_t> v) {
 }
 
 
-Task<Result<std::vector<uint64_t>>> read_table(BlockDevice& file, uint64_t offset, uint64_t entries) {
-  std::vector<uint8_t> raw(entries * 8);
-  if (!raw.empty()) UQ_CO_TRY(co_await file.co_read(offset, as_bytes(raw)));
-  std::vector<uint64_t> table(entries);
-  for (uint64_t i = 0; i < entries; ++i) table[i] = load_be64(&raw[i * 8]);
-  co_return table;
-}
 
 // The table's byte size is only known once it is parsed: read a window and
 // grow it while the parser runs out of bytes, up to QEMU's 64 MiB limit.
@@ -252,22 +246,21 @@ Task<Status> zero_l2_entry(CheckedImage& img, uint64_t l2_offset, std::span<uint
   const uint32_t entry_size = img.geo.l2_entry_size;
   const uint64_t at = l2_offset + index * entry_size;
   UQ_CO_TRY(refuse_overlap(img, "L2 entry", at, entry_size));
-  uint8_t* p = table.data() + index * entry_size;
-  const uint64_t l2e = load_be64(p);
+  L2Slice l2(table.data(), img.geo);
+  const uint64_t l2e = l2.entry(index);
   if (img.geo.extended_l2) {
     // The subclusters that held data read as zeros; unallocated ones still
     // read from the backing file. A compressed cluster is all data.
-    uint64_t bitmap = (l2e & kOflagCompressed) ? 0xffffffffull : load_be64(p + 8);
+    uint64_t bitmap = (l2e & kOflagCompressed) ? 0xffffffffull : l2.bitmap(index);
     bitmap = (bitmap | bitmap << 32) & kSubclusterZeroMask;
-    store_be64(p, 0);
-    store_be64(p + 8, bitmap);
+    l2.set(index, 0, bitmap);
   } else {
-    store_be64(p, img.header.version >= 3 ? kOflagZero : 0);
+    l2.set_entry(index, img.header.version >= 3 ? kOflagZero : 0);
   }
   // Once this entry is on disk the cluster is no longer referenced, which is
   // what the refcounts of this pass already assume.
   img.file.debug_event(BlkDebugEvent::kL2Update);
-  UQ_CO_TRY(co_await img.file.co_write(at, as_bytes(std::span<const uint8_t>(p, entry_size))));
+  UQ_CO_TRY(co_await img.file.co_write(at, as_bytes(table.subspan(index * entry_size, entry_size))));
   co_return co_await img.file.co_flush();
 }
 
@@ -339,16 +332,17 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
   refs.grow(l.end());
   for (uint64_t c = start; c < l.end(); ++c) refs.set(c, 1);
 
-  std::vector<uint8_t> table(l.table_clusters * cs, 0);
+  std::vector<uint64_t> entries(l.table_clusters * cs / 8, 0);
   uint64_t next = start;
   for (uint64_t index : l.blocks) {
-    store_be64(&table[index * 8], next * cs);
+    entries[index] = next * cs;
     img.file.debug_event(BlkDebugEvent::kRefblockAllocWriteBlocks);
     UQ_CO_TRY(co_await img.file.co_write(next * cs, as_bytes(refs.block(index))));
     ++next;
   }
   const uint64_t table_offset = next * cs;
   img.file.debug_event(BlkDebugEvent::kRefblockAllocWriteTable);
+  const std::vector<uint8_t> table = encode_table(entries);
   UQ_CO_TRY(co_await img.file.co_write(table_offset, as_bytes(std::span<const uint8_t>(table))));
   // The new blocks and table must be on disk before the header points at
   // them: a crash before the switch leaves the old structure in charge.
@@ -360,11 +354,8 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs) 
 
   img.header.refcount_table_offset = table_offset;
   img.header.refcount_table_clusters = static_cast<uint32_t>(l.table_clusters);
-  img.refcount_table.assign(table.size() / 8, 0);
-  for (uint64_t i = 0; i < img.refcount_table.size(); ++i) img.refcount_table[i] = load_be64(&table[i * 8]);
-  auto len = img.file.length();
-  if (!len.ok()) co_return std::move(len).error();
-  img.file_length = *len;
+  img.refcount_table = std::move(entries);
+  UQ_CO_ASSIGN_OR_RETURN(img.file_length, img.file.length());
   co_return Status();
 }
 

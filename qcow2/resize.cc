@@ -24,6 +24,7 @@
 #include "qcow2/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 
@@ -171,12 +172,11 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   auto table = co_await alloc_clusters(clusters);
   if (!table.ok()) co_return std::move(table).error();
   UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
-  std::vector<uint8_t> buf(clusters * cs, 0);
-  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&buf[i * 8], l1_[i]);
+  const std::vector<uint8_t> buf = encode_table(l1_, clusters * cs);
   // The refcount of the new table, then the table itself, before the header.
   UQ_CO_TRY(co_await refcount_cache_->flush());
   file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
-  UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<std::byte*>(buf.data()), buf.size())));
+  UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf.data()), buf.size())));
   UQ_CO_TRY(co_await file_->co_flush());
   file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
   UQ_CO_TRY(co_await write_header_fields(*file_, {kOffL1Size, entries}, {kOffL1TableOffset, *table}));

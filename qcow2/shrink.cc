@@ -9,6 +9,7 @@
 #include "qcow2/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 #include "qcow2/refcount_entry.h"
 
 namespace uqcow::qcow2 {
@@ -77,12 +78,11 @@ Task<Status> Qcow2Image::shrink_refcount_table() {
 
   // The table without them reaches the disk first; then the blocks are
   // freed. A crash in between leaks them.
-  std::vector<uint8_t> table(uint64_t{header_.refcount_table_clusters} * cs, 0);
-  for (uint64_t i = 0; i < kept.size(); ++i) store_be64(&table[i * 8], kept[i]);
+  const std::vector<uint8_t> table = encode_table(kept, uint64_t{header_.refcount_table_clusters} * cs);
   UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset, table.size(), "refcount table",
                                  overlap_bit(MetadataKind::kRefcountTable)));
   Status status = co_await file_->co_write(header_.refcount_table_offset,
-                                          std::span<const std::byte>(reinterpret_cast<std::byte*>(table.data()),
+                                          std::span<const std::byte>(reinterpret_cast<const std::byte*>(table.data()),
                                                                      table.size()));
   if (status.ok()) status = co_await file_->co_flush();
   // As QEMU: whether or not the write succeeded, the dropped entries leave

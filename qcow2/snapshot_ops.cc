@@ -18,6 +18,7 @@
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 namespace {
@@ -72,10 +73,10 @@ Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) 
     for (uint64_t off = 0; off < cs; off += slice_size) {
       auto ref = co_await l2_cache_->get(l2 + off);
       if (!ref.ok()) co_return std::move(ref).error();
+      const ConstL2Slice slice(ref->data(), geo_);
       for (uint64_t k = 0; k < entries; ++k) {
-        const uint8_t* p = ref->data() + k * geo_.l2_entry_size;
-        const uint64_t l2e = load_be64(p);
-        const uint64_t bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+        const uint64_t l2e = slice.entry(k);
+        const uint64_t bitmap = slice.bitmap(k);
         const uint64_t index = off / geo_.l2_entry_size + k;
         if (const char* why = l2_entry_problem(l2e, bitmap)) {
           co_return fatal_corruption(bad_l2_entry(l2 + off, index, l2e, why));
@@ -100,8 +101,9 @@ Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t
   // updated with one call.
   const uint64_t cs = geo_.cluster_size;
   uint64_t run_start = 0, run_len = 0;
+  const ConstL2Slice l2(slice, geo_);
   for (uint64_t i = 0; i < entries; ++i) {
-    const uint64_t l2e = load_be64(slice + i * geo_.l2_entry_size);
+    const uint64_t l2e = l2.entry(i);
     if (l2e & kOflagCompressed) {
       // Compressed data is counted by the clusters its sectors touch.
       const uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
@@ -137,9 +139,9 @@ Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t
 Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed) {
   // The OFLAG_COPIED half: recomputes the flag of every entry from the
   // refcount its cluster has now. Compressed clusters never carry it.
+  L2Slice l2(slice, geo_);
   for (uint64_t i = 0; i < entries; ++i) {
-    uint8_t* p = slice + i * geo_.l2_entry_size;
-    const uint64_t l2e = load_be64(p);
+    const uint64_t l2e = l2.entry(i);
     const uint64_t host = l2e & kL2OffsetMask;
     if ((l2e & kOflagCompressed) || !host) continue;
     const uint64_t cluster = host >> geo_.cluster_bits;
@@ -159,7 +161,7 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
         // dependency), or a crash leaves COPIED clear at refcount 1.
         UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
       }
-      store_be64(p, updated);
+      l2.set_entry(i, updated);
       changed = true;
     }
   }
@@ -215,8 +217,7 @@ Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
   // active-L2 overlap regions): after a failed write, l1_ still holds what
   // the disk held before (a torn write aside, as in QEMU), and the
   // references the new table would have taken are leaked at most.
-  std::vector<uint8_t> raw(table.size() * 8);
-  for (size_t i = 0; i < table.size(); ++i) store_be64(&raw[i * 8], table[i]);
+  const std::vector<uint8_t> raw = encode_table(table);
   UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table",
                                  overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1Update);
@@ -314,8 +315,9 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(co_await file_->co_flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
-  std::vector<uint8_t> l1_copy(l1_.size() * 8);
-  for (size_t i = 0; i < l1_.size(); ++i) store_be64(&l1_copy[i * 8], l1_[i] & ~kOflagCopied);
+  std::vector<uint64_t> inactive(l1_);
+  for (uint64_t& e : inactive) e &= ~kOflagCopied;
+  const std::vector<uint8_t> l1_copy = encode_table(inactive);
   auto l1_offset = co_await write_new_clusters(l1_copy, MetadataKind::kInactiveL1);
   if (!l1_offset.ok()) co_return std::move(l1_offset).error();
 
@@ -343,11 +345,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
 }
 
 Task<Result<std::vector<uint64_t>>> Qcow2Image::read_l1_table(uint64_t offset, uint32_t entries) {
-  std::vector<uint8_t> raw(uint64_t{entries} * 8);
-  if (!raw.empty()) UQ_CO_TRY(co_await file_->co_read(offset, bytes_of(raw)));
-  std::vector<uint64_t> l1(entries);
-  for (uint32_t i = 0; i < entries; ++i) l1[i] = load_be64(&raw[uint64_t{i} * 8]);
-  co_return l1;
+  co_return co_await read_table(*file_, offset, entries);
 }
 
 Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {

@@ -9,6 +9,7 @@
 #include "qcow2/compress.h"
 #include "qcow2/endian.h"
 #include "qcow2/image.h"
+#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
 namespace {
@@ -109,9 +110,10 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     const uint64_t slice = slice_offset(*l2, offset);
     auto ref = co_await l2_cache_->get(slice);
     if (!ref.ok()) co_return std::move(ref).error();
-    uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
-    const uint64_t old = load_be64(p);
-    const uint64_t old_bitmap = geo_.extended_l2 ? load_be64(p + 8) : 0;
+    L2Slice entries(ref->data(), geo_);
+    const uint64_t index = slice_index(offset);
+    const uint64_t old = entries.entry(index);
+    const uint64_t old_bitmap = entries.bitmap(index);
     const bool compressed = old & kOflagCompressed;
     const bool allocated = compressed || l2_has_host(old, header_.has_data_file());
     uint64_t entry = old, bitmap = old_bitmap;
@@ -152,8 +154,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
       bitmap = (old_bitmap | (range << 32)) & ~range;
     }
     if (entry != old || bitmap != old_bitmap) {
-      store_be64(p, entry);
-      if (geo_.extended_l2) store_be64(p + 8, bitmap);
+      entries.set(index, entry, bitmap);
       l2_cache_->mark_dirty(*ref);
       if (free_old) to_free.push_back(old);
     }
@@ -216,8 +217,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   {
     auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
     if (!ref.ok()) co_return std::move(ref).error();
-    const uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
-    uint64_t old = load_be64(p);
+    const uint64_t old = ConstL2Slice(ref->data(), geo_).entry(slice_index(offset));
     // Compression never overwrites: QEMU refuses with EIO as well.
     if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
       co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
@@ -248,10 +248,10 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
       if (!ref.ok()) {
         s = std::move(ref).error();
       } else {
-        uint8_t* p = ref->data() + (geo_.l2_index(offset) & ((1ull << slice_bits_) - 1)) * geo_.l2_entry_size;
+        L2Slice entries(ref->data(), geo_);
         // Invariant (see link_l2): the range was registered in flight, so
         // the entry is still the unallocated one checked above.
-        const uint64_t now = load_be64(p);
+        const uint64_t now = entries.entry(slice_index(offset));
         if ((now & kL2OffsetMask) || (now & kOflagCompressed)) {
           s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
                              " was allocated while a compressed write to it was in flight");
@@ -259,8 +259,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
           // The compressed data is durable before the entry (see link_l2).
           l2_cache_->set_depends_on_flush();
           file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
-          store_be64(p, l2e);
-          if (geo_.extended_l2) store_be64(p + 8, 0);
+          entries.set(slice_index(offset), l2e, 0);
           l2_cache_->mark_dirty(*ref);
         }
       }
