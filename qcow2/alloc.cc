@@ -93,62 +93,14 @@ Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte>
   co_return Status();
 }
 
-void Qcow2Image::inflight_add(InFlightAlloc& a) {
-  a.prev = nullptr;
-  a.next = inflight_;
-  if (inflight_) inflight_->prev = &a;
-  inflight_ = &a;
-}
-
-void Qcow2Image::inflight_remove(InFlightAlloc& a) {
-  if (a.prev) a.prev->next = a.next; else inflight_ = a.next;
-  if (a.next) a.next->prev = a.prev;
-  a.waiters.wake_all();
-}
-
-Task<Status> Qcow2Image::wait_for_dependencies(uint64_t offset, uint64_t& len, CoMutex::Guard& guard,
-                                               bool& waited) {
-  // QEMU's handle_dependencies: an allocation in flight that covers our
-  // first cluster makes us wait and restart; one further on shortens us.
-  const uint64_t start = geo_.start_of_cluster(offset);
-  waited = false;
-  for (InFlightAlloc* a = inflight_; a; a = a->next) {
-    uint64_t end = geo_.start_of_cluster(offset + len + geo_.cluster_size - 1);
-    if (a->end <= start || a->start >= end) continue;
-    if (a->start <= start) {
-      guard.unlock();
-      co_await a->waiters.wait();  // resumed by inflight_remove() of the owner
-      guard = co_await lock_.scoped_lock();
-      waited = true;
-      co_return Status();
-    }
-    len = a->start - offset;
-  }
-  co_return Status();
-}
-
-Task<void> Qcow2Image::wait_for_allocations(uint64_t start, uint64_t end, CoMutex::Guard& guard) {
-  auto overlapping = [&]() -> InFlightAlloc* {
-    for (InFlightAlloc* a = inflight_; a; a = a->next) {
-      if (a->start < end && start < a->end) return a;
-    }
-    return nullptr;
-  };
-  while (InFlightAlloc* a = overlapping()) {
-    guard.unlock();
-    co_await a->waiters.wait();  // resumed by inflight_remove() of the owner
-    guard = co_await lock_.scoped_lock();
-  }
-}
-
 Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<const std::byte> buf) {
   auto guard = co_await lock_.scoped_lock();
   uint64_t len = buf.size();
   while (true) {
-    bool waited = false;
     len = buf.size();
-    UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
-    if (!waited) break;
+    Status s = co_await inflight_->wait_for_dependencies(offset, len, lock_, guard);
+    if (s.ok()) break;
+    if (s.code() != EAGAIN) co_return s.error();
   }
   UQ_CO_TRY(check_writable(offset, len));
   if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
@@ -291,10 +243,9 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
                       : plan.last_old.type == SubclusterType::kNormal
                           ? end
                           : std::min(last_cluster_end, (end + geo_.subcluster_size - 1) & ~(geo_.subcluster_size - 1));
-  InFlightAlloc flight;
-  flight.start = first_guest;
-  flight.end = first_guest + plan.nb_clusters * cs;
-  inflight_add(flight);
+  // Unregistered (waking the requests waiting for it) when this returns,
+  // with the lock held again.
+  AllocationsInFlight::Allocation flight(*inflight_, first_guest, first_guest + plan.nb_clusters * cs);
   guard.unlock();
 
   Status status = co_await write_with_cow(plan, offset, data, head_start, tail_end,
@@ -308,7 +259,6 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
     // have no refcount: see alloc_data_clusters.)
     (void)co_await update_refcount(plan.host, plan.nb_clusters * cs, -1, false);
   }
-  inflight_remove(flight);
   if (!status.ok()) co_return status.error();
   co_return data.size();
 }
@@ -396,7 +346,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     // Invariant: while this range is registered in flight, nothing else
     // changes its L2 entries. Allocating and compressed writes wait for it
     // (wait_for_dependencies), zero writes and discards wait for it
-    // (wait_for_allocations), snapshots and resize drain every request. The
+    // (wait_for_overlapping), snapshots and resize drain every request. The
     // plan (COW data, the clusters to free, the subcluster bitmap) is only
     // valid if the entry is still the one it saw.
     if (old != plan.old_l2e[k] || old_bitmap != plan.old_bitmap[k]) {

@@ -31,7 +31,9 @@ class HeaderIoTest : public ::testing::Test {
     o.size = 1 << 30;
     Status created = run(create_image(path_, o));
     ASSERT_TRUE(created.ok()) << created.message();
-    auto file = RawFile::open(path_, RawFileOptions{.read_only = false});
+    RawFileOptions fo;
+    fo.read_only = false;
+    auto file = RawFile::open(path_, fo);
     ASSERT_TRUE(file.ok()) << file.error().message();
     file_ = std::move(file).value();
   }

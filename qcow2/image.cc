@@ -115,6 +115,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   if (!file_len.ok()) co_return std::move(file_len).error();
   UQ_CO_ASSIGN_OR_RETURN(header_, co_await read_image_header(*file_, HeaderUse::kOpen));
   geo_ = header_.geometry();
+  inflight_.emplace(geo_.cluster_size);
   // QEMU counts the disk in whole sectors (bs->total_sectors): a header size
   // that is not a multiple of 512 loses its partial last sector, as there.
   size_ = header_.size & ~uint64_t{kSectorSize - 1};

@@ -20,10 +20,10 @@
 //   in-place writes to COPIED clusters) is never reused while that request
 //   is in flight: free_cluster_entry defers the free until every request
 //   older than the unlink has finished (its grace period).
-// - An allocation in flight (InFlightAlloc, QEMU's QCowL2Meta) owns the L2
+// - An allocation in flight (qcow2/inflight.h, QEMU's QCowL2Meta) owns the L2
 //   entries of its guest range until it links them: allocating and
 //   compressed writes wait for it (wait_for_dependencies), zero writes and
-//   discards too (wait_for_allocations), and link_l2 checks the entries are
+//   discards too (wait_for_overlapping), and link_l2 checks the entries are
 //   still the ones its plan saw.
 // - Snapshot create/apply/delete, resize and close run in a drained section:
 //   no request is in flight and none starts until they finish, so clearing
@@ -50,6 +50,7 @@
 #include "qcow2/disk.h"
 #include "qcow2/encryption.h"
 #include "qcow2/header.h"
+#include "qcow2/inflight.h"
 #include "qcow2/options.h"
 #include "qcow2/overlap.h"
 #include "qcow2/snapshot.h"
@@ -228,14 +229,6 @@ class Qcow2Image final : public Disk {
   Result<uint64_t> l2_table_of(uint64_t offset) const;  // 0 = no L2 table
 
   // --- Write path (alloc.cc, zero.cc) --------------------------------------
-  // QEMU's QCowL2Meta: a guest range whose clusters are being allocated and
-  // linked. Requests overlapping it wait on `waiters` and restart.
-  struct InFlightAlloc {
-    uint64_t start = 0, end = 0;  // guest bytes, cluster aligned
-    CoQueue waiters;
-    InFlightAlloc* prev = nullptr;
-    InFlightAlloc* next = nullptr;
-  };
   struct ClusterPlan;
   Status check_writable(uint64_t offset, uint64_t len) const;
   // The bodies of read(), write() and write_zeroes(). A new request waits to
@@ -249,12 +242,6 @@ class Qcow2Image final : public Disk {
   Task<Status> write_zero_buffers(uint64_t offset, uint64_t len);
   // Handles a prefix of the write under the lock; returns the bytes done.
   Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
-  Task<Status> wait_for_dependencies(uint64_t offset, uint64_t& len, CoMutex::Guard& guard,
-                                     bool& waited);
-  // Called and returns with the lock held; returns once no allocation in
-  // flight overlaps guest bytes [start, end), releasing the lock while it
-  // waits (resumed by the owner's inflight_remove()).
-  Task<void> wait_for_allocations(uint64_t start, uint64_t end, CoMutex::Guard& guard);
   Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
   Task<Status> write_l1_entry(uint64_t l1_index);
   // Host offset for n new data clusters starting at guest cluster `guest`:
@@ -280,8 +267,6 @@ class Qcow2Image final : public Disk {
   Task<Status> release_deferred_frees();
   // Writes back the L2 cache and syncs: every unlink so far is durable.
   Task<Status> make_unlinks_durable();
-  void inflight_add(InFlightAlloc& a);
-  void inflight_remove(InFlightAlloc& a);
   Task<Status> mark_dirty_for_lazy_refcounts();
   Task<Status> write_header_incompatible(uint64_t bits);
   // What zero_clusters() makes of each whole cluster (QEMU's
@@ -407,7 +392,7 @@ class Qcow2Image final : public Disk {
   uint64_t free_byte_offset_ = 0;     // partly used cluster for compressed data
   uint64_t alloc_end_ = 0;            // end of the highest allocated cluster
   std::vector<uint64_t> pending_discards_;  // freed clusters to punch
-  InFlightAlloc* inflight_ = nullptr;
+  std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and
   // freed host clusters wait out their grace period (free_cluster_entry).

@@ -79,7 +79,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
   // host clusters kept in place, clusters to free) assume the entries they
   // saw. From here on the lock is held until every entry is changed, so no
   // new allocation can start on the range.
-  co_await wait_for_allocations(geo_.start_of_cluster(offset), end, guard);
+  co_await inflight_->wait_for_overlapping(geo_.start_of_cluster(offset), end, lock_, guard);
   UQ_CO_TRY(check_writable(offset, len));
   if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
@@ -205,9 +205,9 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   auto guard = co_await lock_.scoped_lock();
   while (true) {
     uint64_t len = geo_.cluster_size;
-    bool waited = false;
-    UQ_CO_TRY(co_await wait_for_dependencies(offset, len, guard, waited));
-    if (!waited) break;
+    Status s = co_await inflight_->wait_for_dependencies(offset, len, lock_, guard);
+    if (s.ok()) break;
+    if (s.code() != EAGAIN) co_return s.error();
   }
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
   if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
@@ -228,10 +228,8 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   if (!coffset.ok()) co_return std::move(coffset).error();
   const uint64_t nb_csectors = ((*coffset + data.size() - 1) >> 9) - (*coffset >> 9);
   const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | *coffset;
-  InFlightAlloc flight;
-  flight.start = offset;
-  flight.end = offset + geo_.cluster_size;
-  inflight_add(flight);
+  // Unregistered when this returns, with the lock held again.
+  AllocationsInFlight::Allocation flight(*inflight_, offset, offset + geo_.cluster_size);
   guard.unlock();
   Status s = check_data_write(*coffset, data.size());
   if (s.ok()) {
@@ -266,7 +264,6 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
     }
   }
   if (!s.ok()) (void)co_await update_refcount(*coffset, data.size(), -1, false);
-  inflight_remove(flight);
   co_return s;
 }
 
