@@ -47,7 +47,7 @@ struct Qcow2Image::ClusterPlan {
 Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
   if (closed_) return Error(EBADF, file_->name() + " is closed");
   if (options_.read_only) return Error(EROFS, file_->name() + " is open read-only");
-  if (corrupt_) return Error(EIO, file_->name() + " has been marked corrupt; writes are refused");
+  if (reporter_.marked_corrupt()) return Error(EIO, file_->name() + " has been marked corrupt; writes are refused");
   if (offset > size_ || len > size_ - offset) {
     return Error(EINVAL, "write of " + std::to_string(len) + " bytes at " + std::to_string(offset) +
                              " is beyond the end of the disk (" + std::to_string(size_) + " bytes)");
@@ -74,7 +74,7 @@ Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte>
     // without the lock, like a read.
     if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
-      UQ_CO_TRY(check_data_write(m->host_offset, n));
+      UQ_CO_TRY(overlap_->check_data_write(m->host_offset, n));
       data_file_->debug_event(BlkDebugEvent::kWriteAio);
       if (crypto_) {
         UQ_CO_TRY(co_await write_encrypted(offset, m->host_offset, buf.first(n)));
@@ -213,7 +213,7 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
   if (plan.kind == ClusterPlan::Kind::kInPlace) {
     guard.unlock();
     uint64_t host = plan.host + geo_.offset_into_cluster(offset);
-    UQ_CO_TRY(check_data_write(host, data.size()));
+    UQ_CO_TRY(overlap_->check_data_write(host, data.size()));
     data_file_->debug_event(BlkDebugEvent::kWriteAio);
     if (crypto_) {
       UQ_CO_TRY(co_await write_encrypted(offset, host, data));
@@ -286,7 +286,7 @@ Task<Status> Qcow2Image::write_with_cow(const ClusterPlan& plan, uint64_t offset
   const uint64_t first_guest = geo_.start_of_cluster(offset);
   const uint64_t end = offset + data.size();
   const uint64_t host = plan.host + (head_start - first_guest);
-  UQ_CO_TRY(check_data_write(host, tail_end - head_start));
+  UQ_CO_TRY(overlap_->check_data_write(host, tail_end - head_start));
   if (crypto_) co_return co_await write_cow_encrypted(host, offset, data, head_start, tail_end);
   if (cow_is_zero && (offset > head_start || tail_end > end)) {
     // QEMU's handle_alloc_space: instead of writing buffers of zeros, let the
@@ -391,7 +391,7 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
 
   auto new_l2 = co_await alloc_clusters(1);
   if (!new_l2.ok()) co_return new_l2;
-  UQ_CO_TRY(check_metadata_write(*new_l2, geo_.cluster_size, "L2 table"));
+  UQ_CO_TRY(overlap_->check_metadata_write(*new_l2, geo_.cluster_size, "L2 table"));
   // The new table's refcount reaches the disk before anything points at it.
   UQ_CO_TRY(co_await refcount_cache_->flush());
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
@@ -436,7 +436,7 @@ Task<Status> Qcow2Image::write_l1_entry(uint64_t l1_index) {
   uint8_t sector[kSectorSize] = {};
   for (uint64_t i = 0; i < count; ++i) store_be64(sector + i * 8, l1_[first + i]);
   const uint64_t offset = header_.l1_table_offset + first * 8;
-  UQ_CO_TRY(check_metadata_write(offset, count * 8, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
+  UQ_CO_TRY(overlap_->check_metadata_write(offset, count * 8, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1Update);
   co_return co_await file_->co_write(offset, std::span<const std::byte>(reinterpret_cast<std::byte*>(sector), count * 8));
 }

@@ -54,7 +54,9 @@ Result<CacheSizes> compute_cache_sizes(const Header& h, const OpenOptions& o) {
 }
 
 Qcow2Image::Qcow2Image(std::unique_ptr<BlockDevice> file, OpenOptions options)
-    : file_(std::move(file)), options_(std::move(options)) {}
+    : file_(std::move(file)),
+      options_(std::move(options)),
+      reporter_(file_->name(), options_.read_only, [this] { mark_corrupt_on_disk(); }) {}
 
 Qcow2Image::~Qcow2Image() {
   // An image dropped without close() still has its background tasks (the
@@ -66,14 +68,7 @@ Qcow2Image::~Qcow2Image() {
   }
 }
 
-Error Qcow2Image::corruption(const std::string& what) {
-  return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: " + what);
-}
-
-Error Qcow2Image::fatal_corruption(Error e) {
-  if (options_.read_only) return e;
-  if (corrupt_) return Error(e.code(), e.message() + " (the image is marked corrupt)");
-  corrupt_ = true;
+void Qcow2Image::mark_corrupt_on_disk() {
   // The bit goes through the metadata lock, which the caller may hold: it
   // lands after any header update in progress (the lazy-refcounts dirty
   // bit), which would otherwise overwrite it. close() joins the task.
@@ -82,15 +77,6 @@ Error Qcow2Image::fatal_corruption(Error e) {
     (void)co_await self->write_header_incompatible(self->header_.incompatible_features | kIncompatCorrupt);
     (void)co_await self->file_->co_flush();
   }(this));
-  return Error(e.code(), e.message() + "; the image is marked corrupt");
-}
-
-void Qcow2Image::nonfatal_corruption(const std::string& what) {
-  // QEMU reports the first non-fatal event and suppresses the rest.
-  if (nonfatal_reported_) return;
-  nonfatal_reported_ = true;
-  std::fprintf(stderr, "uqcow: qcow2 image %s is corrupt: %s; further non-fatal corruption events will be "
-               "suppressed\n", file_->name().c_str(), what.c_str());
 }
 
 const std::string& Qcow2Image::data_file_name() const { return data_file_path_; }
@@ -147,6 +133,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
     data_file_ = data_file_storage_.get();
   }
 
+  overlap_.emplace(reporter_, geo_.cluster_size, data_file_ == file_.get());
   UQ_CO_TRY(co_await load_l1(header_.l1_table_offset, header_.l1_size));
   UQ_CO_TRY(co_await load_snapshots());
   if (!options_.snapshot.empty()) UQ_CO_TRY(co_await select_snapshot(options_.snapshot));
@@ -199,8 +186,8 @@ Task<Status> Qcow2Image::prepare_read_write() {
   }
   UQ_CO_TRY(co_await load_refcount_table());
   UQ_CO_TRY(co_await build_metadata_regions());
-  l2_cache_->set_write_check(&l2_write_check_);
-  refcount_cache_->set_write_check(&refcount_write_check_);
+  l2_cache_->set_write_check(&overlap_->l2_cache_check());
+  refcount_cache_->set_write_check(&overlap_->refcount_cache_check());
   // Autoclear bits this implementation does not maintain (bitmaps) must be
   // cleared when the image is opened for writing (docs/interop/qcow2.txt).
   uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
@@ -610,7 +597,7 @@ Task<Status> Qcow2Image::close() {
   if (clean_sleep_) (void)co_await uring::TimeoutRemoveOp(clean_sleep_);
   co_await background_.join();
   Status status = co_await flush();
-  if (status.ok() && marked_dirty_ && !corrupt_) {
+  if (status.ok() && marked_dirty_ && !reporter_.marked_corrupt()) {
     // Everything is on disk: the refcounts are consistent again.
     status = co_await write_header_incompatible(header_.incompatible_features & ~kIncompatDirty);
     if (status.ok()) status = co_await file_->co_flush();

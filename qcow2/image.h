@@ -46,6 +46,7 @@
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
 #include "qcow2/cache.h"
+#include "qcow2/corruption.h"
 #include "qcow2/create.h"
 #include "qcow2/disk.h"
 #include "qcow2/encryption.h"
@@ -53,6 +54,7 @@
 #include "qcow2/inflight.h"
 #include "qcow2/options.h"
 #include "qcow2/overlap.h"
+#include "qcow2/overlap_guard.h"
 #include "qcow2/snapshot.h"
 #include "uring/block_device.h"
 #include "uring/ops.h"
@@ -311,22 +313,7 @@ class Qcow2Image final : public Disk {
   Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
   Task<Status> process_discards();
 
-  // --- Overlap check (overlap.cc) --------------------------------------------
-  // OK, or EIO after marking the image corrupt when [offset, offset +
-  // length) overlaps a region of an enabled kind outside `ignore` (QEMU's
-  // `ign`: a write to an existing structure ignores its own kind; a write
-  // to fresh clusters ignores nothing). `what` names the write.
-  Status check_metadata_write(uint64_t offset, uint64_t length, const char* what, OverlapMask ignore = 0);
-  Status check_cache_write(uint64_t offset, uint64_t length, MetadataKind own);
-  std::optional<MetadataKind> find_overlap(uint64_t offset, uint64_t length, OverlapMask mask) const;
-  // Marks the image corrupt (in the background) and returns the EIO that
-  // names the kind hit, as QEMU's message does.
-  Status refuse_overlap(MetadataKind hit, uint64_t offset, uint64_t length, const char* what);
-  Status check_data_write(uint64_t offset, uint64_t length);
-  void overlap_add(MetadataKind kind, uint64_t offset, uint64_t length);
-  void overlap_remove(MetadataKind kind, uint64_t offset, uint64_t length);
-  // Adds (or removes) one inactive/active L2 reference per entry of `l1`.
-  void overlap_l2_tables(MetadataKind kind, const std::vector<uint64_t>& l1, bool add);
+  // --- Overlap check (overlap.cc): building the regions the guard checks ---
   // The one writer of l1_[index] on the write path: keeps the active L2
   // regions in step with it.
   void set_active_l1_entry(uint64_t index, uint64_t entry);
@@ -357,15 +344,13 @@ class Qcow2Image final : public Disk {
   Task<Status> read_mapped(const Mapping& m, uint64_t offset, std::span<std::byte> buf);
   Task<Status> read_backing(uint64_t offset, std::span<std::byte> buf);
   Task<Status> read_compressed(uint64_t l2_entry, uint64_t offset, std::span<std::byte> buf);
-  Error corruption(const std::string& what);
-  // QEMU's qcow2_signal_corruption(fatal = true): damaged metadata met during
-  // I/O. A read-write image is marked corrupt (writes refused from now on,
-  // the incompatible bit written in the background); a read-only one only
-  // reports it. Returns `e` with the decision appended.
-  Error fatal_corruption(Error e);
-  // QEMU's non-fatal event (a cluster that cannot be freed is leaked
-  // instead): reported on stderr once per image, nothing marked.
-  void nonfatal_corruption(const std::string& what);
+  // Damage reports (corruption.h): a read-write image is marked corrupt on
+  // a fatal one (writes refused from now on, the incompatible bit written
+  // in the background by mark_corrupt_on_disk).
+  Error corruption(const std::string& what) const { return reporter_.corruption(what); }
+  Error fatal_corruption(Error e) { return reporter_.fatal(std::move(e)); }
+  void nonfatal_corruption(const std::string& what) { reporter_.nonfatal(what); }
+  void mark_corrupt_on_disk();
   Task<void> clean_timer();
 
   std::unique_ptr<BlockDevice> file_;
@@ -407,31 +392,11 @@ class Qcow2Image final : public Disk {
   size_t deferred_past_grace_ = 0;  // leading entries known past their grace period
   // Counts the points at which every L2 change so far was on disk.
   uint64_t durable_epoch_ = 0;
-  MetadataRegions regions_;
-  OverlapMask overlap_mask_ = 0;  // the kinds checked (overlap_check_mask())
-  // Set while snapshot apply/delete rewrite OFLAG_COPIED in L2 tables that
-  // other snapshots may share (check_cache_write).
-  bool rewriting_snapshot_l2_ = false;
-  struct SnapshotL2Rewrite {
-    Qcow2Image& image;
-    explicit SnapshotL2Rewrite(Qcow2Image& i) : image(i) { image.rewriting_snapshot_l2_ = true; }
-    ~SnapshotL2Rewrite() { image.rewriting_snapshot_l2_ = false; }
-  };
-  // Routes the caches' metadata writes through the overlap check.
-  struct CacheWriteCheck final : MetadataWriteCheck {
-    Qcow2Image* image;
-    MetadataKind own;
-    CacheWriteCheck(Qcow2Image* i, MetadataKind k) : image(i), own(k) {}
-    Status check_metadata_write(uint64_t offset, uint64_t length, const char*) override {
-      return image->check_cache_write(offset, length, own);
-    }
-  };
-  CacheWriteCheck l2_write_check_{this, MetadataKind::kActiveL2};
-  CacheWriteCheck refcount_write_check_{this, MetadataKind::kRefcountBlock};
+  CorruptionReporter reporter_;
+  // Set up by load(), once the cluster size and the data file are known.
+  std::optional<OverlapGuard> overlap_;
   bool lazy_refcounts_ = false;
   bool marked_dirty_ = false;         // dirty bit set on disk (lazy refcounts)
-  bool corrupt_ = false;              // writes refused after an overlap
-  bool nonfatal_reported_ = false;
   CoMutex lock_;
   std::unique_ptr<ImageEncryption> crypto_;  // null: not encrypted, or no key
   // Serialises unaligned (read-modify-write) writes of an encrypted image

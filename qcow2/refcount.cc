@@ -140,7 +140,7 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   if (!found.ok()) co_return std::move(found).error();
   uint64_t block = *found;
   uint64_t block_index = block >> geo_.cluster_bits;
-  UQ_CO_TRY(check_metadata_write(block, geo_.cluster_size, "refcount block"));
+  UQ_CO_TRY(overlap_->check_metadata_write(block, geo_.cluster_size, "refcount block"));
   MetadataCache::Ref ref;
   if ((block_index >> refblock_bits_) == rt) {
     auto fresh = co_await refcount_cache_->get(block, /*fresh=*/true);
@@ -178,14 +178,14 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   UQ_CO_TRY(co_await file_->co_flush());
   uint8_t entry[8];
   store_be64(entry, block);
-  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table entry",
+  UQ_CO_TRY(overlap_->check_metadata_write(header_.refcount_table_offset + rt * 8, 8, "refcount table entry",
                                  overlap_bit(MetadataKind::kRefcountTable)));
   file_->debug_event(BlkDebugEvent::kRefblockAllocHookup);
   UQ_CO_TRY(co_await file_->co_write(header_.refcount_table_offset + rt * 8,
                                      std::span<const std::byte>(reinterpret_cast<std::byte*>(entry), 8)));
   unhooked.hooked = true;
   reftable_[rt] = block;
-  overlap_add(MetadataKind::kRefcountBlock, block, geo_.cluster_size);
+  overlap_->add(MetadataKind::kRefcountBlock, block, geo_.cluster_size);
   co_return ref;
 }
 
@@ -319,7 +319,7 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   }
   std::vector<uint8_t> table_buf = encode_table(table, table_clusters * cs);
 
-  UQ_CO_TRY(check_metadata_write(area * cs, (end - area) * cs, "refcount table growth"));
+  UQ_CO_TRY(overlap_->check_metadata_write(area * cs, (end - area) * cs, "refcount table growth"));
   if (blocks) {
     file_->debug_event(BlkDebugEvent::kRefblockAllocWriteBlocks);
     UQ_CO_TRY(co_await file_->co_write(area * cs, as_bytes(block_buf)));
@@ -336,13 +336,13 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
 
   const uint64_t old_offset = header_.refcount_table_offset;
   const uint64_t old_clusters = header_.refcount_table_clusters;
-  overlap_remove(MetadataKind::kRefcountTable, old_offset, old_clusters * cs);
+  overlap_->remove(MetadataKind::kRefcountTable, old_offset, old_clusters * cs);
   header_.refcount_table_offset = table_offset;
   header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   reftable_ = std::move(table);
   alloc_end_ = std::max(alloc_end_, end * cs);
-  overlap_add(MetadataKind::kRefcountTable, table_offset, table_clusters * cs);
-  for (uint64_t b = 0; b < blocks; ++b) overlap_add(MetadataKind::kRefcountBlock, (area + b) * cs, cs);
+  overlap_->add(MetadataKind::kRefcountTable, table_offset, table_clusters * cs);
+  for (uint64_t b = 0; b < blocks; ++b) overlap_->add(MetadataKind::kRefcountBlock, (area + b) * cs, cs);
   // Only now can the old table go.
   co_return co_await update_refcount(old_offset, old_clusters * cs, -1, true);
 }

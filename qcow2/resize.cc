@@ -171,7 +171,7 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
   auto table = co_await alloc_clusters(clusters);
   if (!table.ok()) co_return std::move(table).error();
-  UQ_CO_TRY(check_metadata_write(*table, clusters * cs, "active L1 table"));
+  UQ_CO_TRY(overlap_->check_metadata_write(*table, clusters * cs, "active L1 table"));
   const std::vector<uint8_t> buf = encode_table(l1_, clusters * cs);
   // The refcount of the new table, then the table itself, before the header.
   UQ_CO_TRY(co_await refcount_cache_->flush());
@@ -183,8 +183,8 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
-  overlap_remove(MetadataKind::kActiveL1, old_offset, old_bytes);
-  overlap_add(MetadataKind::kActiveL1, *table, clusters * cs);
+  overlap_->remove(MetadataKind::kActiveL1, old_offset, old_bytes);
+  overlap_->add(MetadataKind::kActiveL1, *table, clusters * cs);
   header_.l1_table_offset = *table;
   header_.l1_size = static_cast<uint32_t>(entries);
   l1_.resize(entries, 0);

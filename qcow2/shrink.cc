@@ -25,7 +25,7 @@ Task<Status> Qcow2Image::shrink_l1_table(uint64_t entries) {
   // the table on disk still points at. (The table keeps its size, as QEMU's.)
   const uint64_t first = header_.l1_table_offset + entries * 8;
   const uint64_t bytes = (l1_.size() - entries) * 8;
-  UQ_CO_TRY(check_metadata_write(first, bytes, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
+  UQ_CO_TRY(overlap_->check_metadata_write(first, bytes, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1ShrinkWriteTable);
   std::vector<std::byte> zeros(bytes);
   Status written = co_await file_->co_write(first, zeros);
@@ -79,7 +79,7 @@ Task<Status> Qcow2Image::shrink_refcount_table() {
   // The table without them reaches the disk first; then the blocks are
   // freed. A crash in between leaks them.
   const std::vector<uint8_t> table = encode_table(kept, uint64_t{header_.refcount_table_clusters} * cs);
-  UQ_CO_TRY(check_metadata_write(header_.refcount_table_offset, table.size(), "refcount table",
+  UQ_CO_TRY(overlap_->check_metadata_write(header_.refcount_table_offset, table.size(), "refcount table",
                                  overlap_bit(MetadataKind::kRefcountTable)));
   Status status = co_await file_->co_write(header_.refcount_table_offset,
                                           std::span<const std::byte>(reinterpret_cast<const std::byte*>(table.data()),
@@ -95,7 +95,7 @@ Task<Status> Qcow2Image::shrink_refcount_table() {
     if (status.ok()) status = co_await free_refcount_block(block);
     reftable_[i] = 0;
     refcount_cache_->discard_range(block, cs);
-    overlap_remove(MetadataKind::kRefcountBlock, block, cs);
+    overlap_->remove(MetadataKind::kRefcountBlock, block, cs);
   }
   co_return status;
 }

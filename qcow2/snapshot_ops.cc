@@ -218,13 +218,13 @@ Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
   // the disk held before (a torn write aside, as in QEMU), and the
   // references the new table would have taken are leaked at most.
   const std::vector<uint8_t> raw = encode_table(table);
-  UQ_CO_TRY(check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table",
+  UQ_CO_TRY(overlap_->check_metadata_write(header_.l1_table_offset, raw.size(), "active L1 table",
                                  overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1Update);
   UQ_CO_TRY(co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw)));
-  overlap_l2_tables(MetadataKind::kActiveL2, l1_, false);
+  overlap_->l2_tables(MetadataKind::kActiveL2, l1_, false);
   l1_ = table;
-  overlap_l2_tables(MetadataKind::kActiveL2, l1_, true);
+  overlap_->l2_tables(MetadataKind::kActiveL2, l1_, true);
   co_return Status();
 }
 
@@ -237,9 +237,9 @@ Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>
   if (!off.ok()) co_return off;
   std::vector<uint8_t> padded(data);
   padded.resize(bytes, 0);
-  UQ_CO_TRY(check_metadata_write(*off, bytes, metadata_kind_name(kind)));
+  UQ_CO_TRY(overlap_->check_metadata_write(*off, bytes, metadata_kind_name(kind)));
   UQ_CO_TRY(co_await file_->co_write(*off, cbytes_of(padded)));
-  overlap_add(kind, *off, bytes);
+  overlap_->add(kind, *off, bytes);
   co_return *off;
 }
 
@@ -266,7 +266,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   header_.snapshots_offset = *offset;
   snapshots_ = std::move(next);
   if (had_table && old_bytes) {
-    overlap_remove(MetadataKind::kSnapshotTable, old_offset, old_bytes);
+    overlap_->remove(MetadataKind::kSnapshotTable, old_offset, old_bytes);
     UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
   }
   co_return Status();
@@ -340,7 +340,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
   // The active L2 tables are the snapshot's too from now on (the COPIED
   // changes above were written while they were not yet inactive).
-  overlap_l2_tables(MetadataKind::kInactiveL2, l1_, true);
+  overlap_->l2_tables(MetadataKind::kInactiveL2, l1_, true);
   co_return co_await flush_metadata();
 }
 
@@ -364,16 +364,16 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(co_await flush_metadata());
   // Guest writes are flushed and checked as usual; from here on L2 tables
   // change only by the walks below.
-  SnapshotL2Rewrite rewrite(*this);
+  OverlapGuard::SharedL2Rewrite rewrite(*overlap_);
   // The header stops pointing at the snapshot before any refcount drops.
   UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
-  overlap_remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
+  overlap_->remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
   if (!l1.ok()) co_return std::move(l1).error();
   // Its L2 tables stop being inactive ones for this snapshot before any of
   // them can be freed and reused.
-  overlap_l2_tables(MetadataKind::kInactiveL2, *l1, false);
+  overlap_->l2_tables(MetadataKind::kInactiveL2, *l1, false);
   bool unused = false;
   const bool discard = options_.pass_discard_snapshot;
   UQ_CO_TRY(co_await update_snapshot_refcount(*l1, -1, discard, unused));
@@ -403,7 +403,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
     co_return Error(ENOTSUP, "snapshot '" + key + "' has a larger L1 table than the image");
   }
   UQ_CO_TRY(co_await flush_metadata());
-  SnapshotL2Rewrite rewrite(*this);  // as in snapshot_delete
+  OverlapGuard::SharedL2Rewrite rewrite(*overlap_);  // as in snapshot_delete
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
   if (!l1.ok()) co_return std::move(l1).error();
   std::vector<uint64_t> next = std::move(l1).value();

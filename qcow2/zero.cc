@@ -231,7 +231,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   // Unregistered when this returns, with the lock held again.
   AllocationsInFlight::Allocation flight(*inflight_, offset, offset + geo_.cluster_size);
   guard.unlock();
-  Status s = check_data_write(*coffset, data.size());
+  Status s = overlap_->check_data_write(*coffset, data.size());
   if (s.ok()) {
     file_->debug_event(BlkDebugEvent::kWriteCompressed);
     s = co_await file_->co_write(*coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
