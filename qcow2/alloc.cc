@@ -191,7 +191,7 @@ Task<Result<uint64_t>> Qcow2Image::alloc_data_clusters(uint64_t guest, uint64_t 
     // file is thus laid out as the guest disk.
     co_return guest;
   }
-  co_return co_await alloc_clusters(n);
+  co_return co_await refcounts_->alloc_clusters(n);
 }
 
 Task<Status> Qcow2Image::read_cow(uint64_t guest, std::span<std::byte> out) {
@@ -257,7 +257,7 @@ Task<Result<size_t>> Qcow2Image::write_run(const ClusterPlan& plan, uint64_t off
   } else if (plan.kind == ClusterPlan::Kind::kNewClusters && !header_.has_data_file()) {
     // Give the clusters back; nothing points at them. (Data-file clusters
     // have no refcount: see alloc_data_clusters.)
-    (void)co_await update_refcount(plan.host, plan.nb_clusters * cs, -1, false);
+    (void)co_await refcounts_->update_refcount(plan.host, plan.nb_clusters * cs, -1, false);
   }
   if (!status.ok()) co_return status.error();
   co_return data.size();
@@ -322,7 +322,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
   const bool new_clusters = plan.kind == ClusterPlan::Kind::kNewClusters;
   if (new_clusters && !lazy_refcounts_) {
     // The refcounts of the new clusters reach the disk before these entries.
-    UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+    UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
   }
   // The guest data and copy-on-write data these entries will point at are
   // written, but not durable yet: they must be before the entries are, or a
@@ -389,11 +389,11 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   }
   if (old_l2 && (l1e & kOflagCopied)) co_return old_l2;
 
-  auto new_l2 = co_await alloc_clusters(1);
+  auto new_l2 = co_await refcounts_->alloc_clusters(1);
   if (!new_l2.ok()) co_return new_l2;
   UQ_CO_TRY(overlap_->check_metadata_write(*new_l2, geo_.cluster_size, "L2 table"));
   // The new table's refcount reaches the disk before anything points at it.
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
     auto fresh = co_await l2_cache_->get(*new_l2 + off, /*fresh=*/true);
@@ -423,7 +423,7 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   }
   if (old_l2) {
     // The shared table loses this reference (it stays in the snapshot).
-    UQ_CO_TRY(co_await update_refcount(old_l2, geo_.cluster_size, -1, false));
+    UQ_CO_TRY(co_await refcounts_->update_refcount(old_l2, geo_.cluster_size, -1, false));
   }
   co_return *new_l2;
 }

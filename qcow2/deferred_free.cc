@@ -90,7 +90,7 @@ Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
   if (l2e & kOflagCompressed) {
     uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
     uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
-    co_return co_await update_refcount(coffset, sectors * kSectorSize, -1, discard);
+    co_return co_await refcounts_->update_refcount(coffset, sectors * kSectorSize, -1, discard);
   }
   uint64_t host = l2e & kL2OffsetMask;
   if (!host) co_return Status();
@@ -100,7 +100,7 @@ Task<Status> Qcow2Image::free_cluster_now(uint64_t l2e, bool discard) {
     nonfatal_corruption("cannot free unaligned cluster " + hex(host));
     co_return Status();
   }
-  co_return co_await update_refcount(host, geo_.cluster_size, -1, discard);
+  co_return co_await refcounts_->update_refcount(host, geo_.cluster_size, -1, discard);
 }
 
 }  // namespace uqcow::qcow2

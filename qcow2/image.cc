@@ -152,8 +152,8 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   auto rc = MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
                                   static_cast<uint32_t>(rc_entries));
   if (!rc.ok()) co_return std::move(rc).error();
-  refcount_cache_ = std::move(rc).value();
-  refcount_cache_->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
+  rc.value()->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
+  refcounts_.emplace(*file_, header_, geo_, std::move(rc).value(), *l2_cache_, *overlap_, reporter_);
   slice_bits_ = static_cast<uint32_t>(__builtin_ctzll(cache_sizes_.l2_entry_size / geo_.l2_entry_size));
 
   // Backing file.
@@ -184,10 +184,10 @@ Task<Status> Qcow2Image::prepare_read_write() {
     // too low. They are rebuilt before anything is loaded or allocated.
     UQ_CO_TRY(co_await repair_after_crash());
   }
-  UQ_CO_TRY(co_await load_refcount_table());
+  UQ_CO_TRY(co_await refcounts_->load_refcount_table());
   UQ_CO_TRY(co_await build_metadata_regions());
   l2_cache_->set_write_check(&overlap_->l2_cache_check());
-  refcount_cache_->set_write_check(&overlap_->refcount_cache_check());
+  refcounts_->cache().set_write_check(&overlap_->refcount_cache_check());
   // Autoclear bits this implementation does not maintain (bitmaps) must be
   // cleared when the image is opened for writing (docs/interop/qcow2.txt).
   uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
@@ -536,13 +536,13 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
 
 Task<Status> Qcow2Image::flush() {
   // (No caches yet: an open that failed part-way is being closed.)
-  if (options_.read_only || closed_ || !l2_cache_ || !refcount_cache_) co_return Status();
+  if (options_.read_only || closed_ || !l2_cache_ || !refcounts_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);
   UQ_CO_TRY(co_await l2_cache_->flush());
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   file_->debug_event(BlkDebugEvent::kFlushToDisk);
   UQ_CO_TRY(co_await file_->co_flush());
   if (data_file_ != file_.get()) UQ_CO_TRY(co_await data_file_->co_flush());
@@ -552,20 +552,9 @@ Task<Status> Qcow2Image::flush() {
   const size_t deferred = deferred_frees_.size();
   UQ_CO_TRY(co_await release_deferred_frees());
   if (deferred_frees_.size() != deferred) {
-    UQ_CO_TRY(co_await refcount_cache_->flush());
+    UQ_CO_TRY(co_await refcounts_->cache().flush());
     UQ_CO_TRY(co_await l2_cache_->flush());
     UQ_CO_TRY(co_await file_->co_flush());
-  }
-  co_return Status();
-}
-
-Task<Status> Qcow2Image::process_discards() {
-  // Called under the lock right after the refcounts dropped to zero, so the
-  // clusters cannot have been reallocated yet.
-  std::vector<uint64_t> pending;
-  pending.swap(pending_discards_);
-  for (uint64_t offset : pending) {
-    (void)co_await file_->co_discard(offset, geo_.cluster_size);  // advisory
   }
   co_return Status();
 }
@@ -582,7 +571,7 @@ Task<void> Qcow2Image::clean_timer() {
     clean_sleep_ = nullptr;
     if (closing_ || r == -ECANCELED) break;
     l2_cache_->clean_unused();
-    refcount_cache_->clean_unused();
+    refcounts_->cache().clean_unused();
   }
 }
 

@@ -55,6 +55,7 @@
 #include "qcow2/options.h"
 #include "qcow2/overlap.h"
 #include "qcow2/overlap_guard.h"
+#include "qcow2/refcounts.h"
 #include "qcow2/snapshot.h"
 #include "uring/block_device.h"
 #include "uring/ops.h"
@@ -283,35 +284,11 @@ class Qcow2Image final : public Disk {
   Task<Status> zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode);
   Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
 
-  // --- Refcounts (refcount.cc) ----------------------------------------------
-  Task<Status> load_refcount_table();
-  Task<Result<MetadataCache::Ref>> load_refcount_block(uint64_t rt_index);
-  Task<Result<uint64_t>> get_refcount(uint64_t cluster_index);
-  // The refcount when its block is cached (or the cluster has no block: 0);
-  // nullopt when get_refcount would have to load the block. No suspension.
-  std::optional<uint64_t> cached_refcount(uint64_t cluster_index);
-  Task<Result<uint64_t>> find_free_clusters(uint64_t n);
-  Task<Result<uint64_t>> alloc_clusters(uint64_t n);
-  Task<Result<uint64_t>> alloc_bytes(uint64_t size);
-  Task<Result<MetadataCache::Ref>> refcount_block_for(uint64_t cluster_index, bool& allocated_block);
-  // Adds delta to every cluster touching [offset, offset + length). Freed
-  // clusters are queued for discard passthrough when `discard_freed`.
-  Task<Status> update_refcount(uint64_t offset, uint64_t length, int64_t delta, bool discard_freed);
-  Task<Status> grow_refcount_table(uint64_t min_entries);
-
   // --- Shrinking (shrink.cc), resize() to a smaller size ---------------------
   // Zeroes the L1 entries from `entries` on (on disk first) and frees their
   // L2 tables.
   Task<Status> shrink_l1_table(uint64_t entries);
-  // Drops refcount blocks that count nothing but themselves from the
-  // refcount table and frees them; a block not covered by the refcount
-  // structures marks the image corrupt (QEMU's qcow2_shrink_reftable).
-  Task<Status> shrink_refcount_table();
-  Task<Status> free_refcount_block(uint64_t block);
-  // Truncates the image file after its last referenced cluster.
-  Task<Status> truncate_to_last_cluster();
   Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
-  Task<Status> process_discards();
 
   // --- Overlap check (overlap.cc): building the regions the guard checks ---
   // The one writer of l1_[index] on the write path: keeps the active L2
@@ -368,15 +345,9 @@ class Qcow2Image final : public Disk {
   std::string backing_path_;
   CacheSizes cache_sizes_;
   std::unique_ptr<MetadataCache> l2_cache_;
-  std::unique_ptr<MetadataCache> refcount_cache_;
   uint32_t slice_bits_ = 0;         // log2(L2 entries per slice)
-  // Write-path state.
-  std::vector<uint64_t> reftable_;    // host-endian copy of the refcount table
-  uint32_t refblock_bits_ = 0;        // log2(refcounts per block)
-  uint64_t free_cluster_index_ = 0;   // no free cluster below this one
-  uint64_t free_byte_offset_ = 0;     // partly used cluster for compressed data
-  uint64_t alloc_end_ = 0;            // end of the highest allocated cluster
-  std::vector<uint64_t> pending_discards_;  // freed clusters to punch
+  // Refcounts and cluster allocation; set up by load() with the caches.
+  std::optional<Refcounts> refcounts_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and

@@ -33,7 +33,7 @@ Task<Result<MetadataRegions>> Qcow2Image::collect_metadata_regions(OverlapMask t
     if (uint64_t l2 = e & kL1OffsetMask) r.add(MetadataKind::kActiveL2, l2, cs);
   }
   r.add(MetadataKind::kRefcountTable, header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs);
-  for (uint64_t e : reftable_) {
+  for (uint64_t e : refcounts_->table()) {
     if (uint64_t b = e & kReftableOffsetMask) r.add(MetadataKind::kRefcountBlock, b, cs);
   }
   if (header_.nb_snapshots) {

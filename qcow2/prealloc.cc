@@ -39,10 +39,10 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
       // cluster's host offset is its guest offset (alloc_data_clusters).
       uint64_t host = 0;
       if (!df) {
-        auto h = co_await alloc_clusters(todo.size());
+        auto h = co_await refcounts_->alloc_clusters(todo.size());
         if (!h.ok()) co_return std::move(h).error();
         host = *h;
-        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
       }
       auto slice = co_await l2_cache_->get(slice_offset(*l2, offset));
       if (!slice.ok()) co_return std::move(slice).error();

@@ -57,8 +57,8 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
       // for).
       UQ_CO_TRY(co_await flush_metadata());
       UQ_CO_TRY(co_await shrink_l1_table(l1_entries_for(new_size, geo_)));
-      UQ_CO_TRY(co_await shrink_refcount_table());
-      UQ_CO_TRY(co_await truncate_to_last_cluster());
+      UQ_CO_TRY(co_await refcounts_->shrink_refcount_table());
+      UQ_CO_TRY(co_await refcounts_->truncate_to_last_cluster());
     }
     if (header_.data_file_raw() && new_size > old_size) {
       // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
@@ -67,7 +67,7 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
       std::vector<HostRun> runs;
       UQ_CO_TRY(co_await preallocate_metadata(old_size, new_size, /*fresh=*/false, runs));
       UQ_CO_TRY(co_await l2_cache_->flush());
-      UQ_CO_TRY(co_await refcount_cache_->flush());
+      UQ_CO_TRY(co_await refcounts_->cache().flush());
       UQ_CO_TRY(co_await file_->co_flush());
     }
     // QEMU resizes an external data file with the disk: clusters sit at
@@ -169,12 +169,12 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   uint64_t clusters = (entries * 8 + cs - 1) / cs;
   entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
   file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
-  auto table = co_await alloc_clusters(clusters);
+  auto table = co_await refcounts_->alloc_clusters(clusters);
   if (!table.ok()) co_return std::move(table).error();
   UQ_CO_TRY(overlap_->check_metadata_write(*table, clusters * cs, "active L1 table"));
   const std::vector<uint8_t> buf = encode_table(l1_, clusters * cs);
   // The refcount of the new table, then the table itself, before the header.
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
   UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf.data()), buf.size())));
   UQ_CO_TRY(co_await file_->co_flush());
@@ -188,7 +188,7 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   header_.l1_table_offset = *table;
   header_.l1_size = static_cast<uint32_t>(entries);
   l1_.resize(entries, 0);
-  if (old_bytes) UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
+  if (old_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
   co_return Status();
 }
 

@@ -58,8 +58,8 @@ Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) 
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   const uint64_t entries = slice_size / geo_.l2_entry_size;
   auto beyond_end = [&](uint64_t offset, uint64_t bytes, const std::string& what) -> Status {
-    if (offset < alloc_end_ && bytes <= alloc_end_ - offset) return Status();
-    return corruption(what + " at " + hex(offset) + " lies beyond the end of the image file (" + hex(alloc_end_) +
+    if (offset < refcounts_->alloc_end() && bytes <= refcounts_->alloc_end() - offset) return Status();
+    return corruption(what + " at " + hex(offset) + " lies beyond the end of the image file (" + hex(refcounts_->alloc_end()) +
                       "); no snapshot was created. Run 'uqcow check -r all' to repair the image");
   };
   for (size_t i = 0; i < l1.size(); ++i) {
@@ -108,7 +108,7 @@ Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t
       // Compressed data is counted by the clusters its sectors touch.
       const uint64_t coffset = geo_.compressed_offset(l2e) & ~uint64_t{kSectorSize - 1};
       const uint64_t sectors = ((l2e & kL2CompressedMask) >> geo_.csize_shift & geo_.csize_mask) + 1;
-      UQ_CO_TRY(co_await update_refcount(coffset, sectors * kSectorSize, addend, discard));
+      UQ_CO_TRY(co_await refcounts_->update_refcount(coffset, sectors * kSectorSize, addend, discard));
       continue;
     }
     const uint64_t host = l2e & kL2OffsetMask;
@@ -119,20 +119,20 @@ Task<Status> Qcow2Image::snapshot_slice_refcounts(const uint8_t* slice, uint64_t
     // every allocated cluster is damage, and counting it would grow the
     // refcount structure for it. (snapshot_create refuses earlier, in
     // check_mapping_in_file, before changing anything.)
-    if (data_file_ == file_.get() && host >= alloc_end_) {
+    if (data_file_ == file_.get() && host >= refcounts_->alloc_end()) {
       co_return Error(EIO, file_->name() + ": an L2 entry points at host offset " + hex(host) +
-                               ", beyond the end of the image (" + hex(alloc_end_) +
+                               ", beyond the end of the image (" + hex(refcounts_->alloc_end()) +
                                "); refusing to count references to it");
     }
     if (run_len && run_start + run_len == host) {
       run_len += cs;
       continue;
     }
-    if (run_len) UQ_CO_TRY(co_await update_refcount(run_start, run_len, addend, discard));
+    if (run_len) UQ_CO_TRY(co_await refcounts_->update_refcount(run_start, run_len, addend, discard));
     run_start = host;
     run_len = cs;
   }
-  if (run_len) UQ_CO_TRY(co_await update_refcount(run_start, run_len, addend, discard));
+  if (run_len) UQ_CO_TRY(co_await refcounts_->update_refcount(run_start, run_len, addend, discard));
   co_return Status();
 }
 
@@ -146,10 +146,10 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
     if ((l2e & kOflagCompressed) || !host) continue;
     const uint64_t cluster = host >> geo_.cluster_bits;
     uint64_t refcount;
-    if (auto cached = cached_refcount(cluster)) {
+    if (auto cached = refcounts_->cached_refcount(cluster)) {
       refcount = *cached;
     } else {
-      auto rc = co_await get_refcount(cluster);
+      auto rc = co_await refcounts_->get_refcount(cluster);
       if (!rc.ok()) co_return std::move(rc).error();
       refcount = *rc;
     }
@@ -159,7 +159,7 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
         // The entry loses COPIED because its refcount went up: that count
         // must reach the disk before this slice does (QEMU sets the same
         // dependency), or a crash leaves COPIED clear at refcount 1.
-        UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, *refcount_cache_));
+        UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
       }
       l2.set_entry(i, updated);
       changed = true;
@@ -198,9 +198,9 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
     UQ_CO_TRY(co_await snapshot_l2_refcount(l2, addend, discard));
     if (addend != 0) {
       // A table that drops to refcount 0 leaves the cache with it.
-      UQ_CO_TRY(co_await update_refcount(l2, geo_.cluster_size, addend, discard));
+      UQ_CO_TRY(co_await refcounts_->update_refcount(l2, geo_.cluster_size, addend, discard));
     }
-    auto rc = co_await get_refcount(l2 >> geo_.cluster_bits);
+    auto rc = co_await refcounts_->get_refcount(l2 >> geo_.cluster_bits);
     if (!rc.ok()) co_return std::move(rc).error();
     const uint64_t updated = copied_flag(l1e, *rc, addend);
     if (updated != l1e) {
@@ -233,7 +233,7 @@ Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>
   // registered as metadata of `kind`.
   if (data.empty()) co_return uint64_t{0};
   const uint64_t bytes = round_up(data.size(), geo_.cluster_size);
-  auto off = co_await alloc_clusters(bytes >> geo_.cluster_bits);
+  auto off = co_await refcounts_->alloc_clusters(bytes >> geo_.cluster_bits);
   if (!off.ok()) co_return off;
   std::vector<uint8_t> padded(data);
   padded.resize(bytes, 0);
@@ -251,7 +251,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   if (!table.ok()) co_return std::move(table).error();
   auto offset = co_await write_new_clusters(*table, MetadataKind::kSnapshotTable);
   if (!offset.ok()) co_return std::move(offset).error();
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   UQ_CO_TRY(co_await file_->co_flush());
   // nb_snapshots and snapshots_offset change in one write.
@@ -267,7 +267,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   snapshots_ = std::move(next);
   if (had_table && old_bytes) {
     overlap_->remove(MetadataKind::kSnapshotTable, old_offset, old_bytes);
-    UQ_CO_TRY(co_await update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
+    UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
   }
   co_return Status();
 }
@@ -279,9 +279,9 @@ Task<Status> Qcow2Image::flush_metadata() {
     UQ_CO_TRY(co_await make_unlinks_durable());
     UQ_CO_TRY(co_await release_deferred_frees());
   }
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
-  UQ_CO_TRY(co_await process_discards());
+  UQ_CO_TRY(co_await refcounts_->process_discards());
   co_return co_await file_->co_flush();
 }
 
@@ -311,7 +311,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(co_await update_snapshot_refcount(active, +1, false, l1_changed));
   // The raised refcounts are durable before the L2 tables (their cache
   // depends on the refcount cache) and the L1 table drop COPIED.
-  UQ_CO_TRY(co_await refcount_cache_->flush());
+  UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await file_->co_flush());
   UQ_CO_TRY(co_await l2_cache_->flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
@@ -377,7 +377,7 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   bool unused = false;
   const bool discard = options_.pass_discard_snapshot;
   UQ_CO_TRY(co_await update_snapshot_refcount(*l1, -1, discard, unused));
-  if (l1_bytes) UQ_CO_TRY(co_await update_refcount(sn.l1_table_offset, l1_bytes, -1, discard));
+  if (l1_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(sn.l1_table_offset, l1_bytes, -1, discard));
   // Clusters now only the active tables reach get COPIED back, once the
   // lowered refcounts are on disk.
   UQ_CO_TRY(co_await flush_metadata());

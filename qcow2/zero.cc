@@ -224,7 +224,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
                                " (compression can only fill unallocated clusters)");
     }
   }
-  auto coffset = co_await alloc_bytes(data.size());
+  auto coffset = co_await refcounts_->alloc_bytes(data.size());
   if (!coffset.ok()) co_return std::move(coffset).error();
   const uint64_t nb_csectors = ((*coffset + data.size() - 1) >> 9) - (*coffset >> 9);
   const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | *coffset;
@@ -238,7 +238,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   }
   guard = co_await lock_.scoped_lock();
   if (s.ok()) {
-    if (!lazy_refcounts_) s = co_await set_cache_dependency(*l2_cache_, *refcount_cache_);
+    if (!lazy_refcounts_) s = co_await set_cache_dependency(*l2_cache_, refcounts_->cache());
     auto l2b = co_await l2_table_for_write(offset);
     if (!l2b.ok()) s = std::move(l2b).error();
     if (s.ok()) {
@@ -263,7 +263,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
       }
     }
   }
-  if (!s.ok()) (void)co_await update_refcount(*coffset, data.size(), -1, false);
+  if (!s.ok()) (void)co_await refcounts_->update_refcount(*coffset, data.size(), -1, false);
   co_return s;
 }
 

@@ -1,14 +1,5 @@
-// Refcounts: QEMU's qcow2-refcount.c. Member functions of Qcow2Image that
-// read and change reference counts and allocate host clusters. All of them
-// run with the image's metadata lock held.
-//
-// On-disk invariants kept here:
-// - A refcount block reaches the disk before the refcount table entry that
-//   points at it (refcount_block_for).
-// - A new refcount table and its blocks reach the disk before the header
-//   points at them; the old table is freed only afterwards
-//   (grow_refcount_table). A crash at any point leaves a consistent image
-//   that at most leaks clusters.
+// Refcounts (refcounts.h): reading and changing reference counts, and
+// allocating host clusters.
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
@@ -16,7 +7,7 @@
 #include "qcow2/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
-#include "qcow2/image.h"
+#include "qcow2/refcounts.h"
 #include "qcow2/refcount_entry.h"
 #include "qcow2/tables.h"
 
@@ -27,7 +18,17 @@ std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
 }
 }  // namespace
 
-Task<Status> Qcow2Image::load_refcount_table() {
+Refcounts::Refcounts(BlockDevice& file, Header& header, const Geometry& geo, std::unique_ptr<MetadataCache> cache,
+                     MetadataCache& l2_cache, OverlapGuard& overlap, CorruptionReporter& reporter)
+    : file_(&file),
+      header_(header),
+      geo_(geo),
+      refcount_cache_(std::move(cache)),
+      l2_cache_(&l2_cache),
+      overlap_(&overlap),
+      reporter_(&reporter) {}
+
+Task<Status> Refcounts::load_refcount_table() {
   // refcount_table_clusters is bounded to 8 MiB by parse_header.
   uint64_t bytes = uint64_t{header_.refcount_table_clusters} << geo_.cluster_bits;
   file_->debug_event(BlkDebugEvent::kReftableLoad);
@@ -39,7 +40,7 @@ Task<Status> Qcow2Image::load_refcount_table() {
   co_return Status();
 }
 
-Task<Result<MetadataCache::Ref>> Qcow2Image::load_refcount_block(uint64_t rt_index) {
+Task<Result<MetadataCache::Ref>> Refcounts::load_refcount_block(uint64_t rt_index) {
   uint64_t block = reftable_[rt_index] & kReftableOffsetMask;
   if (block & (geo_.cluster_size - 1)) {
     co_return fatal_corruption(corruption("refcount block offset " + hex(block) +
@@ -48,7 +49,7 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::load_refcount_block(uint64_t rt_ind
   co_return co_await refcount_cache_->get(block);
 }
 
-std::optional<uint64_t> Qcow2Image::cached_refcount(uint64_t cluster_index) {
+std::optional<uint64_t> Refcounts::cached_refcount(uint64_t cluster_index) {
   const uint64_t rt = cluster_index >> refblock_bits_;
   if (rt >= reftable_.size() || (reftable_[rt] & kReftableOffsetMask) == 0) return uint64_t{0};
   const uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
@@ -58,7 +59,7 @@ std::optional<uint64_t> Qcow2Image::cached_refcount(uint64_t cluster_index) {
   return std::nullopt;
 }
 
-Task<Result<uint64_t>> Qcow2Image::get_refcount(uint64_t cluster_index) {
+Task<Result<uint64_t>> Refcounts::get_refcount(uint64_t cluster_index) {
   // Fast probe of the cache before the (suspending) load.
   if (auto cached = cached_refcount(cluster_index)) co_return *cached;
   const uint64_t rt = cluster_index >> refblock_bits_;
@@ -68,7 +69,7 @@ Task<Result<uint64_t>> Qcow2Image::get_refcount(uint64_t cluster_index) {
   co_return get_refcount_entry(ref->data(), in_block, header_.refcount_order);
 }
 
-Task<Result<uint64_t>> Qcow2Image::find_free_clusters(uint64_t n) {
+Task<Result<uint64_t>> Refcounts::find_free_clusters(uint64_t n) {
   // QEMU's alloc_clusters_noref: the first run of n clusters with refcount 0
   // at or after free_cluster_index_. Clusters no refcount block covers are
   // free, so the scan skips them a block at a time.
@@ -111,7 +112,7 @@ Task<Result<uint64_t>> Qcow2Image::find_free_clusters(uint64_t n) {
   co_return start << geo_.cluster_bits;
 }
 
-Task<Result<uint64_t>> Qcow2Image::alloc_clusters(uint64_t n) {
+Task<Result<uint64_t>> Refcounts::alloc_clusters(uint64_t n) {
   file_->debug_event(BlkDebugEvent::kClusterAlloc);
   while (true) {
     auto offset = co_await find_free_clusters(n);
@@ -124,7 +125,7 @@ Task<Result<uint64_t>> Qcow2Image::alloc_clusters(uint64_t n) {
   }
 }
 
-Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster_index,
+Task<Result<MetadataCache::Ref>> Refcounts::refcount_block_for(uint64_t cluster_index,
                                                                 bool& allocated_block) {
   uint64_t rt = cluster_index >> refblock_bits_;
   while (rt >= reftable_.size()) {
@@ -162,7 +163,7 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   // would be written later over its cluster, which is still free (or
   // leaked, if another block counts it) and may be handed out again.
   struct UnhookedBlock {
-    Qcow2Image& image;
+    Refcounts& image;
     MetadataCache::Ref& ref;
     uint64_t block;
     bool hooked = false;
@@ -189,7 +190,7 @@ Task<Result<MetadataCache::Ref>> Qcow2Image::refcount_block_for(uint64_t cluster
   co_return ref;
 }
 
-Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64_t delta,
+Task<Status> Refcounts::update_refcount(uint64_t offset, uint64_t length, int64_t delta,
                                          bool discard_freed) {
   if (length == 0) co_return Status();
   const uint64_t first = offset >> geo_.cluster_bits;
@@ -199,7 +200,7 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
     file_->debug_event(BlkDebugEvent::kClusterFree);
     // Freeing: the L2 tables that dropped these references must reach the
     // disk before the refcount blocks that free the clusters.
-    UQ_CO_TRY(co_await set_cache_dependency(*refcount_cache_, *l2_cache_));
+    UQ_CO_TRY(co_await refcount_cache_->depend_on(*l2_cache_));
   }
   bool retried_block = false;
   for (uint64_t c = first; c <= last;) {
@@ -259,7 +260,7 @@ Task<Status> Qcow2Image::update_refcount(uint64_t offset, uint64_t length, int64
   co_return Status();
 }
 
-Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
+Task<Status> Refcounts::grow_refcount_table(uint64_t min_entries) {
   // The new table and the refcount blocks that count it (and themselves) go
   // in a fresh area at the end of the image: [area, area + blocks + table).
   const uint64_t cs = geo_.cluster_size;
@@ -347,7 +348,7 @@ Task<Status> Qcow2Image::grow_refcount_table(uint64_t min_entries) {
   co_return co_await update_refcount(old_offset, old_clusters * cs, -1, true);
 }
 
-Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
+Task<Result<uint64_t>> Refcounts::alloc_bytes(uint64_t size) {
   // QEMU's qcow2_alloc_bytes: pack compressed clusters into a partly used
   // host cluster; each host cluster touched gains one reference.
   file_->debug_event(BlkDebugEvent::kClusterAllocBytes);
@@ -394,6 +395,17 @@ Task<Result<uint64_t>> Qcow2Image::alloc_bytes(uint64_t size) {
   free_byte_offset_ = offset + size;
   if ((free_byte_offset_ & (cs - 1)) == 0) free_byte_offset_ = 0;
   co_return offset;
+}
+
+Task<Status> Refcounts::process_discards() {
+  // Called under the lock right after the refcounts dropped to zero, so the
+  // clusters cannot have been reallocated yet.
+  std::vector<uint64_t> pending;
+  pending.swap(pending_discards_);
+  for (uint64_t offset : pending) {
+    (void)co_await file_->co_discard(offset, geo_.cluster_size);  // advisory
+  }
+  co_return Status();
 }
 
 }  // namespace uqcow::qcow2
