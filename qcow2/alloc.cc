@@ -72,7 +72,7 @@ Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte>
     Result<Mapping> m = Mapping{};
     // Fast path: a cached mapping to a COPIED cluster is overwritten in place
     // without the lock, like a read.
-    if (map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied) {
+    if (map_->map_fast(offset, buf.size(), m) && m.ok() && m->type == SubclusterType::kNormal && m->copied) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
       UQ_CO_TRY(overlap_->check_data_write(m->host_offset, n));
       data_file_->debug_event(BlkDebugEvent::kWriteAio);
@@ -109,11 +109,11 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   if (!l2.ok()) co_return std::move(l2).error();
 
   // Plan: look at the clusters from `offset` within one L2 slice.
-  const uint64_t slice = slice_offset(*l2, offset);
-  auto ref = co_await l2_cache_->get(slice);
+  const uint64_t slice = map_->slice_offset(*l2, offset);
+  auto ref = co_await map_->l2_cache().get(slice);
   if (!ref.ok()) co_return std::move(ref).error();
-  const uint64_t per_slice = 1ull << slice_bits_;
-  const uint64_t index = slice_index(offset);
+  const uint64_t per_slice = map_->entries_per_slice();
+  const uint64_t index = map_->slice_index(offset);
   uint64_t in_cluster = geo_.offset_into_cluster(offset);
   uint64_t max_clusters = std::min(per_slice - index, (in_cluster + len + geo_.cluster_size - 1) >> geo_.cluster_bits);
   // Bound one step to 2 MiB of guest data or one cluster, whichever is more.
@@ -128,10 +128,10 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   // Every entry this write replaces or keeps is judged as the read path
   // judges it (QEMU's calculate_l2_meta): damage met here marks the image
   // corrupt before anything is written through it.
-  if (const char* why = l2_entry_problem(l2e0, bm0)) {
-    co_return fatal_corruption(bad_l2_entry(slice, index, l2e0, why));
+  if (const char* why = map_->l2_entry_problem(l2e0, bm0)) {
+    co_return fatal_corruption(map_->bad_l2_entry(slice, index, l2e0, why));
   }
-  auto decoded = decode_l2(ref->data(), slice, offset, len);
+  auto decoded = map_->decode_l2(ref->data(), slice, offset, len);
   if (!decoded.ok()) co_return fatal_corruption(std::move(decoded).error());
   plan.first_old = *decoded;
 
@@ -152,8 +152,8 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     for (; nb < max_clusters; ++nb) {
       const uint64_t e = entries.entry(index + nb), bm = entries.bitmap(index + nb);
       if ((e & kOflagCopied) && !(e & kOflagCompressed) && l2_has_host(e, header_.has_data_file())) break;
-      if (const char* why = l2_entry_problem(e, bm)) {
-        co_return fatal_corruption(bad_l2_entry(slice, index + nb, e, why));
+      if (const char* why = map_->l2_entry_problem(e, bm)) {
+        co_return fatal_corruption(map_->bad_l2_entry(slice, index + nb, e, why));
       }
       plan.old_l2e.push_back(e);
       plan.old_bitmap.push_back(bm);
@@ -166,10 +166,10 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   uint64_t last_guest = offset + len - 1;
   {
     Result<Mapping> tail = Mapping{};
-    if (!map_fast(last_guest, 1, tail)) {
-      auto t = co_await l2_cache_->get(slice);
+    if (!map_->map_fast(last_guest, 1, tail)) {
+      auto t = co_await map_->l2_cache().get(slice);
       if (!t.ok()) co_return std::move(t).error();
-      tail = decode_l2(t->data(), slice, last_guest, 1);
+      tail = map_->decode_l2(t->data(), slice, last_guest, 1);
     }
     if (!tail.ok()) co_return fatal_corruption(std::move(tail).error());
     plan.last_old = *tail;
@@ -322,13 +322,13 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
   const bool new_clusters = plan.kind == ClusterPlan::Kind::kNewClusters;
   if (new_clusters && !lazy_refcounts_) {
     // The refcounts of the new clusters reach the disk before these entries.
-    UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
+    UQ_CO_TRY(co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache()));
   }
   // The guest data and copy-on-write data these entries will point at are
   // written, but not durable yet: they must be before the entries are, or a
   // crash leaves entries that point at stale contents (old data of the
   // cluster, or another offset's). QEMU orders only the COW this way.
-  l2_cache_->set_depends_on_flush();
+  map_->l2_cache().set_depends_on_flush();
   std::vector<uint64_t> to_free;
   for (uint64_t k = 0; k < plan.nb_clusters; ++k) {
     const uint64_t guest = first_guest + k * cs;
@@ -336,11 +336,11 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     // snapshot makes it shared): look it up again.
     auto l2 = co_await l2_table_for_write(guest);
     if (!l2.ok()) co_return std::move(l2).error();
-    const uint64_t slice = slice_offset(*l2, guest);
-    auto ref = co_await l2_cache_->get(slice);
+    const uint64_t slice = map_->slice_offset(*l2, guest);
+    auto ref = co_await map_->l2_cache().get(slice);
     if (!ref.ok()) co_return std::move(ref).error();
     L2Slice entries(ref->data(), geo_);
-    const uint64_t index = slice_index(guest);
+    const uint64_t index = map_->slice_index(guest);
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
     // Invariant: while this range is registered in flight, nothing else
@@ -367,7 +367,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
       uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
       entries.set_bitmap(index, alloc | (zero << 32));
     }
-    l2_cache_->mark_dirty(*ref);
+    map_->l2_cache().mark_dirty(*ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
   }
   for (uint64_t old : to_free) UQ_CO_TRY(co_await free_cluster_entry(old, false));
@@ -378,10 +378,10 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   // QEMU's get_cluster_table + l2_allocate: returns an L2 table with
   // refcount 1 (COPIED), allocating a fresh one or copying a shared one.
   const uint64_t l1_index = geo_.l1_index(offset);
-  if (l1_index >= l1_.size()) {
+  if (l1_index >= map_->l1().size()) {
     co_return Error(EINVAL, "offset " + std::to_string(offset) + " is beyond the L1 table");
   }
-  const uint64_t l1e = l1_[l1_index];
+  const uint64_t l1e = map_->l1()[l1_index];
   const uint64_t old_l2 = l1e & kL1OffsetMask;
   if (old_l2 & (geo_.cluster_size - 1)) {
     co_return fatal_corruption(corruption("L2 table offset " + hex(old_l2) + " unaligned (L1 index " +
@@ -396,29 +396,29 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
-    auto fresh = co_await l2_cache_->get(*new_l2 + off, /*fresh=*/true);
+    auto fresh = co_await map_->l2_cache().get(*new_l2 + off, /*fresh=*/true);
     if (!fresh.ok()) co_return std::move(fresh).error();
     if (old_l2) {
       file_->debug_event(BlkDebugEvent::kL2AllocCowRead);
-      auto old = co_await l2_cache_->get(old_l2 + off);
+      auto old = co_await map_->l2_cache().get(old_l2 + off);
       if (!old.ok()) co_return std::move(old).error();
       std::memcpy(fresh->data(), old->data(), slice_size);
     }
-    l2_cache_->mark_dirty(*fresh);
+    map_->l2_cache().mark_dirty(*fresh);
   }
   // The table itself reaches the disk before the L1 entry.
   file_->debug_event(BlkDebugEvent::kL2AllocWrite);
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   UQ_CO_TRY(co_await file_->co_flush());
-  set_active_l1_entry(l1_index, *new_l2 | kOflagCopied);
-  Status linked = co_await write_l1_entry(l1_index);
+  map_->set_active_l1_entry(l1_index, *new_l2 | kOflagCopied);
+  Status linked = co_await map_->write_l1_entry(l1_index);
   if (!linked.ok()) {
     // The in-memory L1 must keep matching the disk's, or later writes would
     // go through a table that a reopened image cannot reach (their data lost).
     // The new table is leaked, not freed: the failed write may still have
     // reached the disk, and then the on-disk L1 points at it.
-    set_active_l1_entry(l1_index, l1e);
-    for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) l2_cache_->discard(*new_l2 + off);
+    map_->set_active_l1_entry(l1_index, l1e);
+    for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) map_->l2_cache().discard(*new_l2 + off);
     co_return linked.error();
   }
   if (old_l2) {
@@ -426,19 +426,6 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
     UQ_CO_TRY(co_await refcounts_->update_refcount(old_l2, geo_.cluster_size, -1, false));
   }
   co_return *new_l2;
-}
-
-Task<Status> Qcow2Image::write_l1_entry(uint64_t l1_index) {
-  // Rewrites the 512-byte sector of the L1 table that holds the entry.
-  constexpr uint64_t kPerSector = kSectorSize / 8;
-  const uint64_t first = l1_index & ~(kPerSector - 1);
-  const uint64_t count = std::min<uint64_t>(kPerSector, l1_.size() - first);
-  uint8_t sector[kSectorSize] = {};
-  for (uint64_t i = 0; i < count; ++i) store_be64(sector + i * 8, l1_[first + i]);
-  const uint64_t offset = header_.l1_table_offset + first * 8;
-  UQ_CO_TRY(overlap_->check_metadata_write(offset, count * 8, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
-  file_->debug_event(BlkDebugEvent::kL1Update);
-  co_return co_await file_->co_write(offset, std::span<const std::byte>(reinterpret_cast<std::byte*>(sector), count * 8));
 }
 
 Task<Status> Qcow2Image::mark_dirty_for_lazy_refcounts() {

@@ -57,7 +57,7 @@ Task<Status> Qcow2Image::free_cluster_entry(uint64_t l2e, bool discard) {
 
 Task<Status> Qcow2Image::make_unlinks_durable() {
   // The L2 cache writes its dependency (refcount blocks) first.
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   UQ_CO_TRY(co_await file_->co_flush());
   ++durable_epoch_;
   co_return Status();

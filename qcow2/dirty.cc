@@ -25,7 +25,7 @@ Task<Status> Qcow2Image::repair_after_crash() {
   header_.refcount_table_offset = h->refcount_table_offset;
   header_.refcount_table_clusters = h->refcount_table_clusters;
   header_.incompatible_features = h->incompatible_features;
-  co_return co_await load_l1(header_.l1_table_offset, header_.l1_size);
+  co_return co_await map_->load_l1(header_.l1_table_offset, header_.l1_size);
 }
 
 }  // namespace uqcow::qcow2

@@ -134,27 +134,10 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   }
 
   overlap_.emplace(reporter_, geo_.cluster_size, data_file_ == file_.get());
-  UQ_CO_TRY(co_await load_l1(header_.l1_table_offset, header_.l1_size));
+  UQ_CO_TRY(create_components());
+  UQ_CO_TRY(co_await map_->load_l1(header_.l1_table_offset, header_.l1_size));
   UQ_CO_TRY(co_await load_snapshots());
   if (!options_.snapshot.empty()) UQ_CO_TRY(co_await select_snapshot(options_.snapshot));
-
-  // Caches.
-  auto sizes = compute_cache_sizes(header_, options_);
-  if (!sizes.ok()) co_return std::move(sizes).error();
-  cache_sizes_ = *sizes;
-  uint64_t l2_entries = std::max(kMinL2CacheEntries, cache_sizes_.l2_cache_bytes / cache_sizes_.l2_entry_size);
-  uint64_t rc_entries = std::max(kMinRefcountCacheEntries, cache_sizes_.refcount_cache_bytes / geo_.cluster_size);
-  auto l2 = MetadataCache::create("L2", *file_, cache_sizes_.l2_entry_size, static_cast<uint32_t>(l2_entries));
-  if (!l2.ok()) co_return std::move(l2).error();
-  l2_cache_ = std::move(l2).value();
-  l2_cache_->set_debug_events(BlkDebugEvent::kL2Load, BlkDebugEvent::kL2Update);
-  if (data_file_ != file_.get()) l2_cache_->set_also_sync(data_file_);
-  auto rc = MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
-                                  static_cast<uint32_t>(rc_entries));
-  if (!rc.ok()) co_return std::move(rc).error();
-  rc.value()->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
-  refcounts_.emplace(*file_, header_, geo_, std::move(rc).value(), *l2_cache_, *overlap_, reporter_);
-  slice_bits_ = static_cast<uint32_t>(__builtin_ctzll(cache_sizes_.l2_entry_size / geo_.l2_entry_size));
 
   // Backing file.
   if (!header_.backing_file.empty() && !options_.no_backing) {
@@ -174,6 +157,23 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   co_return Status();
 }
 
+Status Qcow2Image::create_components() {
+  UQ_ASSIGN_OR_RETURN(cache_sizes_, compute_cache_sizes(header_, options_));
+  uint64_t l2_entries = std::max(kMinL2CacheEntries, cache_sizes_.l2_cache_bytes / cache_sizes_.l2_entry_size);
+  uint64_t rc_entries = std::max(kMinRefcountCacheEntries, cache_sizes_.refcount_cache_bytes / geo_.cluster_size);
+  UQ_ASSIGN_OR_RETURN(std::unique_ptr<MetadataCache> l2,
+                      MetadataCache::create("L2", *file_, cache_sizes_.l2_entry_size, static_cast<uint32_t>(l2_entries)));
+  l2->set_debug_events(BlkDebugEvent::kL2Load, BlkDebugEvent::kL2Update);
+  if (data_file_ != file_.get()) l2->set_also_sync(data_file_);
+  UQ_ASSIGN_OR_RETURN(std::unique_ptr<MetadataCache> rc,
+                      MetadataCache::create("refcount", *file_, static_cast<uint32_t>(geo_.cluster_size),
+                                            static_cast<uint32_t>(rc_entries)));
+  rc->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
+  map_.emplace(*file_, header_, geo_, std::move(l2), cache_sizes_.l2_entry_size, *overlap_);
+  refcounts_.emplace(*file_, header_, geo_, std::move(rc), map_->l2_cache(), *overlap_, reporter_);
+  return Status();
+}
+
 Task<Status> Qcow2Image::prepare_read_write() {
   lazy_refcounts_ = options_.lazy_refcounts.value_or(header_.lazy_refcounts());
   if (lazy_refcounts_ && header_.version < 3) {
@@ -186,7 +186,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
   }
   UQ_CO_TRY(co_await refcounts_->load_refcount_table());
   UQ_CO_TRY(co_await build_metadata_regions());
-  l2_cache_->set_write_check(&overlap_->l2_cache_check());
+  map_->l2_cache().set_write_check(&overlap_->l2_cache_check());
   refcounts_->cache().set_write_check(&overlap_->refcount_cache_check());
   // Autoclear bits this implementation does not maintain (bitmaps) must be
   // cleared when the image is opened for writing (docs/interop/qcow2.txt).
@@ -199,11 +199,6 @@ Task<Status> Qcow2Image::prepare_read_write() {
   co_return Status();
 }
 
-Task<Status> Qcow2Image::load_l1(uint64_t offset, uint32_t entries) {
-  // entries is bounded by parse_header / parse_snapshot_table (32 MiB).
-  UQ_CO_ASSIGN_OR_RETURN(l1_, co_await read_table(*file_, offset, entries));
-  co_return Status();
-}
 
 Task<Status> Qcow2Image::load_snapshots() {
   if (header_.nb_snapshots == 0) co_return Status();
@@ -245,149 +240,26 @@ Task<Status> Qcow2Image::select_snapshot(const std::string& key) {
   // Like qemu-img convert -l, the disk keeps the image's current size: what
   // the snapshot's (maybe smaller) L1 table does not map reads as
   // unallocated.
-  co_return co_await load_l1(found->l1_table_offset, found->l1_size);
+  co_return co_await map_->load_l1(found->l1_table_offset, found->l1_size);
 }
 
 // ---------------------------------------------------------------------------
 // Mapping: guest offset -> (subcluster type, host offset, run length).
 
-Result<uint64_t> Qcow2Image::l2_table_of(uint64_t offset) const {
-  uint64_t l1_index = geo_.l1_index(offset);
-  if (l1_index >= l1_.size()) return uint64_t{0};
-  uint64_t l2 = l1_[l1_index] & kL1OffsetMask;
-  if (l2 & (geo_.cluster_size - 1)) {
-    return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 table offset " + hex(l2) +
-                          " unaligned (L1 index " + std::to_string(l1_index) + ")");
-  }
-  return l2;
-}
-
-uint64_t Qcow2Image::slice_offset(uint64_t l2_table, uint64_t offset) const {
-  uint64_t slice = geo_.l2_index(offset) >> slice_bits_;
-  return l2_table + slice * cache_sizes_.l2_entry_size;
-}
-
-const char* Qcow2Image::l2_entry_problem(uint64_t l2e, uint64_t bitmap) const {
-  const bool df = header_.has_data_file();
-  if (l2e & kOflagCompressed) return df ? "compressed cluster in an image with an external data file" : nullptr;
-  const bool host = l2_has_host(l2e, df);
-  const uint64_t alloc_bits = bitmap & 0xffffffffull;
-  if (!geo_.extended_l2) {
-    if ((l2e & kOflagZero) && !v3_) return "zero flag in a compat=0.10 image";
-  } else if (host && (alloc_bits & (bitmap >> 32))) {
-    return "a subcluster is both allocated and zero";
-  } else if (!host && alloc_bits) {
-    return "subclusters allocated without a host cluster";
-  }
-  if (host && ((l2e & kL2OffsetMask) & (geo_.cluster_size - 1))) {
-    return "cluster allocation offset is not cluster aligned";
-  }
-  return nullptr;
-}
-
-Error Qcow2Image::bad_l2_entry(uint64_t slice_host, uint64_t index, uint64_t l2e, const char* why) const {
-  return Error(EIO, "qcow2 image " + file_->name() + " is corrupt: L2 entry " + hex(l2e) + " (L2 slice " +
-                        hex(slice_host) + ", index " + std::to_string(index) + "): " + why);
-}
-
-Result<Mapping> Qcow2Image::decode_l2(const uint8_t* slice, uint64_t slice_host, uint64_t offset,
-                                      uint64_t max_bytes) const {
-  const uint64_t entries_per_slice = 1ull << slice_bits_;
-  uint64_t index = geo_.l2_index(offset) & (entries_per_slice - 1);
-  // Never map past the end of this slice.
-  uint64_t in_cluster = geo_.offset_into_cluster(offset);
-  max_bytes = std::min(max_bytes, (entries_per_slice - index) * geo_.cluster_size - in_cluster);
-
-  const ConstL2Slice entries(slice, geo_);
-  uint64_t l2e = entries.entry(index), bitmap = entries.bitmap(index);
-  uint32_t sc = geo_.subcluster_index(offset);
-  const bool df = header_.has_data_file();
-  SubclusterType type = subcluster_type(geo_, l2e, bitmap, sc, v3_, df);
-  Mapping m;
-  m.type = type;
-  if (type == SubclusterType::kInvalid || (type == SubclusterType::kCompressed && df)) {
-    return bad_l2_entry(slice_host, index, l2e, l2_entry_problem(l2e, bitmap));
-  }
-  if (type == SubclusterType::kCompressed) {
-    m.host_offset = l2e;
-    m.bytes = std::min(max_bytes, geo_.cluster_size - in_cluster);
-    return m;
-  }
-  uint64_t host = l2e & kL2OffsetMask;
-  bool has_host = type == SubclusterType::kNormal || type == SubclusterType::kZeroAlloc ||
-                  type == SubclusterType::kUnallocatedAlloc;
-  if (has_host && (host & (geo_.cluster_size - 1))) {
-    return bad_l2_entry(slice_host, index, l2e, "cluster allocation offset is not cluster aligned");
-  }
-  if (has_host && df && host != offset - in_cluster) {
-    // QEMU's check: a data-file cluster sits at its guest offset. Going
-    // through any other host offset would read, or overwrite, another guest
-    // cluster's data.
-    return bad_l2_entry(slice_host, index, l2e,
-                        "external data file host cluster offset does not match the guest cluster offset");
-  }
-  if (has_host) m.host_offset = host + in_cluster;
-  m.copied = (l2e & kOflagCopied) != 0;
-
-  // Extend the run over following subclusters and clusters of the same type
-  // (and, where there is a host offset, physically contiguous).
-  uint64_t run = geo_.subcluster_size - (offset & (geo_.subcluster_size - 1));
-  uint32_t per_cluster = geo_.extended_l2 ? kSubclustersPerCluster : 1;
-  uint64_t i = index;
-  uint32_t next_sc = geo_.extended_l2 ? sc + 1 : 1;
-  uint64_t expected_host = host;
-  while (run < max_bytes) {
-    if (next_sc == per_cluster) {
-      if (++i >= entries_per_slice) break;
-      l2e = entries.entry(i);
-      bitmap = entries.bitmap(i);
-      next_sc = 0;
-      expected_host += geo_.cluster_size;
-      if (has_host && (l2e & kL2OffsetMask) != expected_host) break;
-      if (((l2e & kOflagCopied) != 0) != m.copied) break;
-    }
-    if (subcluster_type(geo_, l2e, bitmap, next_sc, v3_, df) != type) break;
-    run += geo_.subcluster_size;
-    ++next_sc;
-  }
-  m.bytes = std::min(run, max_bytes);
-  return m;
-}
-
-bool Qcow2Image::map_fast(uint64_t offset, uint64_t max_bytes, Result<Mapping>& out) {
-  auto l2 = l2_table_of(offset);
-  if (!l2.ok()) {
-    out = std::move(l2).error();
-    return true;
-  }
-  if (*l2 == 0) {
-    // No L2 table: unallocated up to the end of this L1 entry's coverage.
-    uint64_t coverage = geo_.l1_entry_coverage();
-    uint64_t left = coverage - (offset & (coverage - 1));
-    out = Mapping{.type = SubclusterType::kUnallocatedPlain, .bytes = std::min(left, max_bytes)};
-    return true;
-  }
-  uint64_t slice = slice_offset(*l2, offset);
-  const uint8_t* data = l2_cache_->lookup(slice);
-  if (!data) return false;
-  out = decode_l2(data, slice, offset, max_bytes);
-  return true;
-}
-
 Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) {
   auto guard = co_await lock_.scoped_lock();
   // Re-read the L1 entry under the lock: it may have changed while waiting.
-  auto l2 = l2_table_of(offset);
+  auto l2 = map_->l2_table_of(offset);
   if (!l2.ok()) co_return fatal_corruption(std::move(l2).error());
   if (*l2 == 0) {
     Result<Mapping> m = Mapping{};
-    map_fast(offset, max_bytes, m);
+    map_->map_fast(offset, max_bytes, m);
     co_return m;
   }
-  uint64_t slice = slice_offset(*l2, offset);
-  auto ref = co_await l2_cache_->get(slice);
+  uint64_t slice = map_->slice_offset(*l2, offset);
+  auto ref = co_await map_->l2_cache().get(slice);
   if (!ref.ok()) co_return std::move(ref).error();
-  auto m = decode_l2(ref->data(), slice, offset, max_bytes);
+  auto m = map_->decode_l2(ref->data(), slice, offset, max_bytes);
   if (!m.ok()) co_return fatal_corruption(std::move(m).error());
   co_return m;
 }
@@ -395,7 +267,7 @@ Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) 
 Task<Result<Mapping>> Qcow2Image::map_range(uint64_t offset, uint64_t max_bytes) {
   // A damaged entry takes the slow path, which marks the image corrupt.
   Result<Mapping> m = Mapping{};
-  if (map_fast(offset, max_bytes, m) && m.ok()) co_return m;
+  if (map_->map_fast(offset, max_bytes, m) && m.ok()) co_return m;
   co_return co_await map_slow(offset, max_bytes);
 }
 
@@ -424,7 +296,7 @@ Task<Status> Qcow2Image::read_range(uint64_t offset, std::span<std::byte> buf, E
   while (!buf.empty()) {
     Result<Mapping> m = Mapping{};
     // A damaged entry takes the slow path too, which marks the image corrupt.
-    if (!map_fast(offset, buf.size(), m) || !m.ok()) m = co_await map_slow(offset, buf.size());
+    if (!map_->map_fast(offset, buf.size(), m) || !m.ok()) m = co_await map_slow(offset, buf.size());
     if (!m.ok()) co_return std::move(m).error();
     size_t n = static_cast<size_t>(std::min<uint64_t>(m->bytes, buf.size()));
     assert(n > 0 && "a mapping always covers at least one byte");
@@ -536,12 +408,12 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
 
 Task<Status> Qcow2Image::flush() {
   // (No caches yet: an open that failed part-way is being closed.)
-  if (options_.read_only || closed_ || !l2_cache_ || !refcounts_) co_return Status();
+  if (options_.read_only || closed_ || !map_ || !refcounts_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   file_->debug_event(BlkDebugEvent::kFlushToDisk);
   UQ_CO_TRY(co_await file_->co_flush());
@@ -553,7 +425,7 @@ Task<Status> Qcow2Image::flush() {
   UQ_CO_TRY(co_await release_deferred_frees());
   if (deferred_frees_.size() != deferred) {
     UQ_CO_TRY(co_await refcounts_->cache().flush());
-    UQ_CO_TRY(co_await l2_cache_->flush());
+    UQ_CO_TRY(co_await map_->l2_cache().flush());
     UQ_CO_TRY(co_await file_->co_flush());
   }
   co_return Status();
@@ -570,7 +442,7 @@ Task<void> Qcow2Image::clean_timer() {
     int r = co_await sleep;
     clean_sleep_ = nullptr;
     if (closing_ || r == -ECANCELED) break;
-    l2_cache_->clean_unused();
+    map_->l2_cache().clean_unused();
     refcounts_->cache().clean_unused();
   }
 }

@@ -46,6 +46,7 @@
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
 #include "qcow2/cache.h"
+#include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
 #include "qcow2/create.h"
 #include "qcow2/disk.h"
@@ -61,16 +62,6 @@
 #include "uring/ops.h"
 
 namespace uqcow::qcow2 {
-
-// A contiguous guest range with one mapping, QEMU's qcow2_get_host_offset().
-struct Mapping {
-  SubclusterType type = SubclusterType::kUnallocatedPlain;
-  bool copied = false;       // the host cluster has refcount 1 (OFLAG_COPIED)
-  uint64_t host_offset = 0;  // for kNormal/kZeroAlloc/kUnallocatedAlloc: host
-                             // byte offset of the guest offset; kCompressed:
-                             // the raw L2 entry
-  uint64_t bytes = 0;        // length of the run from the guest offset
-};
 
 struct CacheSizes {
   uint64_t l2_cache_bytes = 0;
@@ -192,7 +183,7 @@ class Qcow2Image final : public Disk {
   const Geometry& geometry() const { return geo_; }
   const std::vector<Snapshot>& snapshots() const { return snapshots_; }
   const CacheSizes& cache_sizes() const { return cache_sizes_; }
-  const MetadataCache& l2_cache() const { return *l2_cache_; }
+  const MetadataCache& l2_cache() const { return map_->l2_cache(); }
   // Times the metadata lock was taken since open (benchmarks: the cached
   // read path must not add to it).
   uint64_t metadata_lock_acquisitions() const { return lock_.acquisitions(); }
@@ -213,23 +204,11 @@ class Qcow2Image final : public Disk {
   Task<Status> repair_after_crash();
   Task<Status> load_snapshots();
   Task<Status> select_snapshot(const std::string& id_or_name);
-  Task<Status> load_l1(uint64_t offset, uint32_t entries);
-
-  // Why an L2 entry (and its extended bitmap) is damaged, as the read and
-  // the write path judge it (QEMU's qcow2_get_subcluster_type plus the
-  // alignment checks), or nullptr when it is valid.
-  const char* l2_entry_problem(uint64_t l2e, uint64_t bitmap) const;
-  Error bad_l2_entry(uint64_t slice_host, uint64_t index, uint64_t l2e, const char* why) const;
-  // Decodes the mapping of `offset` from an L2 slice (no I/O, no lock).
-  Result<Mapping> decode_l2(const uint8_t* slice, uint64_t slice_host_offset, uint64_t offset,
-                            uint64_t max_bytes) const;
-  bool map_fast(uint64_t offset, uint64_t max_bytes, Result<Mapping>& out);
+  // The caches, the cluster map and the refcounts, once the header (and
+  // the data file) are known.
+  Status create_components();
+  // map_range() on an L2 cache miss, or a damaged entry (marked corrupt).
   Task<Result<Mapping>> map_slow(uint64_t offset, uint64_t max_bytes);
-  // Host offset of the L2 slice that maps `offset`, given its L2 table.
-  uint64_t slice_offset(uint64_t l2_table_offset, uint64_t offset) const;
-  // Index of the entry that maps `offset` within its L2 slice.
-  uint64_t slice_index(uint64_t offset) const { return geo_.l2_index(offset) & ((1ull << slice_bits_) - 1); }
-  Result<uint64_t> l2_table_of(uint64_t offset) const;  // 0 = no L2 table
 
   // --- Write path (alloc.cc, zero.cc) --------------------------------------
   struct ClusterPlan;
@@ -246,7 +225,6 @@ class Qcow2Image final : public Disk {
   // Handles a prefix of the write under the lock; returns the bytes done.
   Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
   Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
-  Task<Status> write_l1_entry(uint64_t l1_index);
   // Host offset for n new data clusters starting at guest cluster `guest`:
   // fresh clusters of the qcow2 file, or, with an external data file, the
   // guest offset itself (nothing is allocated). Lock held.
@@ -291,9 +269,6 @@ class Qcow2Image final : public Disk {
   Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
 
   // --- Overlap check (overlap.cc): building the regions the guard checks ---
-  // The one writer of l1_[index] on the write path: keeps the active L2
-  // regions in step with it.
-  void set_active_l1_entry(uint64_t index, uint64_t entry);
   Task<Result<MetadataRegions>> collect_metadata_regions(OverlapMask tracked);
   Task<Status> build_metadata_regions();
 
@@ -339,14 +314,13 @@ class Qcow2Image final : public Disk {
   Geometry geo_;
   uint64_t size_ = 0;
   bool v3_ = true;
-  std::vector<uint64_t> l1_;  // host-endian copy of the active (or snapshot) L1
   std::vector<Snapshot> snapshots_;
   std::unique_ptr<Disk> backing_;
   std::string backing_path_;
   CacheSizes cache_sizes_;
-  std::unique_ptr<MetadataCache> l2_cache_;
-  uint32_t slice_bits_ = 0;         // log2(L2 entries per slice)
-  // Refcounts and cluster allocation; set up by load() with the caches.
+  // The mapping (L1 table, L2 cache), refcounts and cluster allocation;
+  // set up by load() (create_components).
+  std::optional<ClusterMap> map_;
   std::optional<Refcounts> refcounts_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed

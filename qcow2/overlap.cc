@@ -14,11 +14,6 @@
 
 namespace uqcow::qcow2 {
 
-void Qcow2Image::set_active_l1_entry(uint64_t index, uint64_t entry) {
-  overlap_->active_l1_entry_changed(l1_[index], entry);
-  l1_[index] = entry;
-}
-
 Task<Result<MetadataRegions>> Qcow2Image::collect_metadata_regions(OverlapMask tracked) {
   // Tables are registered in whole clusters (the updates in alloc.cc,
   // refcount.cc, resize.cc and snapshot_ops.cc do the same); QEMU counts
@@ -29,7 +24,7 @@ Task<Result<MetadataRegions>> Qcow2Image::collect_metadata_regions(OverlapMask t
   r.reset(tracked);
   r.add(MetadataKind::kMainHeader, 0, cs);
   r.add(MetadataKind::kActiveL1, header_.l1_table_offset, clusters(uint64_t{header_.l1_size} * 8));
-  for (uint64_t e : l1_) {
+  for (uint64_t e : map_->l1()) {
     if (uint64_t l2 = e & kL1OffsetMask) r.add(MetadataKind::kActiveL2, l2, cs);
   }
   r.add(MetadataKind::kRefcountTable, header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs);

@@ -17,10 +17,10 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
   for (uint64_t offset = geo_.start_of_cluster(start); offset < end;) {
     auto l2 = co_await l2_table_for_write(offset);
     if (!l2.ok()) co_return std::move(l2).error();
-    const uint64_t per_slice = 1ull << slice_bits_;
-    const uint64_t index = slice_index(offset);
+    const uint64_t per_slice = map_->entries_per_slice();
+    const uint64_t index = map_->slice_index(offset);
     const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(end - offset));
-    auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
+    auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
     if (!ref.ok()) co_return std::move(ref).error();
     // The clusters of this slice that have no host cluster yet; those that
     // have one (the old last cluster of a grown disk) keep it.
@@ -42,9 +42,9 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
         auto h = co_await refcounts_->alloc_clusters(todo.size());
         if (!h.ok()) co_return std::move(h).error();
         host = *h;
-        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
+        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache()));
       }
-      auto slice = co_await l2_cache_->get(slice_offset(*l2, offset));
+      auto slice = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
       if (!slice.ok()) co_return std::move(slice).error();
       for (size_t i = 0; i < todo.size(); ++i) {
         const uint64_t k = todo[i];
@@ -60,7 +60,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
           runs.push_back({h, cs});
         }
       }
-      l2_cache_->mark_dirty(*slice);
+      map_->l2_cache().mark_dirty(*slice);
     }
     offset += nb * cs;
   }

@@ -66,7 +66,7 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
       // preallocated (metadata), as creation preallocates the whole disk.
       std::vector<HostRun> runs;
       UQ_CO_TRY(co_await preallocate_metadata(old_size, new_size, /*fresh=*/false, runs));
-      UQ_CO_TRY(co_await l2_cache_->flush());
+      UQ_CO_TRY(co_await map_->l2_cache().flush());
       UQ_CO_TRY(co_await refcounts_->cache().flush());
       UQ_CO_TRY(co_await file_->co_flush());
     }
@@ -163,16 +163,16 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   const uint64_t cs = geo_.cluster_size;
   const uint64_t need = l1_entries_for(new_size, geo_);
   if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
-  if (need <= l1_.size()) co_return Status();
+  if (need <= map_->l1().size()) co_return Status();
   // Grow by at least half, as QEMU does, so repeated growth stays cheap.
-  uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, l1_.size() + l1_.size() / 2), kMaxL1Bytes / 8);
+  uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, map_->l1().size() + map_->l1().size() / 2), kMaxL1Bytes / 8);
   uint64_t clusters = (entries * 8 + cs - 1) / cs;
   entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
   file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
   auto table = co_await refcounts_->alloc_clusters(clusters);
   if (!table.ok()) co_return std::move(table).error();
   UQ_CO_TRY(overlap_->check_metadata_write(*table, clusters * cs, "active L1 table"));
-  const std::vector<uint8_t> buf = encode_table(l1_, clusters * cs);
+  const std::vector<uint8_t> buf = encode_table(map_->l1(), clusters * cs);
   // The refcount of the new table, then the table itself, before the header.
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
@@ -187,7 +187,7 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   overlap_->add(MetadataKind::kActiveL1, *table, clusters * cs);
   header_.l1_table_offset = *table;
   header_.l1_size = static_cast<uint32_t>(entries);
-  l1_.resize(entries, 0);
+  map_->grow_l1(entries);
   if (old_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
   co_return Status();
 }

@@ -15,16 +15,16 @@
 namespace uqcow::qcow2 {
 
 Task<Status> Qcow2Image::shrink_l1_table(uint64_t entries) {
-  if (entries >= l1_.size()) co_return Status();
+  if (entries >= map_->l1().size()) co_return Status();
   const uint64_t cs = geo_.cluster_size;
   bool any = false;
-  for (uint64_t i = entries; i < l1_.size(); ++i) any |= (l1_[i] & kL1OffsetMask) != 0;
+  for (uint64_t i = entries; i < map_->l1().size(); ++i) any |= (map_->l1()[i] & kL1OffsetMask) != 0;
   if (!any) co_return Status();
   // The entries past the new end are zero on disk before their L2 tables
   // are freed: a crash in between leaks the tables, never reuses one that
   // the table on disk still points at. (The table keeps its size, as QEMU's.)
   const uint64_t first = header_.l1_table_offset + entries * 8;
-  const uint64_t bytes = (l1_.size() - entries) * 8;
+  const uint64_t bytes = (map_->l1().size() - entries) * 8;
   UQ_CO_TRY(overlap_->check_metadata_write(first, bytes, "L1 entry", overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1ShrinkWriteTable);
   std::vector<std::byte> zeros(bytes);
@@ -34,13 +34,13 @@ Task<Status> Qcow2Image::shrink_l1_table(uint64_t entries) {
     // The table on disk may be partly zeroed: forget the tables in memory
     // too (they leak), so nothing is written through an entry the disk may
     // no longer have. Nothing past the new end is allocated (resize checked).
-    for (uint64_t i = entries; i < l1_.size(); ++i) set_active_l1_entry(i, 0);
+    for (uint64_t i = entries; i < map_->l1().size(); ++i) map_->set_active_l1_entry(i, 0);
     co_return written;
   }
   file_->debug_event(BlkDebugEvent::kL1ShrinkFreeL2Clusters);
-  for (uint64_t i = l1_.size(); i-- > entries;) {
-    const uint64_t l2 = l1_[i] & kL1OffsetMask;
-    set_active_l1_entry(i, 0);
+  for (uint64_t i = map_->l1().size(); i-- > entries;) {
+    const uint64_t l2 = map_->l1()[i] & kL1OffsetMask;
+    map_->set_active_l1_entry(i, 0);
     if (!l2) continue;
     if (l2 & (cs - 1)) {
       nonfatal_corruption("cannot free unaligned L2 table " + hex(l2));

@@ -71,15 +71,15 @@ Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) 
     }
     UQ_CO_TRY(beyond_end(l2, cs, "the L2 table of L1 index " + std::to_string(i)));
     for (uint64_t off = 0; off < cs; off += slice_size) {
-      auto ref = co_await l2_cache_->get(l2 + off);
+      auto ref = co_await map_->l2_cache().get(l2 + off);
       if (!ref.ok()) co_return std::move(ref).error();
       const ConstL2Slice slice(ref->data(), geo_);
       for (uint64_t k = 0; k < entries; ++k) {
         const uint64_t l2e = slice.entry(k);
         const uint64_t bitmap = slice.bitmap(k);
         const uint64_t index = off / geo_.l2_entry_size + k;
-        if (const char* why = l2_entry_problem(l2e, bitmap)) {
-          co_return fatal_corruption(bad_l2_entry(l2 + off, index, l2e, why));
+        if (const char* why = map_->l2_entry_problem(l2e, bitmap)) {
+          co_return fatal_corruption(map_->bad_l2_entry(l2 + off, index, l2e, why));
         }
         if (l2e & kOflagCompressed) {
           const uint64_t coffset = geo_.compressed_offset(l2e);
@@ -159,7 +159,7 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
         // The entry loses COPIED because its refcount went up: that count
         // must reach the disk before this slice does (QEMU sets the same
         // dependency), or a crash leaves COPIED clear at refcount 1.
-        UQ_CO_TRY(co_await set_cache_dependency(*l2_cache_, refcounts_->cache()));
+        UQ_CO_TRY(co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache()));
       }
       l2.set_entry(i, updated);
       changed = true;
@@ -174,12 +174,12 @@ Task<Status> Qcow2Image::snapshot_l2_refcount(uint64_t l2_offset, int64_t addend
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   const uint64_t entries = slice_size / geo_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
-    auto ref = co_await l2_cache_->get(l2_offset + off);
+    auto ref = co_await map_->l2_cache().get(l2_offset + off);
     if (!ref.ok()) co_return std::move(ref).error();
     if (addend != 0) UQ_CO_TRY(co_await snapshot_slice_refcounts(ref->data(), entries, addend, discard));
     bool dirty = false;
     UQ_CO_TRY(co_await snapshot_slice_copied(ref->data(), entries, addend, dirty));
-    if (dirty) l2_cache_->mark_dirty(*ref);
+    if (dirty) map_->l2_cache().mark_dirty(*ref);
   }
   co_return Status();
 }
@@ -214,7 +214,7 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
 Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
   // Writes `table` over the active L1 table and, only once the write
   // succeeded, makes it the in-memory one (with its L2 tables as the
-  // active-L2 overlap regions): after a failed write, l1_ still holds what
+  // active-L2 overlap regions): after a failed write, map_->l1() still holds what
   // the disk held before (a torn write aside, as in QEMU), and the
   // references the new table would have taken are leaked at most.
   const std::vector<uint8_t> raw = encode_table(table);
@@ -222,9 +222,7 @@ Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
                                  overlap_bit(MetadataKind::kActiveL1)));
   file_->debug_event(BlkDebugEvent::kL1Update);
   UQ_CO_TRY(co_await file_->co_write(header_.l1_table_offset, cbytes_of(raw)));
-  overlap_->l2_tables(MetadataKind::kActiveL2, l1_, false);
-  l1_ = table;
-  overlap_->l2_tables(MetadataKind::kActiveL2, l1_, true);
+  map_->replace_l1(table);
   co_return Status();
 }
 
@@ -252,7 +250,7 @@ Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
   auto offset = co_await write_new_clusters(*table, MetadataKind::kSnapshotTable);
   if (!offset.ok()) co_return std::move(offset).error();
   UQ_CO_TRY(co_await refcounts_->cache().flush());
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   UQ_CO_TRY(co_await file_->co_flush());
   // nb_snapshots and snapshots_offset change in one write.
   file_->debug_event(BlkDebugEvent::kSnapshotUpdate);
@@ -280,7 +278,7 @@ Task<Status> Qcow2Image::flush_metadata() {
     UQ_CO_TRY(co_await release_deferred_frees());
   }
   UQ_CO_TRY(co_await refcounts_->cache().flush());
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   UQ_CO_TRY(co_await refcounts_->process_discards());
   co_return co_await file_->co_flush();
 }
@@ -302,20 +300,20 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   }
   if (snapshots_.size() >= kMaxSnapshots) co_return Error(EFBIG, "too many snapshots");
   UQ_CO_TRY(co_await flush_metadata());
-  UQ_CO_TRY(co_await check_mapping_in_file(l1_));
+  UQ_CO_TRY(co_await check_mapping_in_file(map_->l1()));
   // Everything the active L1 reaches gains the snapshot's reference; the
   // active entries lose COPIED, so later writes copy on write.
-  // The walk works on a copy: l1_ changes only with the disk's table.
+  // The walk works on a copy: map_->l1() changes only with the disk's table.
   bool l1_changed = false;
-  std::vector<uint64_t> active = l1_;
+  std::vector<uint64_t> active = map_->l1();
   UQ_CO_TRY(co_await update_snapshot_refcount(active, +1, false, l1_changed));
   // The raised refcounts are durable before the L2 tables (their cache
   // depends on the refcount cache) and the L1 table drop COPIED.
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await file_->co_flush());
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
-  std::vector<uint64_t> inactive(l1_);
+  std::vector<uint64_t> inactive(map_->l1());
   for (uint64_t& e : inactive) e &= ~kOflagCopied;
   const std::vector<uint8_t> l1_copy = encode_table(inactive);
   auto l1_offset = co_await write_new_clusters(l1_copy, MetadataKind::kInactiveL1);
@@ -327,7 +325,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   clock_gettime(CLOCK_REALTIME, &now);
   Snapshot sn;
   sn.l1_table_offset = *l1_offset;
-  sn.l1_size = static_cast<uint32_t>(l1_.size());
+  sn.l1_size = static_cast<uint32_t>(map_->l1().size());
   sn.id = std::to_string(max_id + 1);
   sn.name = name;
   sn.date_sec = static_cast<uint32_t>(now.tv_sec);
@@ -340,7 +338,7 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
   // The active L2 tables are the snapshot's too from now on (the COPIED
   // changes above were written while they were not yet inactive).
-  overlap_->l2_tables(MetadataKind::kInactiveL2, l1_, true);
+  overlap_->l2_tables(MetadataKind::kInactiveL2, map_->l1(), true);
   co_return co_await flush_metadata();
 }
 
@@ -382,9 +380,9 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   // lowered refcounts are on disk.
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
-  std::vector<uint64_t> active = l1_;
+  std::vector<uint64_t> active = map_->l1();
   UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
 }
@@ -399,7 +397,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   const Snapshot sn = *found;
   if (sn.disk_size != size_) UQ_CO_TRY(co_await resize_exclusive(sn.disk_size, /*zero_new_area=*/false));
   auto guard = co_await lock_.scoped_lock();
-  if (sn.l1_size > l1_.size()) {
+  if (sn.l1_size > map_->l1().size()) {
     co_return Error(ENOTSUP, "snapshot '" + key + "' has a larger L1 table than the image");
   }
   UQ_CO_TRY(co_await flush_metadata());
@@ -407,15 +405,15 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
   if (!l1.ok()) co_return std::move(l1).error();
   std::vector<uint64_t> next = std::move(l1).value();
-  next.resize(l1_.size(), 0);
+  next.resize(map_->l1().size(), 0);
   // The snapshot's clusters gain the active reference, and those counts reach
   // the disk before the active L1 points at them.
   bool unused = false;
   UQ_CO_TRY(co_await update_snapshot_refcount(next, +1, false, unused));
   UQ_CO_TRY(co_await flush_metadata());
-  std::vector<uint64_t> old = l1_;
+  std::vector<uint64_t> old = map_->l1();
   for (uint64_t& e : next) e &= ~kOflagCopied;
-  // l1_ becomes `next` only once the disk's active table is `next` too:
+  // map_->l1() becomes `next` only once the disk's active table is `next` too:
   // reads and writes after a failed write still go through the old table.
   UQ_CO_TRY(co_await write_active_l1(next));
   UQ_CO_TRY(co_await file_->co_flush());
@@ -424,9 +422,9 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   // COPIED is set only after the lowered refcounts are on disk.
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
-  std::vector<uint64_t> active = l1_;
+  std::vector<uint64_t> active = map_->l1();
   UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
-  UQ_CO_TRY(co_await l2_cache_->flush());
+  UQ_CO_TRY(co_await map_->l2_cache().flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
 }

@@ -99,7 +99,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     const uint64_t guest_cluster = geo_.start_of_cluster(offset);
     const uint64_t chunk_end = std::min(end, guest_cluster + geo_.cluster_size);
     const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + geo_.cluster_size || chunk_end == size_);
-    auto l2_now = l2_table_of(offset);
+    auto l2_now = map_->l2_table_of(offset);
     if (!l2_now.ok()) co_return fatal_corruption(std::move(l2_now).error());
     if (discard_mode && *l2_now == 0 && (!backing_ || full_discard)) {  // nothing allocated here
       offset = chunk_end;
@@ -107,11 +107,11 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     }
     auto l2 = co_await l2_table_for_write(offset);
     if (!l2.ok()) co_return std::move(l2).error();
-    const uint64_t slice = slice_offset(*l2, offset);
-    auto ref = co_await l2_cache_->get(slice);
+    const uint64_t slice = map_->slice_offset(*l2, offset);
+    auto ref = co_await map_->l2_cache().get(slice);
     if (!ref.ok()) co_return std::move(ref).error();
     L2Slice entries(ref->data(), geo_);
-    const uint64_t index = slice_index(offset);
+    const uint64_t index = map_->slice_index(offset);
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
     const bool compressed = old & kOflagCompressed;
@@ -155,7 +155,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     }
     if (entry != old || bitmap != old_bitmap) {
       entries.set(index, entry, bitmap);
-      l2_cache_->mark_dirty(*ref);
+      map_->l2_cache().mark_dirty(*ref);
       if (free_old) to_free.push_back(old);
     }
     offset = chunk_end;
@@ -215,9 +215,9 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();
   {
-    auto ref = co_await l2_cache_->get(slice_offset(*l2, offset));
+    auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
     if (!ref.ok()) co_return std::move(ref).error();
-    const uint64_t old = ConstL2Slice(ref->data(), geo_).entry(slice_index(offset));
+    const uint64_t old = ConstL2Slice(ref->data(), geo_).entry(map_->slice_index(offset));
     // Compression never overwrites: QEMU refuses with EIO as well.
     if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
       co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
@@ -238,27 +238,27 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   }
   guard = co_await lock_.scoped_lock();
   if (s.ok()) {
-    if (!lazy_refcounts_) s = co_await set_cache_dependency(*l2_cache_, refcounts_->cache());
+    if (!lazy_refcounts_) s = co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache());
     auto l2b = co_await l2_table_for_write(offset);
     if (!l2b.ok()) s = std::move(l2b).error();
     if (s.ok()) {
-      auto ref = co_await l2_cache_->get(slice_offset(*l2b, offset));
+      auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2b, offset));
       if (!ref.ok()) {
         s = std::move(ref).error();
       } else {
         L2Slice entries(ref->data(), geo_);
         // Invariant (see link_l2): the range was registered in flight, so
         // the entry is still the unallocated one checked above.
-        const uint64_t now = entries.entry(slice_index(offset));
+        const uint64_t now = entries.entry(map_->slice_index(offset));
         if ((now & kL2OffsetMask) || (now & kOflagCompressed)) {
           s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
                              " was allocated while a compressed write to it was in flight");
         } else {
           // The compressed data is durable before the entry (see link_l2).
-          l2_cache_->set_depends_on_flush();
+          map_->l2_cache().set_depends_on_flush();
           file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
-          entries.set(slice_index(offset), l2e, 0);
-          l2_cache_->mark_dirty(*ref);
+          entries.set(map_->slice_index(offset), l2e, 0);
+          map_->l2_cache().mark_dirty(*ref);
         }
       }
     }
