@@ -202,28 +202,9 @@ Task<Status> Qcow2Image::prepare_read_write() {
 
 Task<Status> Qcow2Image::load_snapshots() {
   if (header_.nb_snapshots == 0) co_return Status();
-  auto file_len = file_->length();
-  if (!file_len.ok()) co_return std::move(file_len).error();
-  // The table's byte size is only known after parsing it: read a window and
-  // grow it while the parser runs out of bytes, up to QEMU's 64 MiB limit.
-  uint64_t limit = std::min<uint64_t>(kMaxSnapshotTableBytes,
-                                      *file_len > header_.snapshots_offset ? *file_len - header_.snapshots_offset : 0);
-  uint64_t window = std::min<uint64_t>(limit, std::max<uint64_t>(64 << 10, uint64_t{header_.nb_snapshots} * 128));
-  while (true) {
-    std::vector<uint8_t> table(window);
-    UQ_CO_TRY(co_await file_->co_read(header_.snapshots_offset, as_bytes(table)));
-    auto parsed = parse_snapshot_table(table, header_.nb_snapshots, header_);
-    if (parsed.ok()) {
-      snapshots_ = std::move(parsed).value();
-      co_return Status();
-    }
-    bool truncated = parsed.error().message().find("runs past") != std::string::npos ||
-                     parsed.error().message().find("ends inside") != std::string::npos;
-    if (!truncated || window >= limit) {
-      co_return std::move(parsed).error().with_context(file_->name());
-    }
-    window = std::min(limit, window * 4);
-  }
+  UQ_CO_ASSIGN_OR_RETURN(const uint64_t file_len, file_->length());
+  UQ_CO_ASSIGN_OR_RETURN(snapshots_, co_await read_snapshot_table(*file_, header_, file_len));
+  co_return Status();
 }
 
 Task<Status> Qcow2Image::select_snapshot(const std::string& key) {

@@ -167,8 +167,17 @@ class Qcow2Image final : public Disk {
   Task<Status> snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend, bool discard);
   Task<Status> snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed);
   Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
+  // QEMU's qcow2_update_snapshot_refcount for one L1 table: adds `addend`
+  // (+1 or -1) to every L2 table and data cluster `l1` reaches, then
+  // recomputes OFLAG_COPIED in the L2 entries and in `l1` (dropping never
+  // sets it; the caller writes `l1` back if it is active).
   Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
                                         bool& l1_changed);
+  // QEMU's qcow2_update_snapshot_refcount(addend = 0): no count changes,
+  // OFLAG_COPIED recomputed from the refcounts as they are now.
+  Task<Status> recompute_copied_flags(std::vector<uint64_t>& l1, bool& l1_changed) {
+    return update_snapshot_refcount(l1, 0, false, l1_changed);
+  }
   // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
   Task<Status> write_active_l1(const std::vector<uint64_t>& table);
   Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind);

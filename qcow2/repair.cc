@@ -29,10 +29,6 @@ std::span<const std::byte> as_bytes(std::span<const uint8_t> v) {
   return {reinterpret_cast<const std::byte*>(v.data()), v.size()};
 }
 
-
-
-// The table's byte size is only known once it is parsed: read a window and
-// grow it while the parser runs out of bytes, up to QEMU's 64 MiB limit.
 Task<Status> load_snapshots(CheckedImage& img) {
   const Header& h = img.header;
   // The header was parsed for a check, which leaves the snapshot table
@@ -42,25 +38,12 @@ Task<Status> load_snapshots(CheckedImage& img) {
     co_return s.error().with_context(img.file.name());
   }
   if (h.nb_snapshots == 0) co_return Status();
-  const uint64_t limit = std::min<uint64_t>(
-      kMaxSnapshotTableBytes, img.file_length > h.snapshots_offset ? img.file_length - h.snapshots_offset : 0);
-  uint64_t window = std::min<uint64_t>(limit, std::max<uint64_t>(64 << 10, uint64_t{h.nb_snapshots} * 128));
-  while (true) {
-    std::vector<uint8_t> table(window);
-    UQ_CO_TRY(co_await img.file.co_read(h.snapshots_offset, as_bytes(table)));
-    auto parsed = parse_snapshot_table(table, h.nb_snapshots, h);
-    if (parsed.ok()) {
-      img.snapshots = std::move(parsed).value();
-      // The parser keeps no byte count; QEMU writes entries in the canonical
-      // layout that serialize_snapshot_table() reproduces.
-      auto canonical = serialize_snapshot_table(img.snapshots);
-      if (!canonical.ok()) co_return std::move(canonical).error();
-      img.snapshot_table_bytes = canonical->size();
-      co_return Status();
-    }
-    if (window >= limit) co_return std::move(parsed).error().with_context(img.file.name());
-    window = std::min(limit, window * 4);
-  }
+  UQ_CO_ASSIGN_OR_RETURN(img.snapshots, co_await read_snapshot_table(img.file, h, img.file_length));
+  // The parser keeps no byte count; QEMU writes entries in the canonical
+  // layout that serialize_snapshot_table() reproduces.
+  UQ_CO_ASSIGN_OR_RETURN(const std::vector<uint8_t> canonical, serialize_snapshot_table(img.snapshots));
+  img.snapshot_table_bytes = canonical.size();
+  co_return Status();
 }
 
 // Whether [offset, offset + len) touches the metadata QEMU's default

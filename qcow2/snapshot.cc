@@ -1,12 +1,13 @@
 #include "qcow2/snapshot.h"
 
+#include <algorithm>
+
 #include "qcow2/endian.h"
 
 namespace uqcow::qcow2 {
 namespace {
-Error bad(uint32_t i, const std::string& field, const std::string& problem) {
-  return Error(EINVAL, "invalid qcow2 image: snapshot " + std::to_string(i) + ": " + field + ": " +
-                           problem);
+Error bad(uint32_t i, const std::string& field, const std::string& problem, int code = EINVAL) {
+  return Error(code, "invalid qcow2 image: snapshot " + std::to_string(i) + ": " + field + ": " + problem);
 }
 }  // namespace
 
@@ -16,7 +17,7 @@ Result<std::vector<Snapshot>> parse_snapshot_table(std::span<const uint8_t> t, u
   out.reserve(std::min<uint32_t>(nb, kMaxSnapshots));
   size_t pos = 0;
   for (uint32_t i = 0; i < nb; ++i) {
-    if (t.size() - pos < 40) return bad(i, "snapshots_offset", "table ends inside the entry");
+    if (t.size() - pos < 40) return bad(i, "snapshots_offset", "table ends inside the entry", ENODATA);
     const uint8_t* e = t.data() + pos;
     Snapshot s;
     s.l1_table_offset = load_be64(e);
@@ -33,7 +34,7 @@ Result<std::vector<Snapshot>> parse_snapshot_table(std::span<const uint8_t> t, u
       return bad(i, "extra_data_size", std::to_string(extra_size) + " exceeds 1024");
     }
     if (t.size() - pos < uint64_t{extra_size} + id_size + name_size) {
-      return bad(i, "extra_data_size/id_str_size/name_size", "entry runs past the table");
+      return bad(i, "extra_data_size/id_str_size/name_size", "entry runs past the table", ENODATA);
     }
     const uint8_t* extra = t.data() + pos;
     s.disk_size = h.size;
@@ -95,6 +96,29 @@ Result<std::vector<uint8_t>> serialize_snapshot_table(const std::vector<Snapshot
     std::copy(s.name.begin(), s.name.end(), p + s.id.size());
   }
   return out;
+}
+
+Task<Result<std::vector<Snapshot>>> read_snapshot_table(BlockDevice& file, const Header& h, uint64_t file_length) {
+  if (h.nb_snapshots == 0) co_return std::vector<Snapshot>{};
+  // The table's byte size is only known once it is parsed: read a window and
+  // grow it while the parser runs out of bytes (ENODATA), up to QEMU's 64
+  // MiB limit or the end of the file.
+  const uint64_t limit = std::min<uint64_t>(
+      kMaxSnapshotTableBytes, file_length > h.snapshots_offset ? file_length - h.snapshots_offset : 0);
+  uint64_t window = std::min<uint64_t>(limit, std::max<uint64_t>(64 << 10, uint64_t{h.nb_snapshots} * 128));
+  while (true) {
+    std::vector<uint8_t> table(window);
+    UQ_CO_TRY(co_await file.co_read(h.snapshots_offset,
+                                    std::span<std::byte>(reinterpret_cast<std::byte*>(table.data()), table.size())));
+    auto parsed = parse_snapshot_table(table, h.nb_snapshots, h);
+    if (parsed.ok()) co_return parsed;
+    if (parsed.error().code() != ENODATA) co_return std::move(parsed).error().with_context(file.name());
+    if (window >= limit) {
+      // Truncated by the end of the file (or the limit): the image is bad.
+      co_return Error(EINVAL, parsed.error().message()).with_context(file.name());
+    }
+    window = std::min(limit, window * 4);
+  }
 }
 
 }  // namespace uqcow::qcow2

@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "engine/result.h"
+#include "engine/task.h"
 #include "qcow2/header.h"
+#include "uring/block_device.h"
 
 namespace uqcow::qcow2 {
 
@@ -30,6 +32,8 @@ struct Snapshot {
 // Parses `nb` entries from `table` (the bytes at snapshots_offset). Every
 // size field is bounded against the buffer; errors name the field and the
 // snapshot index. `h` supplies defaults (disk size for v2 entries).
+// Returns ENODATA when `table` ends before the entries do (more bytes may
+// make it parse), EINVAL for a bad entry.
 Result<std::vector<Snapshot>> parse_snapshot_table(std::span<const uint8_t> table, uint32_t nb,
                                                    const Header& h);
 
@@ -38,5 +42,10 @@ Result<std::vector<Snapshot>> parse_snapshot_table(std::span<const uint8_t> tabl
 inline constexpr uint64_t kMaxSnapshotEntryBytes = 40 + 1024 + 65535 + 65535 + 8;
 
 Result<std::vector<uint8_t>> serialize_snapshot_table(const std::vector<Snapshot>& snapshots);
+
+// Reads and parses the snapshot table `h` points at (nothing if
+// nb_snapshots is 0) from `file`, `file_length` bytes long. EINVAL, with the
+// file named, for a table that is bad or runs past the end of the file.
+Task<Result<std::vector<Snapshot>>> read_snapshot_table(BlockDevice& file, const Header& h, uint64_t file_length);
 
 }  // namespace uqcow::qcow2

@@ -29,7 +29,7 @@ std::span<const std::byte> cbytes_of(const std::vector<uint8_t>& v) { return std
 // The entry with OFLAG_COPIED recomputed for `refcount`. A walk that drops
 // references never sets the flag: the dropped counts are not on disk yet, and
 // COPIED must never reach the disk before the refcount 1 it promises. The
-// caller's later pass with addend 0, after a refcount flush, sets it.
+// caller's later recompute_copied_flags(), after a refcount flush, sets it.
 uint64_t copied_flag(uint64_t entry, uint64_t refcount, int64_t addend) {
   if (refcount != 1) return entry & ~kOflagCopied;
   return addend < 0 ? entry : (entry | kOflagCopied);
@@ -381,7 +381,7 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
   std::vector<uint64_t> active = map_->l1();
-  UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
+  UQ_CO_TRY(co_await recompute_copied_flags(active, l1_changed));
   UQ_CO_TRY(co_await map_->l2_cache().flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
@@ -423,7 +423,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   UQ_CO_TRY(co_await flush_metadata());
   bool l1_changed = false;
   std::vector<uint64_t> active = map_->l1();
-  UQ_CO_TRY(co_await update_snapshot_refcount(active, 0, false, l1_changed));
+  UQ_CO_TRY(co_await recompute_copied_flags(active, l1_changed));
   UQ_CO_TRY(co_await map_->l2_cache().flush());
   if (l1_changed) UQ_CO_TRY(co_await write_active_l1(active));
   co_return co_await flush_metadata();
