@@ -136,7 +136,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   overlap_.emplace(reporter_, geo_.cluster_size, data_file_ == file_.get());
   UQ_CO_TRY(create_components());
   UQ_CO_TRY(co_await map_->load_l1(header_.l1_table_offset, header_.l1_size));
-  UQ_CO_TRY(co_await load_snapshots());
+  UQ_CO_TRY(co_await snapshots_->load());
   if (!options_.snapshot.empty()) UQ_CO_TRY(co_await select_snapshot(options_.snapshot));
 
   // Backing file.
@@ -171,6 +171,7 @@ Status Qcow2Image::create_components() {
   rc->set_debug_events(BlkDebugEvent::kRefblockLoad, BlkDebugEvent::kRefblockUpdate);
   map_.emplace(*file_, header_, geo_, std::move(l2), cache_sizes_.l2_entry_size, *overlap_);
   refcounts_.emplace(*file_, header_, geo_, std::move(rc), map_->l2_cache(), *overlap_, reporter_);
+  snapshots_.emplace(*file_, header_, geo_, *map_, *refcounts_, *overlap_);
   return Status();
 }
 
@@ -200,23 +201,8 @@ Task<Status> Qcow2Image::prepare_read_write() {
 }
 
 
-Task<Status> Qcow2Image::load_snapshots() {
-  if (header_.nb_snapshots == 0) co_return Status();
-  UQ_CO_ASSIGN_OR_RETURN(const uint64_t file_len, file_->length());
-  UQ_CO_ASSIGN_OR_RETURN(snapshots_, co_await read_snapshot_table(*file_, header_, file_len));
-  co_return Status();
-}
-
 Task<Status> Qcow2Image::select_snapshot(const std::string& key) {
-  const Snapshot* found = nullptr;
-  for (const auto& s : snapshots_) {
-    if (s.id == key) found = &s;
-  }
-  if (!found) {
-    for (const auto& s : snapshots_) {
-      if (s.name == key) found = &s;
-    }
-  }
+  const Snapshot* found = snapshots_->find(key);
   if (!found) co_return Error(ENOENT, file_->name() + ": no snapshot with id or name '" + key + "'");
   // Like qemu-img convert -l, the disk keeps the image's current size: what
   // the snapshot's (maybe smaller) L1 table does not map reads as

@@ -58,6 +58,7 @@
 #include "qcow2/overlap_guard.h"
 #include "qcow2/refcounts.h"
 #include "qcow2/snapshot.h"
+#include "qcow2/snapshot_table.h"
 #include "uring/block_device.h"
 #include "uring/ops.h"
 
@@ -159,7 +160,6 @@ class Qcow2Image final : public Disk {
   Task<Status> verify_metadata_regions();
 
  private:
-  const Snapshot* find_snapshot(const std::string& id_or_name) const;
   Status check_snapshot_support() const;
   // Refuses (EIO, nothing changed) when a cluster `l1` reaches lies beyond
   // the end of the image file; marks the image corrupt on a damaged entry.
@@ -180,8 +180,6 @@ class Qcow2Image final : public Disk {
   }
   // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
   Task<Status> write_active_l1(const std::vector<uint64_t>& table);
-  Task<Result<uint64_t>> write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind);
-  Task<Status> switch_snapshot_table(std::vector<Snapshot> next);
   Task<Status> flush_metadata();
   Task<Result<std::vector<uint64_t>>> read_l1_table(uint64_t offset, uint32_t entries);
   // --- End of internal snapshots --------------------------------------------
@@ -190,7 +188,7 @@ class Qcow2Image final : public Disk {
 
   const Header& header() const { return header_; }
   const Geometry& geometry() const { return geo_; }
-  const std::vector<Snapshot>& snapshots() const { return snapshots_; }
+  const std::vector<Snapshot>& snapshots() const { return snapshots_->list(); }
   const CacheSizes& cache_sizes() const { return cache_sizes_; }
   const MetadataCache& l2_cache() const { return map_->l2_cache(); }
   // Times the metadata lock was taken since open (benchmarks: the cached
@@ -211,7 +209,6 @@ class Qcow2Image final : public Disk {
   Task<Status> prepare_read_write();
   // Rebuilds refcounts of an image left dirty (lazy refcounts) by a crash.
   Task<Status> repair_after_crash();
-  Task<Status> load_snapshots();
   Task<Status> select_snapshot(const std::string& id_or_name);
   // The caches, the cluster map and the refcounts, once the header (and
   // the data file) are known.
@@ -323,7 +320,6 @@ class Qcow2Image final : public Disk {
   Geometry geo_;
   uint64_t size_ = 0;
   bool v3_ = true;
-  std::vector<Snapshot> snapshots_;
   std::unique_ptr<Disk> backing_;
   std::string backing_path_;
   CacheSizes cache_sizes_;
@@ -331,6 +327,7 @@ class Qcow2Image final : public Disk {
   // set up by load() (create_components).
   std::optional<ClusterMap> map_;
   std::optional<Refcounts> refcounts_;
+  std::optional<SnapshotTable> snapshots_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and

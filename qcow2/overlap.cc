@@ -31,11 +31,8 @@ Task<Result<MetadataRegions>> Qcow2Image::collect_metadata_regions(OverlapMask t
   for (uint64_t e : refcounts_->table()) {
     if (uint64_t b = e & kReftableOffsetMask) r.add(MetadataKind::kRefcountBlock, b, cs);
   }
-  if (header_.nb_snapshots) {
-    auto table = serialize_snapshot_table(snapshots_);
-    if (table.ok()) r.add(MetadataKind::kSnapshotTable, header_.snapshots_offset, clusters(table->size()));
-  }
-  for (const auto& s : snapshots_) {
+  r.add(MetadataKind::kSnapshotTable, header_.snapshots_offset, snapshots_->clusters_bytes());
+  for (const auto& s : snapshots_->list()) {
     r.add(MetadataKind::kInactiveL1, s.l1_table_offset, clusters(uint64_t{s.l1_size} * 8));
     if (!(tracked & overlap_bit(MetadataKind::kInactiveL2))) continue;
     // One snapshot L1 in memory at a time (at most 32 MiB: parse_snapshot_

@@ -408,4 +408,16 @@ Task<Status> Refcounts::process_discards() {
   co_return Status();
 }
 
+Task<Result<uint64_t>> Refcounts::write_new_metadata(const std::vector<uint8_t>& data, MetadataKind kind) {
+  if (data.empty()) co_return uint64_t{0};
+  const uint64_t bytes = round_up(data.size(), geo_.cluster_size);
+  UQ_CO_ASSIGN_OR_RETURN(const uint64_t offset, co_await alloc_clusters(bytes >> geo_.cluster_bits));
+  std::vector<uint8_t> padded(data);
+  padded.resize(bytes, 0);
+  UQ_CO_TRY(overlap_->check_metadata_write(offset, bytes, metadata_kind_name(kind)));
+  UQ_CO_TRY(co_await file_->co_write(offset, as_bytes(padded)));
+  overlap_->add(kind, offset, bytes);
+  co_return offset;
+}
+
 }  // namespace uqcow::qcow2

@@ -71,6 +71,10 @@ class Refcounts {
   // Punches the clusters freed so far (advisory), before anything reuses
   // them.
   Task<Status> process_discards();
+  // Allocates clusters for `data` (zero-padded to whole clusters), writes it
+  // there after the overlap check, and registers them as metadata of
+  // `kind`: their host offset (0 for empty data, nothing allocated).
+  Task<Result<uint64_t>> write_new_metadata(const std::vector<uint8_t>& data, MetadataKind kind);
 
   // --- Shrinking (refcount_shrink.cc) ----------------------------------------
   // Drops refcount blocks that count nothing but themselves from the

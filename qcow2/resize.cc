@@ -43,7 +43,7 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   co_await requests_.drain();
   DrainedSection drained(requests_);
   // Snapshots record their own disk size from v3 on; QEMU refuses v2.
-  if (!snapshots_.empty() && !v3_) co_return Error(ENOTSUP, "Can't resize a v2 image which has snapshots");
+  if (!snapshots_->list().empty() && !v3_) co_return Error(ENOTSUP, "Can't resize a v2 image which has snapshots");
   const uint64_t old_size = size_;
   if (new_size < old_size) UQ_CO_TRY(co_await drop_tail(new_size));
   const bool data_file = header_.has_data_file();

@@ -36,17 +36,6 @@ uint64_t copied_flag(uint64_t entry, uint64_t refcount, int64_t addend) {
 }
 }  // namespace
 
-const Snapshot* Qcow2Image::find_snapshot(const std::string& key) const {
-  // Like QEMU's find_snapshot_by_id_or_name: the id wins over a name.
-  for (const auto& s : snapshots_) {
-    if (s.id == key) return &s;
-  }
-  for (const auto& s : snapshots_) {
-    if (s.name == key) return &s;
-  }
-  return nullptr;
-}
-
 Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) {
   // Every cluster the snapshot will reference must exist: a reference to a
   // cluster past the end of the file would grow the refcount structures to
@@ -226,50 +215,6 @@ Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
   co_return Status();
 }
 
-Task<Result<uint64_t>> Qcow2Image::write_new_clusters(const std::vector<uint8_t>& data, MetadataKind kind) {
-  // Allocates clusters for `data` and writes it there; the clusters are
-  // registered as metadata of `kind`.
-  if (data.empty()) co_return uint64_t{0};
-  const uint64_t bytes = round_up(data.size(), geo_.cluster_size);
-  auto off = co_await refcounts_->alloc_clusters(bytes >> geo_.cluster_bits);
-  if (!off.ok()) co_return off;
-  std::vector<uint8_t> padded(data);
-  padded.resize(bytes, 0);
-  UQ_CO_TRY(overlap_->check_metadata_write(*off, bytes, metadata_kind_name(kind)));
-  UQ_CO_TRY(co_await file_->co_write(*off, cbytes_of(padded)));
-  overlap_->add(kind, *off, bytes);
-  co_return *off;
-}
-
-Task<Status> Qcow2Image::switch_snapshot_table(std::vector<Snapshot> next) {
-  // Writes `next` to new clusters and points the header at it. Everything the
-  // new table references (refcounts, L1 copies, L2 tables) reaches the disk
-  // first; the old table is freed only after the header switched.
-  auto table = serialize_snapshot_table(next);
-  if (!table.ok()) co_return std::move(table).error();
-  auto offset = co_await write_new_clusters(*table, MetadataKind::kSnapshotTable);
-  if (!offset.ok()) co_return std::move(offset).error();
-  UQ_CO_TRY(co_await refcounts_->cache().flush());
-  UQ_CO_TRY(co_await map_->l2_cache().flush());
-  UQ_CO_TRY(co_await file_->co_flush());
-  // nb_snapshots and snapshots_offset change in one write.
-  file_->debug_event(BlkDebugEvent::kSnapshotUpdate);
-  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffNbSnapshots, next.size()}, {kOffSnapshotsOffset, *offset}));
-  UQ_CO_TRY(co_await file_->co_flush());
-  const uint64_t old_offset = header_.snapshots_offset;
-  auto old_table = serialize_snapshot_table(snapshots_);
-  const uint64_t old_bytes = old_table.ok() ? round_up(old_table->size(), geo_.cluster_size) : 0;
-  const bool had_table = header_.nb_snapshots != 0;
-  header_.nb_snapshots = static_cast<uint32_t>(next.size());
-  header_.snapshots_offset = *offset;
-  snapshots_ = std::move(next);
-  if (had_table && old_bytes) {
-    overlap_->remove(MetadataKind::kSnapshotTable, old_offset, old_bytes);
-    UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_snapshot));
-  }
-  co_return Status();
-}
-
 Task<Status> Qcow2Image::flush_metadata() {
   // In a drained section every deferred free is past its grace period; once
   // the unlinks are on disk they are all released.
@@ -295,10 +240,10 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
   auto guard = co_await lock_.scoped_lock();
-  for (const auto& s : snapshots_) {
+  for (const auto& s : snapshots_->list()) {
     if (s.name == name) co_return Error(EEXIST, "snapshot '" + name + "' already exists");
   }
-  if (snapshots_.size() >= kMaxSnapshots) co_return Error(EFBIG, "too many snapshots");
+  if (snapshots_->list().size() >= kMaxSnapshots) co_return Error(EFBIG, "too many snapshots");
   UQ_CO_TRY(co_await flush_metadata());
   UQ_CO_TRY(co_await check_mapping_in_file(map_->l1()));
   // Everything the active L1 reaches gains the snapshot's reference; the
@@ -316,26 +261,24 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   std::vector<uint64_t> inactive(map_->l1());
   for (uint64_t& e : inactive) e &= ~kOflagCopied;
   const std::vector<uint8_t> l1_copy = encode_table(inactive);
-  auto l1_offset = co_await write_new_clusters(l1_copy, MetadataKind::kInactiveL1);
+  auto l1_offset = co_await refcounts_->write_new_metadata(l1_copy, MetadataKind::kInactiveL1);
   if (!l1_offset.ok()) co_return std::move(l1_offset).error();
 
-  uint64_t max_id = 0;
-  for (const auto& s : snapshots_) max_id = std::max<uint64_t>(max_id, std::strtoull(s.id.c_str(), nullptr, 10));
   timespec now{};
   clock_gettime(CLOCK_REALTIME, &now);
   Snapshot sn;
   sn.l1_table_offset = *l1_offset;
   sn.l1_size = static_cast<uint32_t>(map_->l1().size());
-  sn.id = std::to_string(max_id + 1);
+  sn.id = snapshots_->next_id();
   sn.name = name;
   sn.date_sec = static_cast<uint32_t>(now.tv_sec);
   sn.date_nsec = static_cast<uint32_t>(now.tv_nsec);
   sn.disk_size = size_;
   sn.has_icount = true;
   sn.icount = 0;  // what qemu-img snapshot -c records without replay
-  std::vector<Snapshot> next = snapshots_;
+  std::vector<Snapshot> next = snapshots_->list();
   next.push_back(std::move(sn));
-  UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
+  UQ_CO_TRY(co_await snapshots_->replace(std::move(next), options_.pass_discard_snapshot));
   // The active L2 tables are the snapshot's too from now on (the COPIED
   // changes above were written while they were not yet inactive).
   overlap_->l2_tables(MetadataKind::kInactiveL2, map_->l1(), true);
@@ -352,11 +295,11 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
   auto guard = co_await lock_.scoped_lock();
-  const Snapshot* found = find_snapshot(key);
+  const Snapshot* found = snapshots_->find(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
   const Snapshot sn = *found;
   std::vector<Snapshot> next;
-  for (const auto& s : snapshots_) {
+  for (const auto& s : snapshots_->list()) {
     if (&s != found) next.push_back(s);
   }
   UQ_CO_TRY(co_await flush_metadata());
@@ -364,7 +307,7 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   // change only by the walks below.
   OverlapGuard::SharedL2Rewrite rewrite(*overlap_);
   // The header stops pointing at the snapshot before any refcount drops.
-  UQ_CO_TRY(co_await switch_snapshot_table(std::move(next)));
+  UQ_CO_TRY(co_await snapshots_->replace(std::move(next), options_.pass_discard_snapshot));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
   overlap_->remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
   auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
@@ -392,7 +335,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   UQ_CO_TRY(check_snapshot_support());
   co_await requests_.drain();  // see the invariants in image.h
   DrainedSection drained(requests_);
-  const Snapshot* found = find_snapshot(key);
+  const Snapshot* found = snapshots_->find(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
   const Snapshot sn = *found;
   if (sn.disk_size != size_) UQ_CO_TRY(co_await resize_exclusive(sn.disk_size, /*zero_new_area=*/false));
