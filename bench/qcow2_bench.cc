@@ -13,14 +13,14 @@
 #include <random>
 #include <vector>
 
+#include "block/endian.h"
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "qcow2/cache.h"
 #include "qcow2/compress.h"
 #include "qcow2/create.h"
-#include "qcow2/endian.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "qcow2/refcount_entry.h"
 #include "uring/aligned_buffer.h"
 #include "uring/raw_file.h"

@@ -5,8 +5,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "block/endian.h"
 #include "engine/task_group.h"
-#include "qcow2/endian.h"
 #include "uring/aligned_buffer.h"
 #include "uring/ops.h"
 
@@ -47,8 +47,8 @@ constexpr uint64_t kStampMagic = 0x7571636f77766572ull;  // "uqcowver"
 void stamp(std::byte* p, uint64_t bs, uint64_t offset, uint64_t gen) {
   for (uint64_t s = 0; s < bs; s += 512) {
     uint64_t off = offset + s;
-    qcow2::store_be64(p + s, kStampMagic ^ off);
-    qcow2::store_be64(p + s + 8, gen);
+    store_be64(p + s, kStampMagic ^ off);
+    store_be64(p + s + 8, gen);
     for (uint64_t i = 16; i < 512 && s + i < bs; ++i) p[s + i] = std::byte((gen * 131 + off / 512 + i) & 0xff);
   }
 }
@@ -57,9 +57,9 @@ bool check_stamp(const std::byte* p, uint64_t bs, uint64_t offset, uint64_t gen,
   std::vector<std::byte> want(bs);
   stamp(want.data(), bs, offset, gen);
   if (std::memcmp(p, want.data(), bs) == 0) return true;
-  uint64_t found_gen = qcow2::load_be64(p + 8);
+  uint64_t found_gen = load_be64(p + 8);
   why = "block at offset " + std::to_string(offset) + ": expected generation " + std::to_string(gen) +
-        ", found " + (qcow2::load_be64(p) == (kStampMagic ^ offset) ? "generation " + std::to_string(found_gen)
+        ", found " + (load_be64(p) == (kStampMagic ^ offset) ? "generation " + std::to_string(found_gen)
                                                                      : std::string("no stamp"));
   return false;
 }

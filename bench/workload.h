@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "bench/histogram.h"
+#include "block/disk.h"
 #include "engine/result.h"
 #include "engine/task.h"
-#include "qcow2/disk.h"
 
 namespace uqcow::bench {
 

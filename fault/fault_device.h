@@ -4,17 +4,18 @@
 //
 // Every request (read, write, their vector forms, flush, discard, write
 // zeroes) first asks the injector; a failed request never reaches the inner
-// device. length(), truncate() and the other synchronous calls pass through.
+// device. length(), truncate() and the other synchronous calls pass through
+// (LayeredBlockDevice).
 #pragma once
 
 #include <memory>
 
 #include "fault/fault_rule.h"
-#include "uring/block_device.h"
+#include "uring/layered_device.h"
 
 namespace uqcow {
 
-class FaultInjectingDevice final : public BlockDevice {
+class FaultInjectingDevice final : public LayeredBlockDevice {
  public:
   FaultInjectingDevice(std::unique_ptr<BlockDevice> inner, std::shared_ptr<FaultInjector> injector);
 
@@ -26,18 +27,11 @@ class FaultInjectingDevice final : public BlockDevice {
   Task<Status> co_discard(uint64_t offset, uint64_t len) override;
   Task<Status> co_write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
 
-  Result<uint64_t> length() const override { return inner_->length(); }
-  Result<uint64_t> allocated_bytes() const override { return inner_->allocated_bytes(); }
-  Status truncate(uint64_t length) override { return inner_->truncate(length); }
-  uint32_t alignment() const override { return inner_->alignment(); }
-  bool read_only() const override { return inner_->read_only(); }
-  const std::string& name() const override { return inner_->name(); }
-  void release_locks() override { inner_->release_locks(); }
-
   FaultInjector& injector() { return *injector_; }
 
  protected:
-  void on_debug_event(BlkDebugEvent event) override;
+  // Counts the event for the rules, then passes it down.
+  void on_debug_event(DebugEventId event) override;
 
  private:
   // OK, or the injected error. Suspends (one reactor turn: resumed by the
@@ -45,8 +39,12 @@ class FaultInjectingDevice final : public BlockDevice {
   // rule says immediately=on.
   Task<Status> check(const char* what);
 
-  std::unique_ptr<BlockDevice> inner_;
   std::shared_ptr<FaultInjector> injector_;
 };
+
+// The open-options hook (OpenOptions::wrap_file) that puts a
+// FaultInjectingDevice with `injector` over the image's file; while the
+// injector has no rules it leaves the file as it is.
+BlockDeviceWrapper fault_injection(std::shared_ptr<FaultInjector> injector);
 
 }  // namespace uqcow

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "block/debug_event.h"
 #include "engine/sync_wait.h"
 #include "engine/when_all.h"
 #include "fault/fault_device.h"

@@ -68,6 +68,13 @@ void FaultInjector::add_rule(FaultRule rule) {
   states_.emplace_back();
 }
 
+Status FaultInjector::add_rule(std::string_view text) {
+  auto rule = parse_fault_rule(text);
+  if (!rule.ok()) return std::move(rule).error();
+  add_rule(std::move(rule).value());
+  return Status();
+}
+
 void FaultInjector::on_event(BlkDebugEvent event) {
   for (size_t i = 0; i < rules_.size(); ++i) {
     RuleState& s = states_[i];

@@ -19,8 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include "block/debug_event.h"
 #include "engine/result.h"
-#include "uring/debug_event.h"
 
 namespace uqcow {
 
@@ -46,6 +46,8 @@ class FaultInjector {
   };
 
   void add_rule(FaultRule rule);
+  // Parses `text` (parse_fault_rule) and adds the rule; EINVAL as the parser.
+  Status add_rule(std::string_view text);
   const std::vector<FaultRule>& rules() const { return rules_; }
   const RuleState& state(size_t rule) const { return states_[rule]; }
   bool empty() const { return rules_.empty(); }

@@ -5,9 +5,7 @@
 namespace uqcow {
 
 RecordingDevice::RecordingDevice(std::unique_ptr<BlockDevice> inner, std::shared_ptr<WriteLog> log)
-    : inner_(std::move(inner)), log_(std::move(log)) {
-  listens_to_debug_events_ = true;
-}
+    : LayeredBlockDevice(std::move(inner)), log_(std::move(log)) {}
 
 size_t RecordingDevice::begin(RecordedOp::Kind kind, uint64_t offset, uint64_t length) {
   RecordedOp op;
@@ -25,20 +23,12 @@ void RecordingDevice::end(size_t index, const Status& status) {
   op.ok = status.ok();
 }
 
-Task<Status> RecordingDevice::co_read(uint64_t offset, std::span<std::byte> buf) {
-  co_return co_await inner_->co_read(offset, buf);
-}
-
-Task<Status> RecordingDevice::co_readv(uint64_t offset, std::span<iovec> iov) {
-  co_return co_await inner_->co_readv(offset, iov);
-}
-
 Task<Status> RecordingDevice::co_write(uint64_t offset, std::span<const std::byte> buf) {
   size_t i = begin(RecordedOp::Kind::kWrite, offset, buf.size());
   auto& data = log_->ops()[i].data;
   data.resize(buf.size());
   if (!buf.empty()) std::memcpy(data.data(), buf.data(), buf.size());
-  Status s = co_await inner_->co_write(offset, buf);
+  Status s = co_await inner().co_write(offset, buf);
   end(i, s);
   co_return s;
 }
@@ -54,35 +44,35 @@ Task<Status> RecordingDevice::co_writev(uint64_t offset, std::span<iovec> iov) {
     const auto* p = static_cast<const uint8_t*>(v.iov_base);
     data.insert(data.end(), p, p + v.iov_len);
   }
-  Status s = co_await inner_->co_writev(offset, iov);
+  Status s = co_await inner().co_writev(offset, iov);
   end(i, s);
   co_return s;
 }
 
 Task<Status> RecordingDevice::co_flush() {
   size_t i = begin(RecordedOp::Kind::kFlush, 0, 0);
-  Status s = co_await inner_->co_flush();
+  Status s = co_await inner().co_flush();
   end(i, s);
   co_return s;
 }
 
 Task<Status> RecordingDevice::co_discard(uint64_t offset, uint64_t len) {
   size_t i = begin(RecordedOp::Kind::kDiscard, offset, len);
-  Status s = co_await inner_->co_discard(offset, len);
+  Status s = co_await inner().co_discard(offset, len);
   end(i, s);
   co_return s;
 }
 
 Task<Status> RecordingDevice::co_write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   size_t i = begin(RecordedOp::Kind::kWriteZeroes, offset, len);
-  Status s = co_await inner_->co_write_zeroes(offset, len, may_unmap);
+  Status s = co_await inner().co_write_zeroes(offset, len, may_unmap);
   end(i, s);
   co_return s;
 }
 
 Status RecordingDevice::truncate(uint64_t length) {
   size_t i = begin(RecordedOp::Kind::kTruncate, 0, length);
-  Status s = inner_->truncate(length);
+  Status s = inner().truncate(length);
   end(i, s);
   return s;
 }

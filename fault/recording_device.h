@@ -9,7 +9,7 @@
 #include <memory>
 #include <vector>
 
-#include "uring/block_device.h"
+#include "uring/layered_device.h"
 
 namespace uqcow {
 
@@ -39,29 +39,18 @@ class WriteLog {
   std::vector<RecordedOp> ops_;
 };
 
-class RecordingDevice final : public BlockDevice {
+class RecordingDevice final : public LayeredBlockDevice {
  public:
   RecordingDevice(std::unique_ptr<BlockDevice> inner, std::shared_ptr<WriteLog> log);
 
-  Task<Status> co_read(uint64_t offset, std::span<std::byte> buf) override;
+  // Reads, the synchronous calls and debug events pass through
+  // (LayeredBlockDevice); what changes the device is recorded.
   Task<Status> co_write(uint64_t offset, std::span<const std::byte> buf) override;
-  Task<Status> co_readv(uint64_t offset, std::span<iovec> iov) override;
   Task<Status> co_writev(uint64_t offset, std::span<iovec> iov) override;
   Task<Status> co_flush() override;
   Task<Status> co_discard(uint64_t offset, uint64_t len) override;
   Task<Status> co_write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
-
-  Result<uint64_t> length() const override { return inner_->length(); }
-  Result<uint64_t> allocated_bytes() const override { return inner_->allocated_bytes(); }
   Status truncate(uint64_t length) override;
-  uint32_t alignment() const override { return inner_->alignment(); }
-  bool read_only() const override { return inner_->read_only(); }
-  const std::string& name() const override { return inner_->name(); }
-  void release_locks() override { inner_->release_locks(); }
-
- protected:
-  // Passes the driver's debug events on to the wrapped device.
-  void on_debug_event(BlkDebugEvent event) override { inner_->debug_event(event); }
 
  private:
   // Appends an op issued now; returns its index (ops_ may reallocate, so
@@ -69,7 +58,6 @@ class RecordingDevice final : public BlockDevice {
   size_t begin(RecordedOp::Kind kind, uint64_t offset, uint64_t length);
   void end(size_t index, const Status& status);
 
-  std::unique_ptr<BlockDevice> inner_;
   std::shared_ptr<WriteLog> log_;
 };
 

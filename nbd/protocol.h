@@ -6,16 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 
 namespace uqcow::nbd {
-
-using qcow2::load_be16;
-using qcow2::load_be32;
-using qcow2::load_be64;
-using qcow2::store_be16;
-using qcow2::store_be32;
-using qcow2::store_be64;
 
 // Handshake.
 constexpr uint64_t kNbdMagic = 0x4e42444d41474943ull;   // "NBDMAGIC"

@@ -18,7 +18,7 @@
 namespace uqcow::nbd {
 namespace {
 
-Result<int> listen_unix(const std::string& path) {
+Result<FileDesc> listen_unix(const std::string& path) {
   sockaddr_un addr{};
   if (path.size() >= sizeof addr.sun_path) return Error(ENAMETOOLONG, "socket path too long: " + path);
   addr.sun_family = AF_UNIX;
@@ -26,17 +26,15 @@ Result<int> listen_unix(const std::string& path) {
   // A stale socket from an earlier run is replaced; any other file is not.
   struct stat st;
   if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return errno_error(errno, "socket");
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0 || ::listen(fd, 128) < 0) {
-    int err = errno;
-    ::close(fd);
-    return errno_error(err, "bind " + path);
+  FileDesc fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return errno_error(errno, "socket");
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0 || ::listen(fd.get(), 128) < 0) {
+    return errno_error(errno, "bind " + path);
   }
   return fd;
 }
 
-Result<int> listen_tcp(const std::string& host, uint16_t port) {
+Result<FileDesc> listen_tcp(const std::string& host, uint16_t port) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -47,16 +45,15 @@ Result<int> listen_tcp(const std::string& host, uint16_t port) {
   if (rc != 0) return Error(EINVAL, "resolve " + host + ": " + gai_strerror(rc));
   int err = EADDRNOTAVAIL;
   for (addrinfo* ai = list; ai; ai = ai->ai_next) {
-    int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd < 0) continue;
+    FileDesc fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol));
+    if (!fd.valid()) continue;
     int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && ::listen(fd, 128) == 0) {
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) == 0 && ::listen(fd.get(), 128) == 0) {
       ::freeaddrinfo(list);
       return fd;
     }
     err = errno;
-    ::close(fd);
   }
   ::freeaddrinfo(list);
   return errno_error(err, "bind " + host + ":" + service);
@@ -65,8 +62,6 @@ Result<int> listen_tcp(const std::string& host, uint16_t port) {
 }  // namespace
 
 Server::~Server() {
-  if (listen_fd_ >= 0) ::close(listen_fd_);
-  if (signal_fd_ >= 0) ::close(signal_fd_);
   if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
 }
 
@@ -74,15 +69,15 @@ Status Server::listen(const ListenAddress& address) {
   auto fd = address.unix_path.empty() ? listen_tcp(address.host, address.port)
                                       : listen_unix(address.unix_path);
   if (!fd.ok()) return std::move(fd).error();
-  listen_fd_ = *fd;
+  listen_fd_ = std::move(fd).value();
   unix_path_ = address.unix_path;
   sigset_t mask;
   sigemptyset(&mask);
   sigaddset(&mask, SIGTERM);
   sigaddset(&mask, SIGINT);
   if (::sigprocmask(SIG_BLOCK, &mask, nullptr) < 0) return errno_error(errno, "sigprocmask");
-  signal_fd_ = ::signalfd(-1, &mask, SFD_CLOEXEC);
-  if (signal_fd_ < 0) return errno_error(errno, "signalfd");
+  signal_fd_.reset(::signalfd(-1, &mask, SFD_CLOEXEC));
+  if (!signal_fd_.valid()) return errno_error(errno, "signalfd");
   return ok_status();
 }
 
@@ -91,42 +86,40 @@ Status Server::listen(const ListenAddress& address) {
 // boundary while replies can still go out.
 void Server::stop() {
   stopping_ = true;
-  ::shutdown(listen_fd_, SHUT_RDWR);
+  ::shutdown(listen_fd_.get(), SHUT_RDWR);
   for (int fd : client_fds_) ::shutdown(fd, SHUT_RD);
 }
 
 Task<void> Server::wait_for_signal() {
   signalfd_siginfo info{};
-  int r = co_await uring::read(signal_fd_, &info, sizeof info, static_cast<uint64_t>(-1));
+  int r = co_await uring::read(signal_fd_.get(), &info, sizeof info, static_cast<uint64_t>(-1));
   if (r == 0) std::fprintf(stderr, "uqcow serve: signal %u, shutting down\n", info.ssi_signo);
   stop();
 }
 
-Task<void> Server::session(int fd) {
+Task<void> Server::session(FileDesc socket) {
+  const int fd = socket.get();
   client_fds_.insert(fd);
   auto negotiated = co_await negotiate(fd, export_);
   if (negotiated.ok() && !stopping_) co_await serve_transmission(fd, export_, *negotiated);
   client_fds_.erase(fd);
-  ::close(fd);
 }
 
 Task<void> Server::accept_loop() {
   while (!stopping_) {
-    int fd = co_await uring::accept(listen_fd_);
-    if (fd < 0) {
+    int accepted = co_await uring::accept(listen_fd_.get());
+    if (accepted < 0) {
       if (stopping_) break;
       // EMFILE and friends: keep serving the clients we have.
-      std::fprintf(stderr, "uqcow serve: accept: %s\n", std::strerror(-fd));
+      std::fprintf(stderr, "uqcow serve: accept: %s\n", std::strerror(-accepted));
       co_await uring::sleep_for_ns(100'000'000);
       continue;
     }
-    if (stopping_) {
-      ::close(fd);
-      break;
-    }
+    FileDesc fd(accepted);
+    if (stopping_) break;
     int one = 1;
-    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on unix sockets
-    sessions_.spawn(session(fd));
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on unix sockets
+    sessions_.spawn(session(std::move(fd)));
   }
 }
 

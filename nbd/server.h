@@ -14,6 +14,7 @@
 #include "engine/task.h"
 #include "engine/task_group.h"
 #include "nbd/session.h"
+#include "uring/file_desc.h"
 
 namespace uqcow::nbd {
 
@@ -39,13 +40,14 @@ class Server {
  private:
   Task<void> accept_loop();
   Task<void> wait_for_signal();
-  Task<void> session(int fd);
+  // Owns the client socket: closes it when the session ends.
+  Task<void> session(FileDesc socket);
   void stop();
 
   Export export_;
   std::string unix_path_;
-  int listen_fd_ = -1;
-  int signal_fd_ = -1;
+  FileDesc listen_fd_;
+  FileDesc signal_fd_;
   bool stopping_ = false;
   std::set<int> client_fds_;
   TaskGroup sessions_;

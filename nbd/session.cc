@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "block/chain_status.h"
 #include "engine/co_mutex.h"
 #include "engine/co_queue.h"
 #include "engine/task_group.h"
@@ -41,7 +42,8 @@ constexpr size_t kMaxExtents = 1024;
 
 class Session {
  public:
-  Session(int fd, const Export& exp, Negotiated n) : fd_(fd), exp_(exp), negotiated_(n) {}
+  Session(int fd, const Export& exp, Negotiated n)
+      : fd_(fd), exp_(exp), negotiated_(n), chain_status_(*exp.disk) {}
   Task<void> run();
 
  private:
@@ -60,6 +62,7 @@ class Session {
   int fd_;
   const Export& exp_;
   Negotiated negotiated_;
+  ChainStatusReader chain_status_;  // BLOCK_STATUS through the backing chain
   CoMutex send_mutex_;
   TaskGroup requests_;
   CoQueue slot_freed_;
@@ -131,22 +134,14 @@ Task<Status> Session::do_read(const Request& req) {
   co_return ok_status();
 }
 
-// Status of [offset, offset + max_len) through the backing chain: the first
-// layer that allocates the range decides; past the end of the chain, or of a
-// shorter backing file, the range reads as zeros.
-Task<Result<std::pair<uint64_t, uint32_t>>> chain_status(Disk* top, uint64_t offset, uint64_t max_len) {
-  for (Disk* layer = top; layer; layer = layer->backing()) {
-    if (offset >= layer->size()) break;
-    uint64_t len = std::min(max_len, layer->size() - offset);
-    auto st = co_await layer->block_status(offset, len);
-    if (!st.ok()) co_return std::move(st).error();
-    max_len = st->length;
-    if (st->kind == BlockStatus::Kind::kData) co_return std::pair{max_len, uint32_t{0}};
-    if (st->kind == BlockStatus::Kind::kZero) {
-      co_return std::pair{max_len, st->has_offset ? kStateZero : kStateHole | kStateZero};
-    }
-  }
-  co_return std::pair{max_len, kStateHole | kStateZero};
+// NBD_STATE_* of one range: data is data (also where a metadata-
+// preallocated layer's host file has a hole); zeros are a hole unless they
+// keep a host cluster; a range no layer allocates (or past the end of a
+// shorter backing file) is a hole.
+uint32_t nbd_state(const ChainStatus& st) {
+  if (!st.allocated) return kStateHole | kStateZero;
+  if (st.data) return 0;
+  return st.has_offset ? kStateZero : kStateHole | kStateZero;
 }
 
 Task<Status> Session::do_block_status(const Request& req) {
@@ -156,9 +151,10 @@ Task<Status> Session::do_block_status(const Request& req) {
   uint64_t offset = req.offset, end = req.offset + req.length;
   size_t limit = (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
   while (offset < end) {
-    auto st = co_await chain_status(exp_.disk, offset, end - offset);
+    auto st = co_await chain_status_.status(offset, end - offset);
     if (!st.ok()) co_return std::move(st).error();
-    auto [len, flags] = *st;
+    const uint64_t len = st->length;
+    const uint32_t flags = nbd_state(*st);
     if (!extents.empty() && extents.back().second == flags) {
       extents.back().first += static_cast<uint32_t>(len);
     } else if (extents.size() == limit) {

@@ -5,9 +5,9 @@
 #include <cstdint>
 #include <string>
 
+#include "block/disk.h"
 #include "engine/result.h"
 #include "engine/task.h"
-#include "qcow2/disk.h"
 
 namespace uqcow::nbd {
 

@@ -19,7 +19,8 @@
 #include <cstdio>
 #include <cstring>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "block/debug_event.h"
 #include "engine/co_queue.h"
 #include "engine/result.h"
 #include "engine/task.h"

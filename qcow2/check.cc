@@ -9,7 +9,7 @@
 #include <climits>
 #include <cstring>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/repair.h"
 #include "qcow2/tables.h"
 

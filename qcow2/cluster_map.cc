@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/tables.h"
 

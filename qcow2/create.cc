@@ -3,12 +3,11 @@
 #include <sstream>
 #include <vector>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
+#include "block/options.h"
+#include "block/path.h"
 #include "qcow2/header.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
-#include "qcow2/options.h"
-#include "qcow2/path.h"
 #include "qcow2/refcount_entry.h"
 #include "uring/raw_file.h"
 
@@ -277,15 +276,19 @@ Task<Status> create_image(const std::string& path, const CreateOptions& requeste
       o.data_file_raw && o.preallocation == Preallocation::kOff ? Preallocation::kMetadata : o.preallocation;
   if (prealloc == Preallocation::kOff) co_return Status();
 
+  // Opened as open_disk() (block/open.h) opens a qcow2 image, less the
+  // backing file, which preallocation does not read.
   OpenOptions open_options;
   open_options.read_only = false;
-  open_options.format = "qcow2";
   open_options.no_backing = true;
-  auto disk = co_await open_disk(path, open_options);
-  if (!disk.ok()) co_return std::move(disk).error();
-  auto* img = static_cast<Qcow2Image*>(disk->get());
-  Status s = co_await img->preallocate(prealloc);
-  Status c = co_await img->close();
+  auto file = RawFile::open(path, {.read_only = false,
+                                   .cache = open_options.cache,
+                                   .lock = lock_perms(open_options, LockedFile::kQcow2Image)});
+  if (!file.ok()) co_return std::move(file).error();
+  auto img = co_await Qcow2Image::open(std::move(file).value(), open_options, nullptr);
+  if (!img.ok()) co_return std::move(img).error();
+  Status s = co_await (*img)->preallocate(prealloc);
+  Status c = co_await (*img)->close();
   co_return s.ok() ? c : s;
 }
 

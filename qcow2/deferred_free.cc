@@ -22,7 +22,7 @@
 // always a prefix of it.
 #include <algorithm>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 

@@ -4,7 +4,7 @@
 #include <cinttypes>
 #include <cstdio>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 
 namespace uqcow::qcow2 {

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 
 namespace uqcow::qcow2 {
 namespace {

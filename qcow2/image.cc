@@ -7,11 +7,12 @@
 #include <cstdio>
 #include <cstring>
 
+#include "block/debug_event.h"
+#include "block/endian.h"
+#include "block/path.h"
 #include "engine/sync_wait.h"
 #include "qcow2/compress.h"
-#include "qcow2/endian.h"
 #include "qcow2/hex.h"
-#include "qcow2/path.h"
 #include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {

@@ -42,6 +42,8 @@
 #include <string>
 #include <vector>
 
+#include "block/disk.h"
+#include "block/options.h"
 #include "engine/co_mutex.h"
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
@@ -49,11 +51,9 @@
 #include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
 #include "qcow2/create.h"
-#include "qcow2/disk.h"
 #include "qcow2/encryption.h"
 #include "qcow2/header.h"
 #include "qcow2/inflight.h"
-#include "qcow2/options.h"
 #include "qcow2/overlap.h"
 #include "qcow2/overlap_guard.h"
 #include "qcow2/refcounts.h"

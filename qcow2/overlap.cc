@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 

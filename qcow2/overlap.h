@@ -27,6 +27,8 @@
 #include <string>
 #include <utility>
 
+#include "block/options.h"
+
 namespace uqcow::qcow2 {
 
 // QEMU's QCOW2_OL_*_BITNR, in QEMU's order. kCryptoHeader is uqcow's own:
@@ -64,6 +66,11 @@ const char* metadata_kind_name(MetadataKind kind);
 // QEMU's option suffix ("inactive-l2" of overlap-check.inactive-l2); nullptr
 // for kCryptoHeader, which has no option.
 const char* metadata_kind_option(MetadataKind kind);
+
+// The kinds of metadata the overlap check covers: the template's set
+// (options.overlap_check), with the per-kind overrides applied, as QEMU's
+// qcow2_update_options_prepare computes s->overlap_check.
+OverlapMask overlap_check_mask(const OpenOptions& options);
 
 class MetadataRegions {
  public:

@@ -52,6 +52,17 @@ const char* metadata_kind_option(MetadataKind kind) {
   return nullptr;
 }
 
+OverlapMask overlap_check_mask(const OpenOptions& o) {
+  OverlapMask mask = 0;
+  switch (o.overlap_check) {
+    case OverlapCheck::kNone: mask = 0; break;
+    case OverlapCheck::kConstant: mask = kOverlapConstant; break;
+    case OverlapCheck::kCached: mask = kOverlapCached; break;
+    case OverlapCheck::kAll: mask = kOverlapAll; break;
+  }
+  return (mask | o.overlap_check_on) & ~o.overlap_check_off;
+}
+
 void MetadataRegions::add(MetadataKind kind, uint64_t offset, uint64_t length) {
   if (length == 0 || !(tracked_ & overlap_bit(kind))) return;
   // A length from a damaged image may run past 2^64: clamp, do not wrap.

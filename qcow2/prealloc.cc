@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "block/endian.h"
 #include "qcow2/create.h"
-#include "qcow2/endian.h"
 #include "qcow2/image.h"
 #include "qcow2/tables.h"
 

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 
 namespace uqcow::qcow2 {
 

@@ -4,7 +4,8 @@
 #include <cinttypes>
 #include <cstdio>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/refcounts.h"

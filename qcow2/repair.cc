@@ -9,7 +9,8 @@
 #include <cinttypes>
 #include <cstdio>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 
 namespace uqcow::qcow2::check_internal {

@@ -21,7 +21,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/image.h"
 #include "qcow2/tables.h"

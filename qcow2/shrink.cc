@@ -6,7 +6,8 @@
 #include <algorithm>
 #include <cstdio>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"
 #include "qcow2/tables.h"

@@ -1,8 +1,7 @@
 #include "qcow2/snapshot.h"
 
+#include "block/endian.h"
 #include <algorithm>
-
-#include "qcow2/endian.h"
 
 namespace uqcow::qcow2 {
 namespace {

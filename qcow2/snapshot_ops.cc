@@ -14,7 +14,8 @@
 #include <cerrno>
 #include <ctime>
 
-#include "qcow2/endian.h"
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/header_io.h"
 #include "qcow2/hex.h"
 #include "qcow2/image.h"

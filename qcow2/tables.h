@@ -11,7 +11,7 @@
 
 #include "engine/result.h"
 #include "engine/task.h"
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/format.h"
 #include "uring/block_device.h"
 

@@ -10,12 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "block/endian.h"
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "engine/task_group.h"
 #include "qcow2/create.h"
-#include "qcow2/endian.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "uring/reactor.h"
 
 namespace uqcow::qcow2 {

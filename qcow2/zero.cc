@@ -6,8 +6,9 @@
 #include <utility>
 #include <vector>
 
+#include "block/debug_event.h"
+#include "block/endian.h"
 #include "qcow2/compress.h"
-#include "qcow2/endian.h"
 #include "qcow2/image.h"
 #include "qcow2/tables.h"
 

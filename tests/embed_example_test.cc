@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "engine/task_group.h"
-#include "qcow2/open.h"
 #include "tests/testutil.h"
 #include "uring/reactor.h"
 

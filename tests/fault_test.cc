@@ -21,7 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "fault/fault_rule.h"
+#include "block/debug_event.h"
+#include "fault/fault_device.h"
 #include "qcow2/image.h"
 #include "tests/testutil.h"
 
@@ -300,8 +301,9 @@ TEST_P(FaultMatrix, WorkloadSurvivesFault) {
   ASSERT_TRUE(write_file(img, *template_));
 
   OpenOptions options = small_caches();
-  ASSERT_TRUE(apply_open_option(options, "inject", rule_text).ok());
-  auto injector = options.inject;
+  auto injector = std::make_shared<FaultInjector>();
+  ASSERT_TRUE(injector->add_rule(rule_text).ok());
+  options.wrap_file = fault_injection(injector);
   Model model = initial_model();
   std::vector<OpResult> results;
   Status close_status;
@@ -394,12 +396,14 @@ TEST_F(FaultMatrix, WorkloadReachesTheEvents) {
   const std::string img = dir_->file("baseline.qcow2");
   ASSERT_TRUE(write_file(img, *template_));
   OpenOptions options = small_caches();
+  auto injector = std::make_shared<FaultInjector>();
   for (unsigned e = 0; e < kBlkDebugEventCount; ++e) {
-    ASSERT_TRUE(apply_open_option(options, "inject",
-                                  "event=" + std::string(blkdebug_event_name(static_cast<BlkDebugEvent>(e))) +
-                                      ",errno=5,after=1000000000")
+    ASSERT_TRUE(injector
+                    ->add_rule("event=" + std::string(blkdebug_event_name(static_cast<BlkDebugEvent>(e))) +
+                               ",errno=5,after=1000000000")
                     .ok());
   }
+  options.wrap_file = fault_injection(injector);
   Model model = initial_model();
   {
     auto disk = SyncDisk::open(img, options);
@@ -409,13 +413,13 @@ TEST_F(FaultMatrix, WorkloadReachesTheEvents) {
     for (const auto& r : w.results()) EXPECT_TRUE(r.status.ok()) << r.name << ": " << r.status.message();
     ASSERT_TRUE((*disk)->close().ok());
   }
-  std::printf("%s", options.inject->report().c_str());
+  std::printf("%s", injector->report().c_str());
   // Events the workload cannot reach: no backing file here.
   const std::vector<BlkDebugEvent> unreachable = {BlkDebugEvent::kReadBackingAio};
   for (unsigned e = 0; e < kBlkDebugEventCount; ++e) {
     auto ev = static_cast<BlkDebugEvent>(e);
     if (std::find(unreachable.begin(), unreachable.end(), ev) != unreachable.end()) continue;
-    EXPECT_GT(options.inject->state(e).events, 0u) << blkdebug_event_name(ev) << " was never announced";
+    EXPECT_GT(injector->state(e).events, 0u) << blkdebug_event_name(ev) << " was never announced";
   }
   auto check = run_command({"qemu-img", "check", img});
   EXPECT_EQ(check.exit_code, 0) << check.describe();

@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "qcow2/options.h"
+#include "block/options.h"
 #include "tests/testutil.h"
 
 namespace uqcow::testing {

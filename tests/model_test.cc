@@ -29,10 +29,10 @@
 #include <string>
 #include <vector>
 
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "engine/when_all.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "tests/testutil.h"
 #include "uring/reactor.h"
 

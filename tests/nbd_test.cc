@@ -6,6 +6,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "tests/nbd_client.h"
@@ -179,6 +180,57 @@ TEST_F(NbdTest, MalformedRequestsGetAnErrorOrAClosedConnection) {
   EXPECT_EQ(other.reply_error(), 0);
   EXPECT_TRUE(server_->running());
   expect_serving();
+}
+
+// BLOCK_STATUS through a backing chain, with every kind of range: data of the
+// top image and of a metadata-preallocated backing file (whose unwritten
+// clusters are holes in its host file: still data), zeros without a host
+// cluster (hole,zero), zeros that keep their host cluster (zero), and the
+// range past the end of the shorter backing file (hole,zero). The expected
+// map follows from the qemu-io writes that built the chain.
+TEST(NbdChainTest, BlockStatusThroughABackingChain) {
+  for (const char* tool : {"nbdinfo", "qemu-img", "qemu-io"}) {
+    if (!require_tool(tool)) return;
+  }
+  ASSERT_FALSE(uqcow_binary().empty()) << "$UQCOW is not set";
+  TempDir dir("nbd-chain");
+  SocketDir socket_dir;
+  ASSERT_TRUE(socket_dir.ok());
+  constexpr uint64_t K = 1024, M = 1024 * K;
+  ImageBuilder b(dir.path());
+  b.create("base.qcow2", "qcow2", "cluster_size=65536,preallocation=metadata", 32 * M);
+  b.write("base.qcow2", "qcow2", {P(0, 1 * M, 0x11)});
+  b.create("top.qcow2", "qcow2", "cluster_size=65536", 64 * M, "base.qcow2", "qcow2");
+  b.write("top.qcow2", "qcow2", {Z(512 * K, 512 * K), P(2 * M, 64 * K, 0x22), P(4 * M, 64 * K, 0x33),
+                                 Z(4 * M, 64 * K)});
+  ASSERT_TRUE(b.ok()) << b.error() << "\n" << b.script();
+  ServeProcess server(dir.file("top.qcow2"), socket_dir.socket(), {"-r"});
+  ASSERT_TRUE(server.wait_ready()) << "uqcow serve did not create " << socket_dir.socket();
+
+  auto map = run_command({"nbdinfo", "--map", socket_dir.uri()});
+  ASSERT_TRUE(Succeeded(map));
+  // (start, length, type) with adjacent extents of one type merged.
+  std::vector<std::tuple<uint64_t, uint64_t, unsigned>> got;
+  std::istringstream lines(map.out);
+  uint64_t start, length;
+  unsigned type;
+  std::string desc;
+  while (lines >> start >> length >> type >> desc) {
+    if (!got.empty() && std::get<2>(got.back()) == type) {
+      std::get<1>(got.back()) += length;
+    } else {
+      got.emplace_back(start, length, type);
+    }
+  }
+  const std::vector<std::tuple<uint64_t, uint64_t, unsigned>> want = {
+      {0, 512 * K, 0},                    // base data
+      {512 * K, 512 * K, 3},              // top zeros over the backing file
+      {1 * M, 3 * M, 0},                  // base (preallocated) and top data
+      {4 * M, 64 * K, 2},                 // top zeros that keep their cluster
+      {4 * M + 64 * K, 28 * M - 64 * K, 0},  // base, preallocated
+      {32 * M, 32 * M, 3},                // past the end of the backing file
+  };
+  EXPECT_EQ(got, want) << map.out << "\n" << b.script();
 }
 
 }  // namespace

@@ -22,9 +22,10 @@
 #include <string>
 #include <vector>
 
+#include "block/open.h"
+#include "block/options.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
-#include "qcow2/options.h"
 #include "qcow2/overlap.h"
 #include "tests/testutil.h"
 
@@ -134,7 +135,7 @@ uint32_t mask_of(const std::vector<std::pair<std::string, std::string>>& opts) {
     Status s = apply_open_option(o, k, v);
     EXPECT_TRUE(s.ok()) << k << "=" << v << ": " << s.message();
   }
-  return overlap_check_mask(o);
+  return qcow2::overlap_check_mask(o);
 }
 
 TEST(OverlapOptions, LevelsAreQemus) {

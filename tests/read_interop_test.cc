@@ -36,7 +36,7 @@
 #include <utility>
 #include <vector>
 
-#include "qcow2/options.h"
+#include "block/options.h"
 #include "tests/testutil.h"
 
 namespace uqcow::testing {

@@ -8,11 +8,13 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "block/options.h"
+#include "fault/fault_device.h"
 #include "qcow2/image.h"
-#include "qcow2/options.h"
 #include "tests/testutil.h"
 
 namespace uqcow::testing {
@@ -36,8 +38,9 @@ class RollbackTest : public ::testing::Test {
                  bool op_writes_guest_data = false) {
     OpenOptions options;
     options.read_only = false;
-    ASSERT_TRUE(apply_open_option(options, "inject", rule).ok());
-    auto injector = options.inject;
+    auto injector = std::make_shared<FaultInjector>();
+    ASSERT_TRUE(injector->add_rule(rule).ok());
+    options.wrap_file = fault_injection(injector);
     auto disk = SyncDisk::open(dir_.file(img), options);
     ASSERT_TRUE(disk.ok()) << disk.error().message();
     auto* image = dynamic_cast<qcow2::Qcow2Image*>(&(*disk)->disk());

@@ -19,10 +19,10 @@
 #include <filesystem>
 #include <random>
 
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "engine/task.h"
 #include "engine/when_all.h"
-#include "qcow2/open.h"
 
 namespace uqcow::testing {
 namespace {

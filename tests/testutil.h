@@ -16,10 +16,10 @@
 #include <utility>
 #include <vector>
 
+#include "block/disk.h"
+#include "block/options.h"
 #include "engine/result.h"
 #include "engine/sync_wait.h"
-#include "qcow2/disk.h"
-#include "qcow2/options.h"
 #include "uring/reactor.h"
 
 namespace uqcow::testing {

@@ -10,8 +10,8 @@
 #include <thread>
 
 #include "bench/workload.h"
+#include "block/open.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "tools/cli.h"
 
 namespace uqcow::cli {

@@ -7,10 +7,9 @@
 #include <utility>
 #include <vector>
 
-#include "fault/fault_device.h"
+#include "block/open.h"
+#include "block/path.h"
 #include "qcow2/check.h"
-#include "qcow2/open.h"
-#include "qcow2/path.h"
 #include "tools/cli.h"
 #include "uring/raw_file.h"
 
@@ -105,7 +104,8 @@ void print_json(const CheckResult& r, const std::string& filename) {
 // Opens the image (read-write only to repair, as `options` says) and its
 // external data file (read-only: a repair never writes guest data; locked
 // as the image's mode says, as QEMU locks it), then checks.
-// With fault rules (--inject) the image file is wrapped in a fault injector.
+// The image file is wrapped as options.wrap_file says (--inject: a fault
+// injector).
 Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mode, OpenOptions options) {
   if (Status s = check_lock_options(options); !s.ok()) {
     co_return s.error().with_context("Could not open '" + path + "'");
@@ -115,14 +115,16 @@ Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mod
                                   .lock = lock_perms(options, LockedFile::kQcow2Image)});
   if (!raw.ok()) co_return std::move(raw).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<BlockDevice> file = std::move(raw).value();
-  if (options.inject && !options.inject->empty()) {
-    file = std::make_unique<FaultInjectingDevice>(std::move(file), options.inject);
+  if (options.wrap_file) {
+    auto wrapped = options.wrap_file(std::move(file));
+    if (!wrapped.ok()) co_return std::move(wrapped).error().with_context("Could not open '" + path + "'");
+    file = std::move(wrapped).value();
   }
   auto header = co_await qcow2::read_image_header(*file, qcow2::HeaderUse::kCheck);
   if (!header.ok()) co_return std::move(header).error().with_context("Could not open '" + path + "'");
   std::unique_ptr<RawFile> data_file;
   if (header->has_data_file()) {
-    std::string data_path = qcow2::resolve_relative(path, *header->data_file);
+    std::string data_path = resolve_relative(path, *header->data_file);
     auto df = RawFile::open(data_path, {.read_only = true,
                                         .cache = options.cache,
                                         .lock = lock_perms(options, LockedFile::kDataFile)});

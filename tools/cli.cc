@@ -9,6 +9,9 @@
 
 #include <unistd.h>
 
+#include "block/open.h"
+#include "fault/fault_device.h"
+
 namespace uqcow::cli {
 namespace {
 std::vector<std::string> split_names(const std::string& names) {
@@ -155,12 +158,20 @@ Result<OpenOptions> open_options(const Args& args, bool read_only) {
                           "cache-clean-interval", "lazy-refcounts", "overlap-check"}) {
     if (auto v = args.get(std::string("--") + key)) UQ_TRY(apply_open_option(o, key, *v));
   }
+  // Fault rules (`--inject RULE`, `--image-opt inject=RULE`) wrap the image's
+  // file in a fault injector (fault/).
+  auto injector = std::make_shared<FaultInjector>();
   for (const auto& kv : args.all("--image-opt")) {
     auto eq = kv.find('=');
     if (eq == std::string::npos) return Error(EINVAL, "--image-opt: expected KEY=VALUE, got '" + kv + "'");
-    UQ_TRY(apply_open_option(o, kv.substr(0, eq), kv.substr(eq + 1)));
+    if (kv.substr(0, eq) == "inject") {
+      UQ_TRY(injector->add_rule(std::string_view(kv).substr(eq + 1)));
+    } else {
+      UQ_TRY(apply_open_option(o, kv.substr(0, eq), kv.substr(eq + 1)));
+    }
   }
-  for (const auto& rule : args.all("--inject")) UQ_TRY(apply_open_option(o, "inject", rule));
+  for (const auto& rule : args.all("--inject")) UQ_TRY(injector->add_rule(rule));
+  if (!injector->empty()) o.wrap_file = fault_injection(std::move(injector));
   if (auto f = args.get("--passphrase-file")) {
     auto secret = read_passphrase_file(*f);
     if (!secret.ok()) return std::move(secret).error();

@@ -11,11 +11,11 @@
 #include <string>
 #include <vector>
 
+#include "block/disk.h"
+#include "block/options.h"
 #include "engine/result.h"
 #include "engine/sync_wait.h"
 #include "engine/task.h"
-#include "qcow2/disk.h"
-#include "qcow2/options.h"
 #include "uring/reactor.h"
 
 namespace uqcow::cli {

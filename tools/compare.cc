@@ -17,10 +17,10 @@
 #include <optional>
 #include <string>
 
+#include "block/chain_status.h"
+#include "block/open.h"
 #include "engine/task_group.h"
 #include "engine/when_all.h"
-#include "qcow2/open.h"
-#include "tools/chain_status.h"
 #include "tools/cli.h"
 #include "uring/aligned_buffer.h"
 

@@ -19,11 +19,11 @@
 #include <string>
 #include <vector>
 
+#include "block/chain_status.h"
+#include "block/open.h"
 #include "engine/task_group.h"
 #include "qcow2/create.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
-#include "tools/chain_status.h"
 #include "tools/cli.h"
 #include "uring/aligned_buffer.h"
 #include "uring/raw_file.h"

@@ -4,9 +4,9 @@
 #include <cstdio>
 #include <sstream>
 
+#include "block/open.h"
+#include "block/options.h"
 #include "qcow2/create.h"
-#include "qcow2/open.h"
-#include "qcow2/options.h"
 #include "tools/cli.h"
 #include "uring/raw_file.h"
 

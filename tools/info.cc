@@ -15,11 +15,11 @@
 #include <string>
 #include <vector>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
+#include "block/open.h"
+#include "block/path.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
-#include "qcow2/path.h"
 #include "tools/cli.h"
 #include "uring/raw_file.h"
 
@@ -276,25 +276,25 @@ Result<QValue> luks_info(const std::vector<uint8_t>& h) {
   }
   QValue info = QValue::dict();
   info.put("format", QValue::string("luks"))
-      .put("cipher-alg", QValue::string(luks_cipher_alg(cipher_name, mode, qcow2::load_be32(&h[108]))))
+      .put("cipher-alg", QValue::string(luks_cipher_alg(cipher_name, mode, load_be32(&h[108]))))
       .put("cipher-mode", QValue::string(mode))
       .put("ivgen-alg", QValue::string(ivgen));
   if (ivgen == "essiv") info.put("ivgen-hash-alg", QValue::string(ivgen_hash));
   info.put("hash-alg", QValue::string(hash_spec))
-      .put("payload-offset", QValue::number(uint64_t{qcow2::load_be32(&h[104])} * kSectorSize))
-      .put("master-key-iters", QValue::number(qcow2::load_be32(&h[164])))
+      .put("payload-offset", QValue::number(uint64_t{load_be32(&h[104])} * kSectorSize))
+      .put("master-key-iters", QValue::number(load_be32(&h[164])))
       .put("uuid", QValue::string(fixed_string(&h[168], 40)));
   QValue slots = QValue::list();
   for (size_t i = 0; i < 8; ++i) {
     const uint8_t* s = &h[kSlots + i * kSlotBytes];
-    const bool active = qcow2::load_be32(s) == kSlotActive;
+    const bool active = load_be32(s) == kSlotActive;
     QValue slot = QValue::dict();
     slot.put("active", QValue::boolean(active));
     if (active) {
-      slot.put("iters", QValue::number(qcow2::load_be32(s + 4)))
-          .put("stripes", QValue::number(qcow2::load_be32(s + 44)));
+      slot.put("iters", QValue::number(load_be32(s + 4)))
+          .put("stripes", QValue::number(load_be32(s + 44)));
     }
-    slot.put("key-offset", QValue::number(uint64_t{qcow2::load_be32(s + 40)} * kSectorSize));
+    slot.put("key-offset", QValue::number(uint64_t{load_be32(s + 40)} * kSectorSize));
     slots.append(std::move(slot));
   }
   info.put("slots", std::move(slots));
@@ -313,10 +313,10 @@ Result<QValue> bitmap_list(const std::vector<uint8_t>& dir, uint32_t nb_bitmaps)
       return Error(EINVAL, "bitmap directory entry " + std::to_string(n) + " runs past bitmap_directory_size");
     }
     const uint8_t* e = &dir[pos];
-    const uint32_t flags = qcow2::load_be32(e + 12);
+    const uint32_t flags = load_be32(e + 12);
     const uint32_t granularity_bits = e[17];
-    const uint16_t name_size = qcow2::load_be16(e + 18);
-    const uint32_t extra_data_size = qcow2::load_be32(e + 20);
+    const uint16_t name_size = load_be16(e + 18);
+    const uint32_t extra_data_size = load_be32(e + 20);
     const uint64_t entry_size = (kEntryHeader + uint64_t{extra_data_size} + name_size + 7) & ~uint64_t{7};
     if (granularity_bits > 63 || entry_size > dir.size() - pos) {
       return Error(EINVAL, "bitmap directory entry " + std::to_string(n) + " is invalid");
@@ -432,7 +432,7 @@ Task<Result<ImageInfo>> collect_info(Disk& disk) {
   info.encrypted = h.crypt_method != qcow2::CryptMethod::kNone;
   if (!h.backing_file.empty()) {
     info.backing_filename = h.backing_file;
-    info.full_backing_filename = qcow2::resolve_relative(disk.filename(), h.backing_file);
+    info.full_backing_filename = resolve_relative(disk.filename(), h.backing_file);
     info.backing_format = h.backing_format.value_or("");
   }
   info.snapshots = img->snapshots();

@@ -23,8 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "block/open.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "tools/cli.h"
 #include "uring/aligned_buffer.h"
 

@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "qcow2/open.h"
-#include "tools/chain_status.h"
+#include "block/chain_status.h"
+#include "block/open.h"
 #include "tools/cli.h"
 
 namespace uqcow::cli {

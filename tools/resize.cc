@@ -1,9 +1,9 @@
 // uqcow resize: change the virtual size of an image, like qemu-img resize.
 #include <cstdio>
 
+#include "block/open.h"
+#include "block/raw_disk.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
-#include "qcow2/raw_disk.h"
 #include "tools/cli.h"
 
 namespace uqcow::cli {

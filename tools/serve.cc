@@ -3,8 +3,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "block/open.h"
 #include "nbd/server.h"
-#include "qcow2/open.h"
 #include "tools/cli.h"
 
 namespace uqcow::cli {

@@ -3,8 +3,8 @@
 #include <cstdio>
 #include <ctime>
 
+#include "block/open.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "tools/cli.h"
 
 namespace uqcow::cli {

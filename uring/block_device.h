@@ -16,14 +16,19 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 
 #include "engine/result.h"
 #include "engine/task.h"
-#include "uring/debug_event.h"
 
 namespace uqcow {
+
+// A debug event (BlockDevice::debug_event) as the device sees it: an id.
+using DebugEventId = uint32_t;
 
 class BlockDevice {
  public:
@@ -56,17 +61,29 @@ class BlockDevice {
   virtual void release_locks() {}
 
   // QEMU's BLKDBG_EVENT: the format driver is about to do the step `event`
-  // (its I/O follows). Costs one load and a predictable branch unless a
-  // layer that listens (a fault injector) is this device.
-  void debug_event(BlkDebugEvent event) {
+  // (its I/O follows). The events are the format's (block/debug_event.h
+  // names qcow2's as blkdebug does); a device only carries their ids. Costs
+  // one load and a predictable branch unless a layer that listens (a fault
+  // injector) is this device.
+  void debug_event(DebugEventId event) {
     if (listens_to_debug_events_) [[unlikely]] on_debug_event(event);
+  }
+  template <typename Event>
+    requires std::is_enum_v<Event>
+  void debug_event(Event event) {
+    debug_event(static_cast<DebugEventId>(event));
   }
 
  protected:
   // A listening implementation sets listens_to_debug_events_ and overrides
   // on_debug_event().
-  virtual void on_debug_event(BlkDebugEvent) {}
+  virtual void on_debug_event(DebugEventId) {}
   bool listens_to_debug_events_ = false;
 };
+
+// Puts a layer over a device (a fault injector, a recorder): returns the
+// device to use instead of `inner`, which it owns from then on.
+using BlockDeviceWrapper =
+    std::function<Result<std::unique_ptr<BlockDevice>>(std::unique_ptr<BlockDevice> inner)>;
 
 }  // namespace uqcow

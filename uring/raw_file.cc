@@ -26,32 +26,22 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
   int flags = O_CLOEXEC | (options.read_only ? O_RDONLY : O_RDWR);
   if (options.create) flags |= O_CREAT | (options.exclusive ? O_EXCL : 0);
   if (options.cache == CacheMode::kNone) flags |= O_DIRECT;
-  int fd = ::open(path.c_str(), flags, 0644);
-  if (fd < 0 && errno == EINVAL && (flags & O_DIRECT)) {
+  FileDesc fd(::open(path.c_str(), flags, 0644));
+  if (!fd.valid() && errno == EINVAL && (flags & O_DIRECT)) {
     return Error(EINVAL, "open " + path + ": the file system does not support O_DIRECT (-t none)");
   }
-  if (fd < 0) return errno_error(errno, "open " + path);
+  if (!fd.valid()) return errno_error(errno, "open " + path);
   struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    int err = errno;
-    ::close(fd);
-    return errno_error(err, "stat " + path);
-  }
-  if (S_ISDIR(st.st_mode)) {
-    ::close(fd);
-    return Error(EISDIR, path + " is a directory");
-  }
+  if (fstat(fd.get(), &st) != 0) return errno_error(errno, "stat " + path);
+  if (S_ISDIR(st.st_mode)) return Error(EISDIR, path + " is a directory");
   if (options.lock) {
-    if (Status locked = lock_file(fd, path, *options.lock); !locked.ok()) {
-      ::close(fd);
-      return locked.error();
-    }
+    if (Status locked = lock_file(fd.get(), path, *options.lock); !locked.ok()) return locked.error();
   }
   uint32_t alignment = 1;
   if (options.cache == CacheMode::kNone) {
     alignment = 512;
     int sector = 0;
-    if (S_ISBLK(st.st_mode) && ioctl(fd, BLKSSZGET, &sector) == 0 && sector > 0) {
+    if (S_ISBLK(st.st_mode) && ioctl(fd.get(), BLKSSZGET, &sector) == 0 && sector > 0) {
       alignment = static_cast<uint32_t>(sector);
     } else if (st.st_blksize >= 4096) {
       // File systems on 4 KiB-sector devices reject 512-byte direct I/O;
@@ -59,13 +49,11 @@ Result<std::unique_ptr<RawFile>> RawFile::open(const std::string& path, RawFileO
       alignment = 4096;
     }
   }
-  return std::unique_ptr<RawFile>(new RawFile(path, fd, options, alignment));
+  return std::unique_ptr<RawFile>(new RawFile(path, std::move(fd), options, alignment));
 }
 
-RawFile::~RawFile() { ::close(fd_); }
-
 void RawFile::release_locks() {
-  if (options_.lock) unlock_file(fd_);
+  if (options_.lock) unlock_file(fd_.get());
 }
 
 Error RawFile::io_error(int err, const char* what, uint64_t offset, uint64_t len) const {
@@ -92,7 +80,7 @@ Task<Status> RawFile::co_read(uint64_t offset, std::span<std::byte> buf) {
   if (alignment_ > 1 && !aligned(offset, buf.size(), buf.data())) {
     co_return co_await bounce_read(offset, buf);
   }
-  int r = co_await uring::ReadOp(fd_, buf.data(), buf.size(), offset, uring::EofPolicy::kZeroFill,
+  int r = co_await uring::ReadOp(fd_.get(), buf.data(), buf.size(), offset, uring::EofPolicy::kZeroFill,
                                  false, alignment_ > 1);
   if (r < 0) co_return io_error(r, "read", offset, buf.size());
   co_return Status();
@@ -104,7 +92,7 @@ Task<Status> RawFile::co_write(uint64_t offset, std::span<const std::byte> buf) 
   if (alignment_ > 1 && !aligned(offset, buf.size(), buf.data())) {
     co_return co_await bounce_write(offset, buf);
   }
-  int r = co_await uring::WriteOp(fd_, buf.data(), buf.size(), offset);
+  int r = co_await uring::WriteOp(fd_.get(), buf.data(), buf.size(), offset);
   if (r < 0) co_return io_error(r, "write", offset, buf.size());
   co_return Status();
 }
@@ -131,7 +119,7 @@ Task<Status> RawFile::co_readv(uint64_t offset, std::span<iovec> iov) {
     co_return Status();
   }
   size_t total = iov_bytes(iov);
-  int r = co_await uring::VectorOp(uring::VectorOp::Dir::kRead, fd_, iov, offset);
+  int r = co_await uring::VectorOp(uring::VectorOp::Dir::kRead, fd_.get(), iov, offset);
   if (r < 0) co_return io_error(r, "readv", offset, total);
   co_return Status();
 }
@@ -148,7 +136,7 @@ Task<Status> RawFile::co_writev(uint64_t offset, std::span<iovec> iov) {
     }
     co_return co_await bounce_write(offset, tmp);
   }
-  int r = co_await uring::VectorOp(uring::VectorOp::Dir::kWrite, fd_, iov, offset);
+  int r = co_await uring::VectorOp(uring::VectorOp::Dir::kWrite, fd_.get(), iov, offset);
   if (r < 0) co_return io_error(r, "writev", offset, total);
   co_return Status();
 }
@@ -157,7 +145,7 @@ Task<Status> RawFile::bounce_read(uint64_t offset, std::span<std::byte> buf) {
   uint64_t start = offset / alignment_ * alignment_;
   uint64_t end = (offset + buf.size() + alignment_ - 1) / alignment_ * alignment_;
   AlignedBuffer tmp(end - start);
-  int r = co_await uring::ReadOp(fd_, tmp.data(), tmp.size(), start, uring::EofPolicy::kZeroFill,
+  int r = co_await uring::ReadOp(fd_.get(), tmp.data(), tmp.size(), start, uring::EofPolicy::kZeroFill,
                                  false, true);
   if (r < 0) co_return io_error(r, "read", offset, buf.size());
   std::memcpy(buf.data(), tmp.data() + (offset - start), buf.size());
@@ -174,12 +162,12 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
   if (!old_length.ok()) co_return std::move(old_length).error();
   AlignedBuffer tmp(end - start);
   if (start != offset || end != offset + buf.size()) {
-    int r = co_await uring::ReadOp(fd_, tmp.data(), tmp.size(), start,
+    int r = co_await uring::ReadOp(fd_.get(), tmp.data(), tmp.size(), start,
                                    uring::EofPolicy::kZeroFill, false, true);
     if (r < 0) co_return io_error(r, "read (read-modify-write)", start, tmp.size());
   }
   std::memcpy(tmp.data() + (offset - start), buf.data(), buf.size());
-  int r = co_await uring::WriteOp(fd_, tmp.data(), tmp.size(), start);
+  int r = co_await uring::WriteOp(fd_.get(), tmp.data(), tmp.size(), start);
   if (r < 0) co_return io_error(r, "write", offset, buf.size());
   // Writing whole sectors may have extended the file past the request's end;
   // the file must end where a buffered write would have left it. Trim only
@@ -190,7 +178,7 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
   if (end > want) {
     auto new_length = length();
     if (!new_length.ok()) co_return std::move(new_length).error();
-    if (*new_length == end && ::ftruncate(fd_, static_cast<off_t>(want)) != 0) {
+    if (*new_length == end && ::ftruncate(fd_.get(), static_cast<off_t>(want)) != 0) {
       co_return io_error(errno, "truncate after unaligned write", offset, buf.size());
     }
   }
@@ -199,7 +187,7 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
 
 Task<Status> RawFile::co_flush() {
   if (options_.read_only) co_return Status();
-  int r = co_await uring::fdatasync(fd_);
+  int r = co_await uring::fdatasync(fd_.get());
   if (r < 0) co_return errno_error(r, "fdatasync " + path_);
   co_return Status();
 }
@@ -207,7 +195,7 @@ Task<Status> RawFile::co_flush() {
 Task<Status> RawFile::co_discard(uint64_t offset, uint64_t len) {
   if (options_.read_only) co_return Error(EROFS, path_ + " is open read-only");
   if (len == 0) co_return Status();
-  int r = co_await uring::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+  int r = co_await uring::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
   if (r < 0) co_return io_error(r, "discard", offset, len);
   co_return Status();
 }
@@ -231,9 +219,9 @@ Task<Status> RawFile::co_write_zeroes(uint64_t offset, uint64_t len, bool may_un
   if (!file_len.ok()) co_return std::move(file_len).error();
   int r;
   if (may_unmap && offset + len <= *file_len) {
-    r = co_await uring::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
+    r = co_await uring::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
   } else {
-    r = co_await uring::fallocate(fd_, FALLOC_FL_ZERO_RANGE, offset, len);
+    r = co_await uring::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, offset, len);
   }
   if (r == -EOPNOTSUPP || r == -EINVAL) co_return co_await write_zero_buffers(offset, len);
   if (r < 0) co_return io_error(r, "write zeroes", offset, len);
@@ -242,10 +230,10 @@ Task<Status> RawFile::co_write_zeroes(uint64_t offset, uint64_t len, bool may_un
 
 Result<uint64_t> RawFile::length() const {
   struct stat st {};
-  if (fstat(fd_, &st) != 0) return errno_error(errno, "stat " + path_);
+  if (fstat(fd_.get(), &st) != 0) return errno_error(errno, "stat " + path_);
   if (S_ISBLK(st.st_mode)) {
     uint64_t size = 0;
-    if (ioctl(fd_, BLKGETSIZE64, &size) != 0) return errno_error(errno, "BLKGETSIZE64 " + path_);
+    if (ioctl(fd_.get(), BLKGETSIZE64, &size) != 0) return errno_error(errno, "BLKGETSIZE64 " + path_);
     return size;
   }
   return static_cast<uint64_t>(st.st_size);
@@ -253,13 +241,13 @@ Result<uint64_t> RawFile::length() const {
 
 Result<uint64_t> RawFile::allocated_bytes() const {
   struct stat st {};
-  if (fstat(fd_, &st) != 0) return errno_error(errno, "stat " + path_);
+  if (fstat(fd_.get(), &st) != 0) return errno_error(errno, "stat " + path_);
   return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
 Status RawFile::truncate(uint64_t length) {
   if (options_.read_only) return Error(EROFS, path_ + " is open read-only");
-  if (::ftruncate(fd_, static_cast<off_t>(length)) != 0) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(length)) != 0) {
     return errno_error(errno, "truncate " + path_ + " to " + std::to_string(length));
   }
   return Status();

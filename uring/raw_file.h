@@ -16,6 +16,7 @@
 
 #include "engine/co_mutex.h"
 #include "uring/block_device.h"
+#include "uring/file_desc.h"
 #include "uring/file_lock.h"
 
 namespace uqcow {
@@ -40,7 +41,6 @@ struct RawFileOptions {
 class RawFile final : public BlockDevice {
  public:
   static Result<std::unique_ptr<RawFile>> open(const std::string& path, RawFileOptions options);
-  ~RawFile() override;
 
   Task<Status> co_read(uint64_t offset, std::span<std::byte> buf) override;
   Task<Status> co_write(uint64_t offset, std::span<const std::byte> buf) override;
@@ -58,11 +58,11 @@ class RawFile final : public BlockDevice {
   const std::string& name() const override { return path_; }
   void release_locks() override;
 
-  int fd() const { return fd_; }
+  int fd() const { return fd_.get(); }
 
  private:
-  RawFile(std::string path, int fd, RawFileOptions options, uint32_t alignment)
-      : path_(std::move(path)), fd_(fd), options_(options), alignment_(alignment) {}
+  RawFile(std::string path, FileDesc fd, RawFileOptions options, uint32_t alignment)
+      : path_(std::move(path)), fd_(std::move(fd)), options_(options), alignment_(alignment) {}
   bool aligned(uint64_t offset, uint64_t len, const void* buf) const;
   bool aligned(uint64_t offset, std::span<const iovec> iov) const;
   Task<Status> bounce_read(uint64_t offset, std::span<std::byte> buf);
@@ -71,7 +71,7 @@ class RawFile final : public BlockDevice {
   Error io_error(int err, const char* what, uint64_t offset, uint64_t len) const;
 
   std::string path_;
-  int fd_;
+  FileDesc fd_;
   RawFileOptions options_;
   uint32_t alignment_;
   CoMutex rmw_lock_;  // serialises unaligned O_DIRECT writes

@@ -7,11 +7,11 @@
 #include <cstring>
 #include <vector>
 
+#include "block/endian.h"
 #include "qcow2/crypto/afsplit.h"
 #include "qcow2/crypto/legacy_aes.h"
 #include "qcow2/crypto/luks.h"
 #include "qcow2/crypto/sector_cipher.h"
-#include "qcow2/endian.h"
 
 namespace uqcow::qcow2::crypto {
 namespace {

@@ -9,8 +9,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "block/endian.h"
 #include "qcow2/crypto/afsplit.h"
-#include "qcow2/endian.h"
 
 namespace uqcow::qcow2::crypto {
 namespace {

@@ -11,10 +11,10 @@
 #include <span>
 #include <vector>
 
+#include "block/open.h"
 #include "engine/sync_wait.h"
 #include "engine/when_all.h"
 #include "qcow2/image.h"
-#include "qcow2/open.h"
 #include "tests/fuzz/fuzz_util.h"
 
 namespace uqcow::fuzz {

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "qcow2/options.h"
+#include "block/options.h"
 
 namespace uqcow::sim {
 

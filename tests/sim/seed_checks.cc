@@ -5,9 +5,9 @@
 #include <cstring>
 #include <set>
 
-#include "qcow2/endian.h"
-#include "tests/testutil.h"
+#include "block/endian.h"
 #include "tests/sim/seed_run.h"
+#include "tests/testutil.h"
 
 namespace uqcow::sim {
 
@@ -249,7 +249,7 @@ std::optional<std::vector<uint8_t>> SeedRun::read_snapshot(const std::string& na
     // (the active L1 table keeps its size when the disk shrinks, so it
     // still covers that size).
     std::vector<uint8_t> copy = storage_->bytes();
-    qcow2::store_be64(copy.data() + kHeaderSizeField, s.disk_size);
+    store_be64(copy.data() + kHeaderSizeField, s.disk_size);
     file = std::make_shared<SimStorage>(std::move(copy), false);
   }
   auto img = wait(open_image(file, o));

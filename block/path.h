@@ -3,7 +3,7 @@
 
 #include <string>
 
-namespace uqcow::qcow2 {
+namespace uqcow {
 
 // Resolves `name` (a backing or data file name stored in an image) the way
 // QEMU does: absolute names stay; relative ones are relative to the directory
@@ -15,4 +15,4 @@ inline std::string resolve_relative(const std::string& image_path, const std::st
   return image_path.substr(0, slash + 1) + name;
 }
 
-}  // namespace uqcow::qcow2
+}  // namespace uqcow

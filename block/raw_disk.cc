@@ -1,4 +1,4 @@
-#include "qcow2/raw_disk.h"
+#include "block/raw_disk.h"
 
 #include <unistd.h>
 

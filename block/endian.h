@@ -1,12 +1,13 @@
-// Big-endian loads and stores. Every multi-byte field of the qcow2 format is
-// big-endian; this is the only file that swaps bytes.
+// Big-endian loads and stores. Every multi-byte field of the qcow2 format,
+// of LUKS headers and of the NBD protocol is big-endian; this is the only
+// file that swaps bytes.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 
-namespace uqcow::qcow2 {
+namespace uqcow {
 
 inline uint16_t load_be16(const void* p) {
   uint16_t v;
@@ -36,4 +37,4 @@ inline void store_be64(void* p, uint64_t v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-}  // namespace uqcow::qcow2
+}  // namespace uqcow

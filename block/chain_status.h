@@ -18,11 +18,12 @@
 #include <map>
 #include <string>
 
+#include "block/disk.h"
 #include "engine/result.h"
 #include "engine/task.h"
-#include "qcow2/disk.h"
+#include "uring/file_desc.h"
 
-namespace uqcow::cli {
+namespace uqcow {
 
 // The flags of QEMU's bdrv_block_status() for one range.
 struct ChainStatus {
@@ -43,7 +44,6 @@ struct ChainStatus {
 class ChainStatusReader {
  public:
   explicit ChainStatusReader(Disk& top) : top_(top) {}
-  ~ChainStatusReader();
   ChainStatusReader(const ChainStatusReader&) = delete;
   ChainStatusReader& operator=(const ChainStatusReader&) = delete;
 
@@ -63,7 +63,7 @@ class ChainStatusReader {
 
   Disk& top_;
   std::map<const Disk*, bool> preallocated_;
-  std::map<std::string, int> host_fds_;
+  std::map<std::string, FileDesc> host_fds_;  // invalid: could not be opened
 };
 
-}  // namespace uqcow::cli
+}  // namespace uqcow

@@ -1,4 +1,4 @@
-#include "uring/debug_event.h"
+#include "block/debug_event.h"
 
 namespace uqcow {
 namespace {

@@ -1,12 +1,13 @@
 // Opening any supported image: format probing (qcow2 magic, else raw, as
-// qemu-img does), `-f` to force the format, and the backing chain.
+// qemu-img does), `-f` to force the format, the backing chain, and the
+// runtime options by their QEMU names (some of which are qcow2's).
 #pragma once
 
 #include <memory>
 #include <string>
 
-#include "qcow2/disk.h"
-#include "qcow2/options.h"
+#include "block/disk.h"
+#include "block/options.h"
 
 namespace uqcow {
 
@@ -20,5 +21,10 @@ Result<std::string> probe_format(const std::string& path);
 // an open that conflicts with another one fails with EAGAIN and QEMU's
 // message; force_share on a read-write open is EINVAL.
 Task<Result<std::unique_ptr<Disk>>> open_disk(const std::string& path, OpenOptions options);
+
+// Applies one "key=value" runtime option with QEMU's name (l2-cache-size,
+// overlap-check.inactive-l2, locking, ...); EINVAL names an unknown key or a
+// bad value. ("inject", a fault rule, is the CLI's: tools/cli.cc.)
+Status apply_open_option(OpenOptions& options, const std::string& key, const std::string& value);
 
 }  // namespace uqcow

@@ -1,4 +1,4 @@
-#include "tools/chain_status.h"
+#include "block/chain_status.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -7,13 +7,13 @@
 #include <algorithm>
 #include <vector>
 
-#include "qcow2/endian.h"
+#include "block/endian.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
 #include "qcow2/refcount_entry.h"
 #include "uring/raw_file.h"
 
-namespace uqcow::cli {
+namespace uqcow {
 namespace {
 
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
@@ -49,7 +49,7 @@ Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
     const uint64_t block_end = std::min(end_cluster, (table_index + 1) * per_block);
     uint64_t block_offset = 0;
     if (table_index < table.size() / 8) {
-      block_offset = qcow2::load_be64(&table[table_index * 8]) & qcow2::kReftableOffsetMask;
+      block_offset = load_be64(&table[table_index * 8]) & qcow2::kReftableOffsetMask;
     }
     if (block_offset == 0) {  // no refcount block: every refcount is 0
       i = block_end;
@@ -64,12 +64,6 @@ Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
 }
 
 }  // namespace
-
-ChainStatusReader::~ChainStatusReader() {
-  for (auto& [name, fd] : host_fds_) {
-    if (fd >= 0) ::close(fd);
-  }
-}
 
 Task<Result<bool>> ChainStatusReader::metadata_preallocated(Disk& layer) {
   auto it = preallocated_.find(&layer);
@@ -89,9 +83,9 @@ Result<bool> ChainStatusReader::host_file_zero(const std::string& file, uint64_t
                                                uint64_t& len) {
   auto it = host_fds_.find(file);
   if (it == host_fds_.end()) {
-    it = host_fds_.emplace(file, ::open(file.c_str(), O_RDONLY | O_CLOEXEC)).first;
+    it = host_fds_.emplace(file, FileDesc(::open(file.c_str(), O_RDONLY | O_CLOEXEC))).first;
   }
-  const int fd = it->second;
+  const int fd = it->second.get();
   if (fd < 0) return Error(EBADF, "cannot open " + file);
   struct stat st {};
   if (fstat(fd, &st) != 0) return errno_error(errno, "stat " + file);
@@ -179,4 +173,4 @@ Task<Result<ChainStatus>> ChainStatusReader::status(uint64_t offset, uint64_t ma
   co_return cs;
 }
 
-}  // namespace uqcow::cli
+}  // namespace uqcow

@@ -2,7 +2,9 @@
 // (docs/devel/blkdebug and block/blkdebug.c). A format driver announces on
 // the BlockDevice it writes to that it is about to do a step (update an L2
 // table, grow the refcount table...), just before the I/O of that step; a
-// fault-injecting layer keys its rules on these events. snapshot_update
+// fault-injecting layer keys its rules on these events. The BlockDevice
+// (uring/block_device.h) carries an event as a bare id and knows none of
+// these names. snapshot_update
 // (before the header switches to a new snapshot table) is uqcow's own.
 #pragma once
 

@@ -3,7 +3,7 @@
 
 #include <memory>
 
-#include "qcow2/disk.h"
+#include "block/disk.h"
 #include "uring/raw_file.h"
 
 namespace uqcow {

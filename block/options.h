@@ -1,4 +1,5 @@
-// Runtime open options, named as QEMU names them (l2-cache-size, ...), and
+// Runtime open options, named as QEMU names them (l2-cache-size, ...; set by
+// key with apply_open_option(), block/open.h), the locks an open takes, and
 // the parsing of qemu-style sizes ("64k", "1M", "2G").
 #pragma once
 
@@ -8,7 +9,6 @@
 #include <string>
 
 #include "engine/result.h"
-#include "fault/fault_rule.h"
 #include "uring/raw_file.h"
 
 namespace uqcow {
@@ -35,7 +35,8 @@ struct OpenOptions {
   std::optional<bool> lazy_refcounts;
   // QEMU's overlap-check template (default cached) and its per-kind
   // overlap-check.<kind>=on|off overrides, as bit masks over QEMU's
-  // QCOW2_OL_*_BITNR (qcow2/overlap.h); overlap_check_mask() combines them.
+  // QCOW2_OL_*_BITNR (qcow2/overlap.h); qcow2::overlap_check_mask() combines
+  // them.
   OverlapCheck overlap_check = OverlapCheck::kCached;
   uint32_t overlap_check_on = 0;
   uint32_t overlap_check_off = 0;
@@ -56,10 +57,11 @@ struct OpenOptions {
   bool no_io = false;
   bool resize = false;
 
-  // Fault injection (blkdebug rules, fault/fault_rule.h) on the top image's
-  // file; null: none. Shared so the caller can read the rules' counters.
-  // Never applied to backing files.
-  std::shared_ptr<FaultInjector> inject;
+  // Layers put between the top image's format driver and its file (fault
+  // injection from fault/, `--inject`); null: none. open_disk() and `uqcow
+  // check` apply it to the top qcow2 image's file only: never to backing
+  // files, data files or raw images.
+  BlockDeviceWrapper wrap_file;
 };
 
 // The files an image open locks, each with its driver's permissions.
@@ -77,15 +79,6 @@ Status check_lock_options(const OpenOptions& options);
 // "b"/"B" suffix means bytes). Errors name `what`.
 Result<uint64_t> parse_size(const std::string& text, const std::string& what);
 
-// Applies one "key=value" runtime option with QEMU's name; "inject" adds a
-// fault rule (event=NAME,errno=N,...).
-Status apply_open_option(OpenOptions& options, const std::string& key, const std::string& value);
-
 Result<OverlapCheck> parse_overlap_check(const std::string& value);
-
-// The kinds of metadata the overlap check covers (qcow2::MetadataKind bits):
-// the template's set, with the per-kind overrides applied, as QEMU's
-// qcow2_update_options_prepare computes s->overlap_check.
-uint32_t overlap_check_mask(const OpenOptions& options);
 
 }  // namespace uqcow
