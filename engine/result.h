@@ -40,11 +40,13 @@ inline Error errno_error(int err, const std::string& what) {
   return Error(err, what + ": " + std::strerror(err));
 }
 
+// Declared before their definitions: attributes go on the definitions only
+// (GCC warns when an explicit specialization's declaration repeats them).
 template <class T>
-class [[nodiscard]] Result;
+class Result;
 
 template <>
-class [[nodiscard]] Result<void>;
+class Result<void>;
 
 template <class T>
 class [[nodiscard]] Result {

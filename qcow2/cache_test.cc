@@ -298,7 +298,9 @@ TEST_F(CacheTest, MatchesAnLruModelOverARandomWorkload) {
       ASSERT_TRUE(ref.ok()) << ref.error().message();
       got = entry_bytes(ref->data(), 512);
     }
-    if (!got.empty()) ASSERT_EQ(got, file_bytes(offset, 512));
+    if (!got.empty()) {
+      ASSERT_EQ(got, file_bytes(offset, 512));
+    }
     ASSERT_EQ(cache->lru_order(), Offsets(model.begin(), model.end()));
     ASSERT_EQ(cache->stats().hits, hits);
     ASSERT_EQ(cache->stats().misses, misses);

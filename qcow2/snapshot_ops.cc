@@ -23,7 +23,6 @@
 
 namespace uqcow::qcow2 {
 namespace {
-std::span<std::byte> bytes_of(std::vector<uint8_t>& v) { return std::as_writable_bytes(std::span(v)); }
 std::span<const std::byte> cbytes_of(const std::vector<uint8_t>& v) { return std::as_bytes(std::span(v)); }
 
 

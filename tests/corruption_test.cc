@@ -255,8 +255,12 @@ TEST_P(Corruption, SameDecisionAsQemu) {
   // refcount block in an image already marked corrupt, uqcow may do better.)
   const bool qemu_repairs = repaired_clean(true, q);
   const bool uqcow_repairs = repaired_clean(false, u);
-  if (qemu_repairs) EXPECT_TRUE(uqcow_repairs) << "qemu-img check -r all repairs QEMU's copy; uqcow's is not clean";
-  if (uqcow_repairs) EXPECT_FALSE(marked_corrupt(u)) << "check -r all leaves the corrupt bit set";
+  if (qemu_repairs) {
+    EXPECT_TRUE(uqcow_repairs) << "qemu-img check -r all repairs QEMU's copy; uqcow's is not clean";
+  }
+  if (uqcow_repairs) {
+    EXPECT_FALSE(marked_corrupt(u)) << "check -r all leaves the corrupt bit set";
+  }
 }
 
 // A clean shrink gives back what qemu-img's gives back: L2 tables past the

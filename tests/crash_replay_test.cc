@@ -31,8 +31,8 @@
 // 320 images run by default (2 layouts x 4 batches x 40); UQCOW_CRASH_IMAGES=N
 // runs N per layout for a longer run by hand, e.g. (about 10 minutes per
 // 1000 images and layout on 2 cores):
-//   bazel test //tests:crash_replay_test --test_env=UQCOW_CRASH_IMAGES=5000 \
-//       --test_timeout=7200 --test_output=all
+//   bazel test //tests:crash_replay_test --test_env=UQCOW_CRASH_IMAGES=5000
+//       --test_timeout=7200 --test_output=all  (one command line)
 #include <gtest/gtest.h>
 
 #include <algorithm>

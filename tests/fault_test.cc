@@ -443,7 +443,7 @@ TEST(FaultCli, InjectOption) {
   EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.describe();
   EXPECT_TRUE(Succeeded(run_command({"qemu-io", "-r", "-c", "read -P 0x22 1M 64k", img})));
 
-  for (const std::string& bad : {"event=nope,errno=5", "event=l2_update,errno=x", "event=l2_update,colour=red",
+  for (const char* bad : {"event=nope,errno=5", "event=l2_update,errno=x", "event=l2_update,colour=red",
                                  "errno=5", "event=l2_update,once=maybe"}) {
     auto b = run_uqcow({"io", "--inject", bad, "-c", "read 0 512", img});
     EXPECT_NE(b.exit_code, 0) << bad;
@@ -452,8 +452,8 @@ TEST(FaultCli, InjectOption) {
   auto b = run_uqcow({"io", "--inject", "event=l2_update,colour=red", "-c", "read 0 512", img});
   EXPECT_TRUE(contains_icase(b.err, "colour")) << b.describe();
 
-  for (const std::string& cmd : {"bench", "convert", "check"}) {
-    std::vector<std::string> args = {cmd, "--inject", "event=read_aio,errno=5"};
+  for (const std::string_view cmd : {"bench", "convert", "check"}) {
+    std::vector<std::string> args = {std::string(cmd), "--inject", "event=read_aio,errno=5"};
     if (cmd == "bench") args.insert(args.end(), {"--rw", "randread", "--count", "4"});
     args.push_back(img);
     if (cmd == "convert") args.insert(args.end(), {"-O", "raw", dir.file("out.raw")});

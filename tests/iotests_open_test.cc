@@ -105,7 +105,9 @@ class IotestsOpen : public ::testing::TestWithParam<Fs> {
     CommandResult r = run_uqcow({"io", "-c", "read 0 512", img_});
     EXPECT_EQ(r.exit_code, 1) << r.describe();
     EXPECT_TRUE(contains_icase(r.err, field)) << "stderr does not name '" << field << "':\n" << r.describe();
-    if (!why.empty()) EXPECT_TRUE(contains_icase(r.err, why)) << r.describe();
+    if (!why.empty()) {
+      EXPECT_TRUE(contains_icase(r.err, why)) << r.describe();
+    }
     for (bool read_only : {false, true}) {
       if (read_only && !read_only_too) continue;
       OpenOptions o;
@@ -545,7 +547,9 @@ TEST_P(IotestsOpen, CompressedWriteBeyondDescriptorLimit) {
   // itself was allocated before the data, beyond 512 TiB, as QEMU does.)
   // The L1 table is at 6M.
   const uint64_t l2 = *peek_be64(img_, 0x600000) & 0x00fffffffffffe00ull;
-  if (l2) EXPECT_EQ(*peek_be64(img_, l2), 0u) << "L2[0] at " << l2;
+  if (l2) {
+    EXPECT_EQ(*peek_be64(img_, l2), 0u) << "L2[0] at " << l2;
+  }
 
   // The failed write did not damage the image: a normal write succeeds.
   ASSERT_TRUE(Succeeded(run_uqcow({"io", "-c", "write -P 0x11 0 2m", img_})));

@@ -54,8 +54,11 @@ TEST_F(SizesTest, CreateRoundsUpAndRefusesLikeQemuImg) {
       EXPECT_EQ(message(qr.err), message(ur.err));
       if (!qr.ok()) continue;
       EXPECT_EQ(virtual_size(q), virtual_size(u));
-      if (format == "raw") EXPECT_EQ(read_file(q)->size(), read_file(u)->size());
-      else EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", u})));
+      if (format == "raw") {
+        EXPECT_EQ(read_file(q)->size(), read_file(u)->size());
+      } else {
+        EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", u})));
+      }
     }
   }
 }
