@@ -11,7 +11,7 @@
 #include <string>
 
 #include "engine/sync_wait.h"
-#include "qcow2/create.h"
+#include "qcow2/new_image.h"
 #include "qcow2/header_io.h"
 #include "qcow2/tables.h"
 #include "uring/raw_file.h"
@@ -34,7 +34,7 @@ class ClusterMapTest : public ::testing::TestWithParam<bool> {
     CreateOptions o;
     o.size = 4ull << 30;
     o.extended_l2 = GetParam();
-    ASSERT_TRUE(run(create_image(path_, o)).ok());
+    ASSERT_TRUE(run(write_new_image(path_, o)).ok());
     auto file = RawFile::open(path_, RawFileOptions{.read_only = true, .lock = {}});
     ASSERT_TRUE(file.ok()) << file.error().message();
     file_ = std::move(file).value();

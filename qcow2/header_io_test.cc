@@ -1,5 +1,5 @@
 // Unit tests of the header reader and the in-place field writer, on images
-// made by create_image(); qemu-img info is the independent reader where it
+// made by write_new_image(); qemu-img info is the independent reader where it
 // is installed.
 #include "qcow2/header_io.h"
 
@@ -12,7 +12,7 @@
 #include <string>
 
 #include "engine/sync_wait.h"
-#include "qcow2/create.h"
+#include "qcow2/new_image.h"
 #include "uring/raw_file.h"
 #include "uring/reactor.h"
 
@@ -29,7 +29,7 @@ class HeaderIoTest : public ::testing::Test {
     path_ = std::string(dir && *dir ? dir : "/tmp") + "/header_io_test." + std::to_string(::getpid()) + ".qcow2";
     CreateOptions o;
     o.size = 1 << 30;
-    Status created = run(create_image(path_, o));
+    Status created = run(write_new_image(path_, o));
     ASSERT_TRUE(created.ok()) << created.message();
     RawFileOptions fo;
     fo.read_only = false;

@@ -50,7 +50,7 @@
 #include "qcow2/cache.h"
 #include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
-#include "qcow2/create.h"
+#include "qcow2/create_options.h"
 #include "qcow2/encryption.h"
 #include "qcow2/header.h"
 #include "qcow2/inflight.h"

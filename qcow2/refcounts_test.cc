@@ -1,5 +1,5 @@
 // Unit tests of the Refcounts component alone, over a fresh image made by
-// create_image(): nothing but the header, the refcount structure and an
+// write_new_image(): nothing but the header, the refcount structure and an
 // empty L1 table is referenced, so every cluster allocated here shows up in
 // `qemu-img check` as a leak, and every one given back disappears from it.
 #include "qcow2/refcounts.h"
@@ -13,7 +13,7 @@
 #include <string>
 
 #include "engine/sync_wait.h"
-#include "qcow2/create.h"
+#include "qcow2/new_image.h"
 #include "qcow2/header_io.h"
 #include "uring/raw_file.h"
 #include "uring/reactor.h"
@@ -34,7 +34,7 @@ class RefcountsTest : public ::testing::Test {
     CreateOptions o;
     o.size = 1 << 30;
     o.refcount_bits = 2;  // small counts: overflow is reachable
-    ASSERT_TRUE(run(create_image(path_, o)).ok());
+    ASSERT_TRUE(run(write_new_image(path_, o)).ok());
     RawFileOptions fo;
     fo.read_only = false;
     auto file = RawFile::open(path_, fo);

@@ -1,7 +1,6 @@
 // The write path against two oracles: an in-memory model of the guest
 // content, and qemu-img (check must be clean, compare must be identical).
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -16,22 +15,15 @@
 #include "engine/task_group.h"
 #include "qcow2/create.h"
 #include "qcow2/image.h"
+#include "tests/testutil.h"
 #include "uring/reactor.h"
 
 namespace uqcow::qcow2 {
 namespace {
 
-std::string tmpdir() {
-  const char* t = std::getenv("TEST_TMPDIR");
-  return t ? t : "/tmp";
-}
-
-int sh(const std::string& cmd) {
-  int r = std::system((cmd + " >/dev/null 2>&1").c_str());
-  return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
-bool have_qemu_img() { return sh("qemu-img --version") == 0; }
+using testing::run_command;
+using testing::Succeeded;
+using testing::TempDir;
 
 struct Model {
   std::vector<std::byte> bytes;
@@ -46,11 +38,12 @@ struct Model {
 class WriteTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (!have_qemu_img()) GTEST_SKIP() << "qemu-img not installed (tools/bootstrap.sh installs it)";
+    if (!testing::require_tool("qemu-img")) return;
     auto r = uring::Reactor::create();
     ASSERT_TRUE(r.ok()) << r.error().message();
     reactor_ = std::move(r).value();
   }
+  TempDir dir_;
   std::unique_ptr<uring::Reactor> reactor_;
 };
 
@@ -88,13 +81,13 @@ Task<Status> random_ops(Disk& disk, Model& model, uint64_t seed, int ops, bool c
 }
 
 TEST_P(WriteTest, RandomWritesMatchModelAndQemuImgCheckIsClean) {
-  const std::string img = tmpdir() + "/w.qcow2", raw = tmpdir() + "/w.raw";
+  const std::string img = dir_.file("w.qcow2"), raw = dir_.file("w.raw");
   const uint64_t size = 64ull << 20;
   CreateOptions co;
   co.size = size;
   ASSERT_TRUE(parse_create_options(GetParam(), co).ok());
   ASSERT_TRUE(sync_wait(*reactor_, create_image(img, co)).ok());
-  ASSERT_EQ(sh("qemu-img check " + img), 0) << "fresh image not clean";
+  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "check", img}))) << "fresh image not clean";
   Model model(size);
   OpenOptions oo;
   oo.read_only = false;
@@ -109,8 +102,8 @@ TEST_P(WriteTest, RandomWritesMatchModelAndQemuImgCheckIsClean) {
   EXPECT_TRUE(back == model.bytes);
   ASSERT_TRUE(sync_wait(*reactor_, (*disk)->close()).ok());
   model.save(raw);
-  EXPECT_EQ(sh("qemu-img check " + img), 0);
-  EXPECT_EQ(sh("qemu-img compare -f raw -F qcow2 " + raw + " " + img), 0);
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", img})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, img})));
 }
 
 // Concurrent allocating writes whose byte ranges are disjoint but share
@@ -118,7 +111,7 @@ TEST_P(WriteTest, RandomWritesMatchModelAndQemuImgCheckIsClean) {
 // cluster whose allocation is in flight. Every byte has one writer, so the
 // model is exact whatever the completion order.
 TEST_P(WriteTest, ConcurrentWritesSharingClustersMatchModel) {
-  const std::string img = tmpdir() + "/c.qcow2", raw = tmpdir() + "/c.raw";
+  const std::string img = dir_.file("c.qcow2"), raw = dir_.file("c.raw");
   const uint64_t size = 16ull << 20;
   CreateOptions co;
   co.size = size;
@@ -163,13 +156,13 @@ TEST_P(WriteTest, ConcurrentWritesSharingClustersMatchModel) {
   EXPECT_TRUE(back == model.bytes);
   ASSERT_TRUE(sync_wait(*reactor_, (*disk)->close()).ok());
   model.save(raw);
-  EXPECT_EQ(sh("qemu-img check " + img), 0);
-  EXPECT_EQ(sh("qemu-img compare -f raw -F qcow2 " + raw + " " + img), 0);
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", img})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, img})));
 }
 
 // Zero writes and discards mixed with data writes, against the model.
 TEST_P(WriteTest, ZeroWritesAndDiscardsMatchModel) {
-  const std::string img = tmpdir() + "/z.qcow2", raw = tmpdir() + "/z.raw";
+  const std::string img = dir_.file("z.qcow2"), raw = dir_.file("z.raw");
   const uint64_t size = 32ull << 20;
   CreateOptions co;
   co.size = size;
@@ -217,8 +210,8 @@ TEST_P(WriteTest, ZeroWritesAndDiscardsMatchModel) {
   ASSERT_TRUE(s.ok()) << s.message();
   ASSERT_TRUE(sync_wait(*reactor_, (*disk)->close()).ok());
   model.save(raw);
-  EXPECT_EQ(sh("qemu-img check " + img), 0);
-  EXPECT_EQ(sh("qemu-img compare -f raw -F qcow2 " + raw + " " + img), 0);
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", img})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, img})));
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, WriteTest,
@@ -237,10 +230,11 @@ namespace {
 // refcount table must not let a guest write clobber it. The write fails with
 // EIO, the image is marked corrupt on disk, and the refcount table is intact.
 TEST(OverlapCheck, WriteIntoMetadataIsRefusedAndMarksTheImageCorrupt) {
-  if (!have_qemu_img()) GTEST_SKIP() << "qemu-img not installed (tools/bootstrap.sh installs it)";
-  const std::string img = tmpdir() + "/o.qcow2";
-  ASSERT_EQ(sh("qemu-img create -f qcow2 " + img + " 64M"), 0);
-  ASSERT_EQ(sh("qemu-io -c 'write -P 0x11 0 64k' " + img), 0);
+  UQ_REQUIRE_TOOL("qemu-img");
+  TempDir dir;
+  const std::string img = dir.file("o.qcow2");
+  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "create", "-f", "qcow2", img, "64M"})));
+  ASSERT_TRUE(Succeeded(run_command({"qemu-io", "-c", "write -P 0x11 0 64k", img})));
   // Layout of a fresh 64k-cluster image: refcount table at 0x10000, L2 table
   // at 0x40000. Point guest cluster 0 at the refcount table (COPIED set).
   {
@@ -301,9 +295,10 @@ namespace {
 // file; grown to 12 GiB, new clusters are allocated past 8 GiB. Writes at
 // both go through uqcow and are read back by qemu-io.
 TEST(LargeOffsets, WritesAbove4GiBGuestAndHost) {
-  if (!have_qemu_img()) GTEST_SKIP() << "qemu-img not installed (tools/bootstrap.sh installs it)";
-  const std::string img = tmpdir() + "/big.qcow2";
-  ASSERT_EQ(sh("qemu-img create -f qcow2 -o preallocation=metadata " + img + " 8G"), 0);
+  UQ_REQUIRE_TOOL("qemu-img");
+  TempDir dir;
+  const std::string img = dir.file("big.qcow2");
+  ASSERT_TRUE(Succeeded(run_command({"qemu-img", "create", "-f", "qcow2", "-o", "preallocation=metadata", img, "8G"})));
   auto reactor = uring::Reactor::create();
   ASSERT_TRUE(reactor.ok());
   OpenOptions oo;
@@ -325,10 +320,10 @@ TEST(LargeOffsets, WritesAbove4GiBGuestAndHost) {
   EXPECT_GT(st2->host_offset, 8ull << 30) << "a new cluster should be allocated past the preallocated ones";
   ASSERT_TRUE(sync_wait(**reactor, (*disk)->close()).ok());
   disk->reset();
-  EXPECT_EQ(sh("qemu-img check " + img), 0);
-  EXPECT_EQ(sh("qemu-io -r -c 'read -P 0x4a " + std::to_string(in_place) + " 100000' -c 'read -P 0x4b " +
-               std::to_string(allocating) + " 100000' -c 'read -P 0 " + std::to_string(9ull << 30) + " 65536' " + img),
-            0);
+  EXPECT_TRUE(Succeeded(run_command({"qemu-img", "check", img})));
+  EXPECT_TRUE(Succeeded(run_command({"qemu-io", "-r", "-c", "read -P 0x4a " + std::to_string(in_place) + " 100000", "-c",
+                                     "read -P 0x4b " + std::to_string(allocating) + " 100000", "-c",
+                                     "read -P 0 " + std::to_string(9ull << 30) + " 65536", img})));
 }
 
 }  // namespace
