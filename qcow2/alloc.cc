@@ -59,7 +59,7 @@ Status Qcow2Image::check_writable(uint64_t offset, uint64_t len) const {
 Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte> buf, Entry entry) {
   // A new request holds a ticket until its data is written: a host cluster
   // it maps cannot be reused by another guest offset until then
-  // (free_cluster_entry).
+  // (FreedClusters::defer).
   std::optional<InFlightTracker::Ticket> ticket;
   if (entry == Entry::kNewRequest) {
     if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
@@ -104,7 +104,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     if (s.code() != EAGAIN) co_return s.error();
   }
   UQ_CO_TRY(check_writable(offset, len));
-  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
+  if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();
@@ -371,7 +371,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     map_->l2_cache().mark_dirty(*ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
   }
-  for (uint64_t old : to_free) UQ_CO_TRY(co_await free_cluster_entry(old, false));
+  for (uint64_t old : to_free) UQ_CO_TRY(co_await freed_->defer(old, false));
   co_return Status();
 }
 

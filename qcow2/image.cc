@@ -173,6 +173,7 @@ Status Qcow2Image::create_components() {
   map_.emplace(*file_, header_, geo_, std::move(l2), cache_sizes_.l2_entry_size, *overlap_);
   refcounts_.emplace(*file_, header_, geo_, std::move(rc), map_->l2_cache(), *overlap_, reporter_);
   snapshots_.emplace(*file_, header_, geo_, *map_, *refcounts_, *overlap_);
+  freed_.emplace(geo_, *file_, *data_file_, requests_, *refcounts_, map_->l2_cache(), reporter_);
   return Status();
 }
 
@@ -245,7 +246,7 @@ Task<Result<Mapping>> Qcow2Image::map_range(uint64_t offset, uint64_t max_bytes)
 Task<Status> Qcow2Image::read_range(uint64_t offset, std::span<std::byte> buf, Entry entry) {
   // A new request holds a ticket until the data has arrived: a host cluster
   // it maps cannot be reused by another guest offset until then
-  // (free_cluster_entry). (No separate wrapper coroutine: that cost a
+  // (FreedClusters::defer). (No separate wrapper coroutine: that cost a
   // frame and ~300 instructions per request.)
   std::optional<InFlightTracker::Ticket> ticket;
   if (entry == Entry::kNewRequest) {
@@ -388,10 +389,10 @@ Task<Status> Qcow2Image::flush() {
   if (data_file_ != file_.get()) UQ_CO_TRY(co_await data_file_->co_flush());
   // Every unlink so far is on disk: the deferred frees past their grace
   // period go now, and their lowered refcounts reach the disk too.
-  ++durable_epoch_;
-  const size_t deferred = deferred_frees_.size();
-  UQ_CO_TRY(co_await release_deferred_frees());
-  if (deferred_frees_.size() != deferred) {
+  freed_->unlinks_are_durable();
+  const size_t deferred = freed_->size();
+  UQ_CO_TRY(co_await freed_->release());
+  if (freed_->size() != deferred) {
     UQ_CO_TRY(co_await refcounts_->cache().flush());
     UQ_CO_TRY(co_await map_->l2_cache().flush());
     UQ_CO_TRY(co_await file_->co_flush());

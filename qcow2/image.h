@@ -18,7 +18,7 @@
 //   start to finish.
 // - A host cluster that a request may have mapped without the lock (reads,
 //   in-place writes to COPIED clusters) is never reused while that request
-//   is in flight: free_cluster_entry defers the free until every request
+//   is in flight: FreedClusters::defer holds the free until every request
 //   older than the unlink has finished (its grace period).
 // - An allocation in flight (qcow2/inflight.h, QEMU's QCowL2Meta) owns the L2
 //   entries of its guest range until it links them: allocating and
@@ -52,6 +52,7 @@
 #include "qcow2/corruption.h"
 #include "qcow2/create_options.h"
 #include "qcow2/encryption.h"
+#include "qcow2/freed_clusters.h"
 #include "qcow2/header.h"
 #include "qcow2/inflight.h"
 #include "qcow2/overlap.h"
@@ -243,17 +244,6 @@ class Qcow2Image final : public Disk {
                               uint64_t head_start, uint64_t tail_end, bool cow_is_zero);
   Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
                        uint64_t tail_end);
-  // --- Freeing unlinked clusters (deferred_free.cc) ------------------------
-  // Queues the reference of an L2 entry the caller has just unlinked; it is
-  // dropped by a later release_deferred_frees() once the requests that were
-  // in flight have finished and the unlink is on disk. Lock held.
-  Task<Status> free_cluster_entry(uint64_t l2e, bool discard);
-  Task<Status> free_cluster_now(uint64_t l2e, bool discard);
-  // Drops the queued references that may go now (writing back the L2 cache
-  // and syncing first when too many wait for that). Lock held.
-  Task<Status> release_deferred_frees();
-  // Writes back the L2 cache and syncs: every unlink so far is durable.
-  Task<Status> make_unlinks_durable();
   Task<Status> mark_dirty_for_lazy_refcounts();
   Task<Status> write_header_incompatible(uint64_t bits);
   // What zero_clusters() makes of each whole cluster (QEMU's
@@ -331,18 +321,11 @@ class Qcow2Image final : public Disk {
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and
-  // freed host clusters wait out their grace period (free_cluster_entry).
+  // freed host clusters wait out their grace period (FreedClusters).
   InFlightTracker requests_;
-  struct DeferredFree {
-    uint64_t l2e;     // the unlinked L2 entry
-    bool discard;     // punch the freed range
-    uint64_t stamp;   // requests_.stamp() when it was unlinked
-    uint64_t epoch;   // durable_epoch_ when it was unlinked
-  };
-  std::deque<DeferredFree> deferred_frees_;
-  size_t deferred_past_grace_ = 0;  // leading entries known past their grace period
-  // Counts the points at which every L2 change so far was on disk.
-  uint64_t durable_epoch_ = 0;
+  // Host clusters of unlinked L2 entries, freed once no request in flight
+  // can still use them and the unlink is durable (FreedClusters::defer).
+  std::optional<FreedClusters> freed_;
   CorruptionReporter reporter_;
   // Set up by load(), once the cluster size and the data file are known.
   std::optional<OverlapGuard> overlap_;

@@ -218,9 +218,9 @@ Task<Status> Qcow2Image::write_active_l1(const std::vector<uint64_t>& table) {
 Task<Status> Qcow2Image::flush_metadata() {
   // In a drained section every deferred free is past its grace period; once
   // the unlinks are on disk they are all released.
-  if (!deferred_frees_.empty()) {
-    UQ_CO_TRY(co_await make_unlinks_durable());
-    UQ_CO_TRY(co_await release_deferred_frees());
+  if (!freed_->empty()) {
+    UQ_CO_TRY(co_await freed_->make_unlinks_durable());
+    UQ_CO_TRY(co_await freed_->release());
   }
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await map_->l2_cache().flush());

@@ -82,7 +82,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
   // new allocation can start on the range.
   co_await inflight_->wait_for_overlapping(geo_.start_of_cluster(offset), end, lock_, guard);
   UQ_CO_TRY(check_writable(offset, len));
-  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
+  if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   if (header_.data_file_raw()) {
     // The raw data file must read as the guest disk on its own, so the
@@ -162,7 +162,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     offset = chunk_end;
   }
   const bool pass = options_.pass_discard_request;
-  for (uint64_t old : to_free) UQ_CO_TRY(co_await free_cluster_entry(old, pass));
+  for (uint64_t old : to_free) UQ_CO_TRY(co_await freed_->defer(old, pass));
   guard.unlock();  // write() takes the lock itself
   for (const auto& [at, length] : zero_by_writing) {
     UQ_CO_TRY(co_await write_zero_buffers(at, length));
@@ -211,7 +211,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
     if (s.code() != EAGAIN) co_return s.error();
   }
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
-  if (!deferred_frees_.empty()) UQ_CO_TRY(co_await release_deferred_frees());
+  if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
   auto l2 = co_await l2_table_for_write(offset);
   if (!l2.ok()) co_return std::move(l2).error();

@@ -1,0 +1,104 @@
+// A test fixture for the components over refcounts (Refcounts and what
+// builds on it): a fresh image made by write_new_image(), opened as a file,
+// its header read, an L2 and a refcount cache, a corruption reporter that
+// counts marks, an overlap guard, and Refcounts with its table loaded.
+// Nothing but the header, the refcount structure and an empty L1 table is
+// referenced, so every cluster allocated shows up in `qemu-img check` as a
+// leak, and every one given back disappears from it.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+#include "engine/sync_wait.h"
+#include "qcow2/cache.h"
+#include "qcow2/corruption.h"
+#include "qcow2/header_io.h"
+#include "qcow2/new_image.h"
+#include "qcow2/overlap_guard.h"
+#include "qcow2/refcounts.h"
+#include "uring/raw_file.h"
+#include "uring/reactor.h"
+
+namespace uqcow::qcow2 {
+
+class RefcountsFixture : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kCluster = 65536;
+  explicit RefcountsFixture(uint32_t refcount_bits = 16) : refcount_bits_(refcount_bits) {}
+  void SetUp() override {
+    auto reactor = uring::Reactor::create();
+    ASSERT_TRUE(reactor.ok()) << reactor.error().message();
+    reactor_ = std::move(reactor).value();
+    const char* dir = std::getenv("TEST_TMPDIR");
+    path_ = std::string(dir && *dir ? dir : "/tmp") + "/component_test." + std::to_string(::getpid()) + ".qcow2";
+    CreateOptions o;
+    o.size = 1 << 30;
+    o.refcount_bits = refcount_bits_;
+    ASSERT_TRUE(run(write_new_image(path_, o)).ok());
+    RawFileOptions fo;
+    fo.read_only = false;
+    auto file = RawFile::open(path_, fo);
+    ASSERT_TRUE(file.ok()) << file.error().message();
+    file_ = std::move(file).value();
+    auto h = run(read_image_header(*file_, HeaderUse::kOpen));
+    ASSERT_TRUE(h.ok()) << h.error().message();
+    header_ = *h;
+    geo_ = header_.geometry();
+    auto l2 = MetadataCache::create("L2", *file_, 4096, 4);
+    auto rc = MetadataCache::create("refcount", *file_, kCluster, 4);
+    ASSERT_TRUE(l2.ok() && rc.ok());
+    l2_cache_ = std::move(l2).value();
+    reporter_ = std::make_unique<CorruptionReporter>(path_, false, [this] { ++marks_; });
+    overlap_ = std::make_unique<OverlapGuard>(*reporter_, kCluster, true);
+    refcounts_ = std::make_unique<Refcounts>(*file_, header_, geo_, std::move(rc).value(), *l2_cache_, *overlap_,
+                                             *reporter_);
+    ASSERT_TRUE(run(refcounts_->load_refcount_table()).ok());
+  }
+  void TearDown() override {
+    refcounts_.reset();
+    file_.reset();
+    ::unlink(path_.c_str());
+  }
+  template <class T>
+  T run(Task<T> task) {
+    return sync_wait(*reactor_, std::move(task));
+  }
+  void flush() {
+    ASSERT_TRUE(run(refcounts_->cache().flush()).ok());
+    ASSERT_TRUE(run(file_->co_flush()).ok());
+  }
+  // Leaked clusters by qemu-img check, or -1 without qemu-img.
+  long long qemu_leaks() {
+    if (std::system("command -v qemu-img >/dev/null 2>&1") != 0) return -1;
+    std::string cmd = "qemu-img check -U --output=json " + path_ + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while (p && (n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    if (p) ::pclose(p);
+    EXPECT_NE(out.find("\"check-errors\": 0"), std::string::npos) << out;
+    const size_t at = out.find("\"leaks\": ");
+    return at == std::string::npos ? 0 : std::atoll(out.c_str() + at + 9);
+  }
+
+  uint32_t refcount_bits_;
+  std::unique_ptr<uring::Reactor> reactor_;
+  std::string path_;
+  std::unique_ptr<RawFile> file_;
+  Header header_;
+  Geometry geo_;
+  std::unique_ptr<MetadataCache> l2_cache_;
+  std::unique_ptr<CorruptionReporter> reporter_;
+  std::unique_ptr<OverlapGuard> overlap_;
+  std::unique_ptr<Refcounts> refcounts_;
+  int marks_ = 0;
+};
+
+}  // namespace uqcow::qcow2
