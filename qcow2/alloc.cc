@@ -323,7 +323,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
   const bool new_clusters = plan.kind == ClusterPlan::Kind::kNewClusters;
   if (new_clusters && !lazy_refcounts_) {
     // The refcounts of the new clusters reach the disk before these entries.
-    UQ_CO_TRY(co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache()));
+    UQ_CO_TRY(co_await map_->l2_cache().depend_on(refcounts_->cache()));
   }
   // The guest data and copy-on-write data these entries will point at are
   // written, but not durable yet: they must be before the entries are, or a
@@ -442,10 +442,6 @@ Task<Status> Qcow2Image::write_header_incompatible(uint64_t bits) {
   if (header_.version < 3) co_return Status();
   header_.incompatible_features = bits;
   co_return co_await write_header_fields(*file_, {kOffIncompatible, bits});
-}
-
-Task<Status> Qcow2Image::set_cache_dependency(MetadataCache& cache, MetadataCache& dep) {
-  co_return co_await cache.depend_on(dep);
 }
 
 }  // namespace uqcow::qcow2

@@ -1,5 +1,5 @@
 // Unit tests of FreedClusters alone, over Refcounts on a fresh image
-// (refcounts_fixture.h): an unlinked cluster keeps its refcount until every
+// (component_fixture.h): an unlinked cluster keeps its refcount until every
 // request that started before the unlink has finished AND the unlink is
 // durable; the space waiting only for durability is bounded; an external
 // data file's clusters are never counted.
@@ -11,21 +11,21 @@
 #include <optional>
 
 #include "engine/in_flight.h"
-#include "qcow2/refcounts_fixture.h"
+#include "qcow2/component_fixture.h"
 
 namespace uqcow::qcow2 {
 namespace {
 
-class FreedClustersTest : public RefcountsFixture {
+class FreedClustersTest : public ComponentFixture {
  protected:
   void SetUp() override {
-    RefcountsFixture::SetUp();
+    ComponentFixture::SetUp();
     if (HasFatalFailure()) return;
     freed_.emplace(geo_, *file_, *file_, requests_, *refcounts_, *l2_cache_, *reporter_);
   }
   void TearDown() override {
     freed_.reset();
-    RefcountsFixture::TearDown();
+    ComponentFixture::TearDown();
   }
   uint64_t refcount(uint64_t host) {
     auto rc = run(refcounts_->get_refcount(host / kCluster));

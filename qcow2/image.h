@@ -59,6 +59,7 @@
 #include "qcow2/overlap_guard.h"
 #include "qcow2/refcounts.h"
 #include "qcow2/snapshot.h"
+#include "qcow2/snapshot_refcounts.h"
 #include "qcow2/snapshot_table.h"
 #include "uring/block_device.h"
 #include "uring/ops.h"
@@ -162,23 +163,6 @@ class Qcow2Image final : public Disk {
 
  private:
   Status check_snapshot_support() const;
-  // Refuses (EIO, nothing changed) when a cluster `l1` reaches lies beyond
-  // the end of the image file; marks the image corrupt on a damaged entry.
-  Task<Status> check_mapping_in_file(const std::vector<uint64_t>& l1);
-  Task<Status> snapshot_slice_refcounts(const uint8_t* slice, uint64_t entries, int64_t addend, bool discard);
-  Task<Status> snapshot_slice_copied(uint8_t* slice, uint64_t entries, int64_t addend, bool& changed);
-  Task<Status> snapshot_l2_refcount(uint64_t l2_offset, int64_t addend, bool discard);
-  // QEMU's qcow2_update_snapshot_refcount for one L1 table: adds `addend`
-  // (+1 or -1) to every L2 table and data cluster `l1` reaches, then
-  // recomputes OFLAG_COPIED in the L2 entries and in `l1` (dropping never
-  // sets it; the caller writes `l1` back if it is active).
-  Task<Status> update_snapshot_refcount(std::vector<uint64_t>& l1, int64_t addend, bool discard,
-                                        bool& l1_changed);
-  // QEMU's qcow2_update_snapshot_refcount(addend = 0): no count changes,
-  // OFLAG_COPIED recomputed from the refcounts as they are now.
-  Task<Status> recompute_copied_flags(std::vector<uint64_t>& l1, bool& l1_changed) {
-    return update_snapshot_refcount(l1, 0, false, l1_changed);
-  }
   // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
   Task<Status> write_active_l1(const std::vector<uint64_t>& table);
   Task<Status> flush_metadata();
@@ -262,7 +246,6 @@ class Qcow2Image final : public Disk {
   // Zeroes the L1 entries from `entries` on (on disk first) and frees their
   // L2 tables.
   Task<Status> shrink_l1_table(uint64_t entries);
-  Task<Status> set_cache_dependency(MetadataCache& cache, MetadataCache& dep);
 
   // --- Overlap check (overlap.cc): building the regions the guard checks ---
   Task<Result<MetadataRegions>> collect_metadata_regions(OverlapMask tracked);
@@ -318,6 +301,7 @@ class Qcow2Image final : public Disk {
   std::optional<ClusterMap> map_;
   std::optional<Refcounts> refcounts_;
   std::optional<SnapshotTable> snapshots_;
+  std::optional<SnapshotRefcounts> snapshot_refs_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and

@@ -42,7 +42,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
         auto h = co_await refcounts_->alloc_clusters(todo.size());
         if (!h.ok()) co_return std::move(h).error();
         host = *h;
-        if (!lazy_refcounts_) UQ_CO_TRY(co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache()));
+        if (!lazy_refcounts_) UQ_CO_TRY(co_await map_->l2_cache().depend_on(refcounts_->cache()));
       }
       auto slice = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
       if (!slice.ok()) co_return std::move(slice).error();

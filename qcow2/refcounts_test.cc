@@ -1,19 +1,19 @@
 // Unit tests of the Refcounts component alone, over a fresh image
-// (refcounts_fixture.h): every cluster allocated here shows up in
+// (component_fixture.h): every cluster allocated here shows up in
 // `qemu-img check` as a leak, and every one given back disappears from it.
 #include "qcow2/refcounts.h"
 
 #include <gtest/gtest.h>
 
 #include "qcow2/header_io.h"
-#include "qcow2/refcounts_fixture.h"
+#include "qcow2/component_fixture.h"
 
 namespace uqcow::qcow2 {
 namespace {
 
-class RefcountsTest : public RefcountsFixture {
+class RefcountsTest : public ComponentFixture {
  protected:
-  RefcountsTest() : RefcountsFixture(2) {}  // small counts: overflow is reachable
+  RefcountsTest() : ComponentFixture(2) {}  // small counts: overflow is reachable
 };
 
 TEST_F(RefcountsTest, AllocatedClustersAreCountedOnDiskAndGivenBack) {

@@ -239,7 +239,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   }
   guard = co_await lock_.scoped_lock();
   if (s.ok()) {
-    if (!lazy_refcounts_) s = co_await set_cache_dependency(map_->l2_cache(), refcounts_->cache());
+    if (!lazy_refcounts_) s = co_await map_->l2_cache().depend_on(refcounts_->cache());
     auto l2b = co_await l2_table_for_write(offset);
     if (!l2b.ok()) s = std::move(l2b).error();
     if (s.ok()) {

@@ -1,8 +1,9 @@
-// A test fixture for the components over refcounts (Refcounts and what
-// builds on it): a fresh image made by write_new_image(), opened as a file,
-// its header read, an L2 and a refcount cache, a corruption reporter that
-// counts marks, an overlap guard, and Refcounts with its table loaded.
-// Nothing but the header, the refcount structure and an empty L1 table is
+// A test fixture for the components over the mapping and the refcounts: an
+// image (by default a fresh one made by write_new_image(); a test may make
+// its own in make_image()), opened as a file, its header read, a corruption
+// reporter that counts marks, an overlap guard, a ClusterMap (owning the L2
+// cache, L1 table loaded) and Refcounts (table loaded). In a fresh image
+// nothing but the header, the refcount structure and an empty L1 table is
 // referenced, so every cluster allocated shows up in `qemu-img check` as a
 // leak, and every one given back disappears from it.
 #pragma once
@@ -17,6 +18,7 @@
 
 #include "engine/sync_wait.h"
 #include "qcow2/cache.h"
+#include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
 #include "qcow2/header_io.h"
 #include "qcow2/new_image.h"
@@ -27,20 +29,18 @@
 
 namespace uqcow::qcow2 {
 
-class RefcountsFixture : public ::testing::Test {
+class ComponentFixture : public ::testing::Test {
  protected:
   static constexpr uint64_t kCluster = 65536;
-  explicit RefcountsFixture(uint32_t refcount_bits = 16) : refcount_bits_(refcount_bits) {}
+  explicit ComponentFixture(uint32_t refcount_bits = 16) : refcount_bits_(refcount_bits) {}
   void SetUp() override {
     auto reactor = uring::Reactor::create();
     ASSERT_TRUE(reactor.ok()) << reactor.error().message();
     reactor_ = std::move(reactor).value();
     const char* dir = std::getenv("TEST_TMPDIR");
     path_ = std::string(dir && *dir ? dir : "/tmp") + "/component_test." + std::to_string(::getpid()) + ".qcow2";
-    CreateOptions o;
-    o.size = 1 << 30;
-    o.refcount_bits = refcount_bits_;
-    ASSERT_TRUE(run(write_new_image(path_, o)).ok());
+    make_image();
+    if (HasFatalFailure() || IsSkipped()) return;
     RawFileOptions fo;
     fo.read_only = false;
     auto file = RawFile::open(path_, fo);
@@ -53,17 +53,27 @@ class RefcountsFixture : public ::testing::Test {
     auto l2 = MetadataCache::create("L2", *file_, 4096, 4);
     auto rc = MetadataCache::create("refcount", *file_, kCluster, 4);
     ASSERT_TRUE(l2.ok() && rc.ok());
-    l2_cache_ = std::move(l2).value();
     reporter_ = std::make_unique<CorruptionReporter>(path_, false, [this] { ++marks_; });
     overlap_ = std::make_unique<OverlapGuard>(*reporter_, kCluster, true);
+    map_ = std::make_unique<ClusterMap>(*file_, header_, geo_, std::move(l2).value(), 4096, *overlap_);
+    l2_cache_ = &map_->l2_cache();
+    ASSERT_TRUE(run(map_->load_l1(header_.l1_table_offset, header_.l1_size)).ok());
     refcounts_ = std::make_unique<Refcounts>(*file_, header_, geo_, std::move(rc).value(), *l2_cache_, *overlap_,
                                              *reporter_);
     ASSERT_TRUE(run(refcounts_->load_refcount_table()).ok());
   }
   void TearDown() override {
     refcounts_.reset();
+    map_.reset();
     file_.reset();
     ::unlink(path_.c_str());
+  }
+  // Writes the image at path_ (1 GiB, refcount_bits_ wide refcounts).
+  virtual void make_image() {
+    CreateOptions o;
+    o.size = 1 << 30;
+    o.refcount_bits = refcount_bits_;
+    ASSERT_TRUE(run(write_new_image(path_, o)).ok());
   }
   template <class T>
   T run(Task<T> task) {
@@ -94,7 +104,8 @@ class RefcountsFixture : public ::testing::Test {
   std::unique_ptr<RawFile> file_;
   Header header_;
   Geometry geo_;
-  std::unique_ptr<MetadataCache> l2_cache_;
+  std::unique_ptr<ClusterMap> map_;
+  MetadataCache* l2_cache_ = nullptr;  // the map's
   std::unique_ptr<CorruptionReporter> reporter_;
   std::unique_ptr<OverlapGuard> overlap_;
   std::unique_ptr<Refcounts> refcounts_;
