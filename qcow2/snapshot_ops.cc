@@ -60,9 +60,8 @@ Task<Status> Qcow2Image::check_mapping_in_file(const std::vector<uint64_t>& l1) 
     }
     UQ_CO_TRY(beyond_end(l2, cs, "the L2 table of L1 index " + std::to_string(i)));
     for (uint64_t off = 0; off < cs; off += slice_size) {
-      auto ref = co_await map_->l2_cache().get(l2 + off);
-      if (!ref.ok()) co_return std::move(ref).error();
-      const ConstL2Slice slice(ref->data(), geo_);
+      UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(l2 + off));
+      const ConstL2Slice slice(ref.data(), geo_);
       for (uint64_t k = 0; k < entries; ++k) {
         const uint64_t l2e = slice.entry(k);
         const uint64_t bitmap = slice.bitmap(k);
@@ -138,9 +137,7 @@ Task<Status> Qcow2Image::snapshot_slice_copied(uint8_t* slice, uint64_t entries,
     if (auto cached = refcounts_->cached_refcount(cluster)) {
       refcount = *cached;
     } else {
-      auto rc = co_await refcounts_->get_refcount(cluster);
-      if (!rc.ok()) co_return std::move(rc).error();
-      refcount = *rc;
+      UQ_CO_ASSIGN_OR_RETURN(refcount, co_await refcounts_->get_refcount(cluster));
     }
     const uint64_t updated = copied_flag(l2e, refcount, addend);
     if (updated != l2e) {
@@ -163,12 +160,11 @@ Task<Status> Qcow2Image::snapshot_l2_refcount(uint64_t l2_offset, int64_t addend
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   const uint64_t entries = slice_size / geo_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
-    auto ref = co_await map_->l2_cache().get(l2_offset + off);
-    if (!ref.ok()) co_return std::move(ref).error();
-    if (addend != 0) UQ_CO_TRY(co_await snapshot_slice_refcounts(ref->data(), entries, addend, discard));
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(l2_offset + off));
+    if (addend != 0) UQ_CO_TRY(co_await snapshot_slice_refcounts(ref.data(), entries, addend, discard));
     bool dirty = false;
-    UQ_CO_TRY(co_await snapshot_slice_copied(ref->data(), entries, addend, dirty));
-    if (dirty) map_->l2_cache().mark_dirty(*ref);
+    UQ_CO_TRY(co_await snapshot_slice_copied(ref.data(), entries, addend, dirty));
+    if (dirty) map_->l2_cache().mark_dirty(ref);
   }
   co_return Status();
 }
@@ -189,9 +185,8 @@ Task<Status> Qcow2Image::update_snapshot_refcount(std::vector<uint64_t>& l1, int
       // A table that drops to refcount 0 leaves the cache with it.
       UQ_CO_TRY(co_await refcounts_->update_refcount(l2, geo_.cluster_size, addend, discard));
     }
-    auto rc = co_await refcounts_->get_refcount(l2 >> geo_.cluster_bits);
-    if (!rc.ok()) co_return std::move(rc).error();
-    const uint64_t updated = copied_flag(l1e, *rc, addend);
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_->get_refcount(l2 >> geo_.cluster_bits));
+    const uint64_t updated = copied_flag(l1e, rc, addend);
     if (updated != l1e) {
       l1e = updated;
       l1_changed = true;
@@ -261,13 +256,13 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   std::vector<uint64_t> inactive(map_->l1());
   for (uint64_t& e : inactive) e &= ~kOflagCopied;
   const std::vector<uint8_t> l1_copy = encode_table(inactive);
-  auto l1_offset = co_await refcounts_->write_new_metadata(l1_copy, MetadataKind::kInactiveL1);
-  if (!l1_offset.ok()) co_return std::move(l1_offset).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l1_offset,
+                         co_await refcounts_->write_new_metadata(l1_copy, MetadataKind::kInactiveL1));
 
   timespec now{};
   clock_gettime(CLOCK_REALTIME, &now);
   Snapshot sn;
-  sn.l1_table_offset = *l1_offset;
+  sn.l1_table_offset = l1_offset;
   sn.l1_size = static_cast<uint32_t>(map_->l1().size());
   sn.id = snapshots_->next_id();
   sn.name = name;
@@ -310,14 +305,13 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(co_await snapshots_->replace(std::move(next), options_.pass_discard_snapshot));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
   overlap_->remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
-  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
-  if (!l1.ok()) co_return std::move(l1).error();
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> l1, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
   // Its L2 tables stop being inactive ones for this snapshot before any of
   // them can be freed and reused.
-  overlap_->l2_tables(MetadataKind::kInactiveL2, *l1, false);
+  overlap_->l2_tables(MetadataKind::kInactiveL2, l1, false);
   bool unused = false;
   const bool discard = options_.pass_discard_snapshot;
-  UQ_CO_TRY(co_await update_snapshot_refcount(*l1, -1, discard, unused));
+  UQ_CO_TRY(co_await update_snapshot_refcount(l1, -1, discard, unused));
   if (l1_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(sn.l1_table_offset, l1_bytes, -1, discard));
   // Clusters now only the active tables reach get COPIED back, once the
   // lowered refcounts are on disk.
@@ -345,9 +339,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   }
   UQ_CO_TRY(co_await flush_metadata());
   OverlapGuard::SharedL2Rewrite rewrite(*overlap_);  // as in snapshot_delete
-  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
-  if (!l1.ok()) co_return std::move(l1).error();
-  std::vector<uint64_t> next = std::move(l1).value();
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> next, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
   next.resize(map_->l1().size(), 0);
   // The snapshot's clusters gain the active reference, and those counts reach
   // the disk before the active L1 points at them.
