@@ -26,21 +26,18 @@ std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
 // Counting stops at the threshold, so a large image costs little.
 Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
   const qcow2::Header& h = img.header();
-  auto file = RawFile::open(img.filename(), RawFileOptions{.read_only = true});
-  if (!file.ok()) co_return std::move(file).error();
-  auto length = (*file)->length();
-  if (!length.ok()) co_return std::move(length).error();
-  auto allocated = (*file)->allocated_bytes();
-  if (!allocated.ok()) co_return std::move(allocated).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(img.filename(), RawFileOptions{.read_only = true}));
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t length, file->length());
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t allocated, file->allocated_bytes());
 
   const uint64_t cluster_size = h.cluster_size();
-  const uint64_t real_clusters = *allocated / cluster_size;
+  const uint64_t real_clusters = allocated / cluster_size;
   const uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
-  const uint64_t end_cluster = (*length + cluster_size - 1) / cluster_size;
+  const uint64_t end_cluster = (length + cluster_size - 1) / cluster_size;
 
   // refcount_table_clusters is bounded by parse_header (8 MiB).
   std::vector<uint8_t> table(uint64_t{h.refcount_table_clusters} * cluster_size);
-  UQ_CO_TRY(co_await (*file)->co_read(h.refcount_table_offset, as_bytes(table)));
+  UQ_CO_TRY(co_await file->co_read(h.refcount_table_offset, as_bytes(table)));
   const uint64_t per_block = cluster_size * 8 / h.refcount_bits();
   std::vector<uint8_t> block(cluster_size);
   uint64_t count = 0;
@@ -55,7 +52,7 @@ Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
       i = block_end;
       continue;
     }
-    UQ_CO_TRY(co_await (*file)->co_read(block_offset, as_bytes(block)));
+    UQ_CO_TRY(co_await file->co_read(block_offset, as_bytes(block)));
     for (; i < block_end && count < threshold; ++i) {
       count += qcow2::get_refcount_entry(block.data(), i % per_block, h.refcount_order) != 0;
     }
@@ -135,23 +132,22 @@ Task<Result<ChainStatus>> ChainStatusReader::status(uint64_t offset, uint64_t ma
   uint64_t len = max_len;
   for (;;) {
     bool host_zero = false;
-    auto st = co_await layer_status(*layer, offset, len, host_zero);
-    if (!st.ok()) co_return std::move(st).error();
+    UQ_CO_ASSIGN_OR_RETURN(BlockStatus st, co_await layer_status(*layer, offset, len, host_zero));
     // The Disk contract promises progress; a caller looping on status()
     // would otherwise spin forever.
-    if (st->length == 0 || st->length > len) {
+    if (st.length == 0 || st.length > len) {
       co_return Error(EIO, layer->filename() + ": block status at offset " + std::to_string(offset) +
-                               " returned " + std::to_string(st->length) + " bytes for a request of " +
+                               " returned " + std::to_string(st.length) + " bytes for a request of " +
                                std::to_string(len));
     }
-    len = st->length;
-    if (st->kind != BlockStatus::Kind::kUnallocated) {
+    len = st.length;
+    if (st.kind != BlockStatus::Kind::kUnallocated) {
       cs.allocated = true;
-      cs.zero = st->kind == BlockStatus::Kind::kZero || host_zero;
-      cs.data = st->kind == BlockStatus::Kind::kData;
-      cs.has_offset = st->has_offset;
-      cs.offset = st->host_offset;
-      cs.file = st->has_offset ? st->file : nullptr;
+      cs.zero = st.kind == BlockStatus::Kind::kZero || host_zero;
+      cs.data = st.kind == BlockStatus::Kind::kData;
+      cs.has_offset = st.has_offset;
+      cs.offset = st.host_offset;
+      cs.file = st.has_offset ? st.file : nullptr;
       break;
     }
     Disk* backing = layer->backing();
@@ -160,9 +156,9 @@ Task<Result<ChainStatus>> ChainStatusReader::status(uint64_t offset, uint64_t ma
       // offset, as in QEMU.
       cs.zero = true;
       cs.past_backing_end = backing != nullptr;
-      cs.has_offset = st->has_offset;
-      cs.offset = st->host_offset;
-      cs.file = st->has_offset ? st->file : nullptr;
+      cs.has_offset = st.has_offset;
+      cs.offset = st.host_offset;
+      cs.file = st.has_offset ? st.file : nullptr;
       break;
     }
     // The backing file clamps `len` to its own end.

@@ -46,9 +46,7 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
   }
   std::string format = options.format;
   if (format.empty()) {
-    auto probed = probe_format(path);
-    if (!probed.ok()) co_return std::move(probed).error();
-    format = *probed;
+    UQ_CO_ASSIGN_OR_RETURN(format, probe_format(path));
   }
   if (format != "qcow2" && format != "raw") {
     co_return Error(ENOTSUP, "format '" + format + "' is not supported (qcow2 and raw are)");
@@ -57,20 +55,16 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
                     .cache = options.cache,
                     .lock = lock_perms(options, format == "raw" ? LockedFile::kRawImage
                                                                 : LockedFile::kQcow2Image)};
-  auto file = RawFile::open(path, fo);
-  if (!file.ok()) co_return std::move(file).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(path, fo));
   if (format == "raw") {
-    auto len = (*file)->length();
-    if (!len.ok()) co_return std::move(len).error();
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t len, file->length());
     // qemu sees a raw file in whole 512-byte sectors; the tail reads as zeros.
-    uint64_t size = (*len + 511) & ~uint64_t{511};
-    co_return std::unique_ptr<Disk>(new RawDisk(std::move(file).value(), size));
+    uint64_t size = (len + 511) & ~uint64_t{511};
+    co_return std::unique_ptr<Disk>(new RawDisk(std::move(file), size));
   }
-  std::unique_ptr<BlockDevice> device = std::move(file).value();
+  std::unique_ptr<BlockDevice> device = std::move(file);
   if (options.wrap_file) {
-    auto wrapped = options.wrap_file(std::move(device));
-    if (!wrapped.ok()) co_return std::move(wrapped).error();
-    device = std::move(wrapped).value();
+    UQ_CO_ASSIGN_OR_RETURN(device, options.wrap_file(std::move(device)));
   }
   OpenOptions backing_options = options;
   backing_options.wrap_file = nullptr;
@@ -83,24 +77,19 @@ Task<Result<std::unique_ptr<Disk>>> open_layer(const std::string& path, OpenOpti
     o.format = fmt;
     co_return co_await open_layer(p, o, chain);
   };
-  auto img = co_await qcow2::Qcow2Image::open(std::move(device), options, opener);
-  if (!img.ok()) co_return std::move(img).error();
-  co_return std::unique_ptr<Disk>(std::move(img).value());
+  UQ_CO_ASSIGN_OR_RETURN(auto img, co_await qcow2::Qcow2Image::open(std::move(device), options, opener));
+  co_return std::unique_ptr<Disk>(std::move(img));
 }
 
 }  // namespace
 
 Status apply_open_option(OpenOptions& o, const std::string& key, const std::string& value) {
   auto size = [&](std::optional<uint64_t>& field) -> Status {
-    auto r = parse_size(value, key);
-    if (!r.ok()) return std::move(r).error();
-    field = *r;
+    UQ_ASSIGN_OR_RETURN(field, parse_size(value, key));
     return Status();
   };
   auto flag = [&](bool& field) -> Status {
-    auto r = parse_bool(key, value);
-    if (!r.ok()) return std::move(r).error();
-    field = *r;
+    UQ_ASSIGN_OR_RETURN(field, parse_bool(key, value));
     return Status();
   };
   if (key == "l2-cache-size") return size(o.l2_cache_size);
@@ -138,9 +127,7 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
   }
   // overlap-check.template is QEMU's other spelling of overlap-check.
   if (key == "overlap-check" || key == "overlap-check.template") {
-    auto r = parse_overlap_check(value);
-    if (!r.ok()) return std::move(r).error();
-    o.overlap_check = *r;
+    UQ_ASSIGN_OR_RETURN(o.overlap_check, parse_overlap_check(value));
     return Status();
   }
   if (key == "pass-discard-request") return flag(o.pass_discard_request);

@@ -42,18 +42,16 @@ Result<FaultRule> parse_fault_rule(std::string_view text) {
       rule.event = *e;
       have_event = true;
     } else if (key == "errno") {
-      auto n = parse_uint(key, value);
-      if (!n.ok()) return std::move(n).error();
-      if (*n == 0 || *n > 4095) return Error(EINVAL, "inject: errno=" + std::string(value) + " is out of range (1..4095)");
-      rule.error = static_cast<int>(*n);
+      UQ_ASSIGN_OR_RETURN(uint64_t n, parse_uint(key, value));
+      if (n == 0 || n > 4095) {
+        return Error(EINVAL, "inject: errno=" + std::string(value) + " is out of range (1..4095)");
+      }
+      rule.error = static_cast<int>(n);
     } else if (key == "after") {
-      auto n = parse_uint(key, value);
-      if (!n.ok()) return std::move(n).error();
-      rule.after = *n;
+      UQ_ASSIGN_OR_RETURN(rule.after, parse_uint(key, value));
     } else if (key == "once" || key == "immediately") {
-      auto b = parse_bool(key, value);
-      if (!b.ok()) return std::move(b).error();
-      (key == "once" ? rule.once : rule.immediately) = *b;
+      UQ_ASSIGN_OR_RETURN(bool b, parse_bool(key, value));
+      (key == "once" ? rule.once : rule.immediately) = b;
     } else {
       return Error(EINVAL, "inject: unknown key '" + std::string(key) +
                                "' (event, errno, once, after, immediately)");
@@ -69,9 +67,8 @@ void FaultInjector::add_rule(FaultRule rule) {
 }
 
 Status FaultInjector::add_rule(std::string_view text) {
-  auto rule = parse_fault_rule(text);
-  if (!rule.ok()) return std::move(rule).error();
-  add_rule(std::move(rule).value());
+  UQ_ASSIGN_OR_RETURN(FaultRule rule, parse_fault_rule(text));
+  add_rule(std::move(rule));
   return Status();
 }
 

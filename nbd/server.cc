@@ -66,10 +66,8 @@ Server::~Server() {
 }
 
 Status Server::listen(const ListenAddress& address) {
-  auto fd = address.unix_path.empty() ? listen_tcp(address.host, address.port)
-                                      : listen_unix(address.unix_path);
-  if (!fd.ok()) return std::move(fd).error();
-  listen_fd_ = std::move(fd).value();
+  UQ_ASSIGN_OR_RETURN(listen_fd_, address.unix_path.empty() ? listen_tcp(address.host, address.port)
+                                                            : listen_unix(address.unix_path));
   unix_path_ = address.unix_path;
   sigset_t mask;
   sigemptyset(&mask);

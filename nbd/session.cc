@@ -151,10 +151,9 @@ Task<Status> Session::do_block_status(const Request& req) {
   uint64_t offset = req.offset, end = req.offset + req.length;
   size_t limit = (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
   while (offset < end) {
-    auto st = co_await chain_status_.status(offset, end - offset);
-    if (!st.ok()) co_return std::move(st).error();
-    const uint64_t len = st->length;
-    const uint32_t flags = nbd_state(*st);
+    UQ_CO_ASSIGN_OR_RETURN(ChainStatus st, co_await chain_status_.status(offset, end - offset));
+    const uint64_t len = st.length;
+    const uint32_t flags = nbd_state(st);
     if (!extents.empty() && extents.back().second == flags) {
       extents.back().first += static_cast<uint32_t>(len);
     } else if (extents.size() == limit) {

@@ -86,10 +86,9 @@ Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte>
       buf = buf.subspan(n);
       continue;
     }
-    auto done = co_await write_allocating(offset, buf);
-    if (!done.ok()) co_return std::move(done).error();
-    offset += *done;
-    buf = buf.subspan(*done);
+    UQ_CO_ASSIGN_OR_RETURN(size_t done, co_await write_allocating(offset, buf));
+    offset += done;
+    buf = buf.subspan(done);
   }
   co_return Status();
 }
@@ -106,13 +105,11 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   UQ_CO_TRY(check_writable(offset, len));
   if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
-  auto l2 = co_await l2_table_for_write(offset);
-  if (!l2.ok()) co_return std::move(l2).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
 
   // Plan: look at the clusters from `offset` within one L2 slice.
-  const uint64_t slice = map_->slice_offset(*l2, offset);
-  auto ref = co_await map_->l2_cache().get(slice);
-  if (!ref.ok()) co_return std::move(ref).error();
+  const uint64_t slice = map_->slice_offset(l2, offset);
+  UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
   const uint64_t per_slice = map_->entries_per_slice();
   const uint64_t index = map_->slice_index(offset);
   uint64_t in_cluster = geo_.offset_into_cluster(offset);
@@ -121,7 +118,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   max_clusters = std::min<uint64_t>(max_clusters, std::max<uint64_t>(1, (2ull << 20) >> geo_.cluster_bits));
 
   ClusterPlan plan;
-  const ConstL2Slice entries(ref->data(), geo_);
+  const ConstL2Slice entries(ref.data(), geo_);
   const uint64_t l2e0 = entries.entry(index), bm0 = entries.bitmap(index);
   uint64_t host0 = l2e0 & kL2OffsetMask;
   bool compressed0 = l2e0 & kOflagCompressed;
@@ -132,7 +129,7 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
   if (const char* why = map_->l2_entry_problem(l2e0, bm0)) {
     co_return fatal_corruption(map_->bad_l2_entry(slice, index, l2e0, why));
   }
-  auto decoded = map_->decode_l2(ref->data(), slice, offset, len);
+  auto decoded = map_->decode_l2(ref.data(), slice, offset, len);
   if (!decoded.ok()) co_return fatal_corruption(std::move(decoded).error());
   plan.first_old = *decoded;
 
@@ -162,23 +159,21 @@ Task<Result<size_t>> Qcow2Image::write_allocating(uint64_t offset, std::span<con
     plan.nb_clusters = nb;
     len = std::min<uint64_t>(len, (nb << geo_.cluster_bits) - in_cluster);
   }
-  ref->reset();
+  ref.reset();
   // The mapping of the last written byte's cluster, for tail COW.
   uint64_t last_guest = offset + len - 1;
   {
     Result<Mapping> tail = Mapping{};
     if (!map_->map_fast(last_guest, 1, tail)) {
-      auto t = co_await map_->l2_cache().get(slice);
-      if (!t.ok()) co_return std::move(t).error();
-      tail = map_->decode_l2(t->data(), slice, last_guest, 1);
+      UQ_CO_ASSIGN_OR_RETURN(auto t, co_await map_->l2_cache().get(slice));
+      tail = map_->decode_l2(t.data(), slice, last_guest, 1);
     }
     if (!tail.ok()) co_return fatal_corruption(std::move(tail).error());
     plan.last_old = *tail;
   }
   if (plan.kind == ClusterPlan::Kind::kNewClusters) {
-    auto host = co_await alloc_data_clusters(geo_.start_of_cluster(offset), plan.nb_clusters);
-    if (!host.ok()) co_return std::move(host).error();
-    plan.host = *host;
+    UQ_CO_ASSIGN_OR_RETURN(plan.host,
+                           co_await alloc_data_clusters(geo_.start_of_cluster(offset), plan.nb_clusters));
   }
   co_return co_await write_run(plan, offset, buf.first(len), guard);
 }
@@ -335,12 +330,10 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
     const uint64_t guest = first_guest + k * cs;
     // The L2 table may have been replaced while the lock was released (a
     // snapshot makes it shared): look it up again.
-    auto l2 = co_await l2_table_for_write(guest);
-    if (!l2.ok()) co_return std::move(l2).error();
-    const uint64_t slice = map_->slice_offset(*l2, guest);
-    auto ref = co_await map_->l2_cache().get(slice);
-    if (!ref.ok()) co_return std::move(ref).error();
-    L2Slice entries(ref->data(), geo_);
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(guest));
+    const uint64_t slice = map_->slice_offset(l2, guest);
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
+    L2Slice entries(ref.data(), geo_);
     const uint64_t index = map_->slice_index(guest);
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
@@ -368,7 +361,7 @@ Task<Status> Qcow2Image::link_l2(const ClusterPlan& plan, uint64_t first_guest, 
       uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
       entries.set_bitmap(index, alloc | (zero << 32));
     }
-    map_->l2_cache().mark_dirty(*ref);
+    map_->l2_cache().mark_dirty(ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
   }
   for (uint64_t old : to_free) UQ_CO_TRY(co_await freed_->defer(old, false));
@@ -397,15 +390,13 @@ Task<Result<uint64_t>> Qcow2Image::l2_table_for_write(uint64_t offset) {
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   const uint32_t slice_size = cache_sizes_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
-    auto fresh = co_await map_->l2_cache().get(*new_l2 + off, /*fresh=*/true);
-    if (!fresh.ok()) co_return std::move(fresh).error();
+    UQ_CO_ASSIGN_OR_RETURN(auto fresh, co_await map_->l2_cache().get(*new_l2 + off, /*fresh=*/true));
     if (old_l2) {
       file_->debug_event(BlkDebugEvent::kL2AllocCowRead);
-      auto old = co_await map_->l2_cache().get(old_l2 + off);
-      if (!old.ok()) co_return std::move(old).error();
-      std::memcpy(fresh->data(), old->data(), slice_size);
+      UQ_CO_ASSIGN_OR_RETURN(auto old, co_await map_->l2_cache().get(old_l2 + off));
+      std::memcpy(fresh.data(), old.data(), slice_size);
     }
-    map_->l2_cache().mark_dirty(*fresh);
+    map_->l2_cache().mark_dirty(fresh);
   }
   // The table itself reaches the disk before the L1 entry.
   file_->debug_event(BlkDebugEvent::kL2AllocWrite);

@@ -714,23 +714,20 @@ Task<Result<CheckResult>> recheck(BlockDevice& file, BlockDevice* data_file, Che
 }  // namespace
 
 Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode) {
-  auto img = co_await check_internal::load_image(file, data_file);
-  if (!img.ok()) co_return std::move(img).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto img, co_await check_internal::load_image(file, data_file));
   CheckResult res;
-  res.stopped = co_await check_refcounts(*img, res, mode);
+  res.stopped = co_await check_refcounts(img, res, mode);
   if (mode == RepairMode::kNone || !res.stopped.ok()) co_return res;
 
-  uint64_t incompatible = img->header.incompatible_features;
+  uint64_t incompatible = img.header.incompatible_features;
   if (res.corruptions_fixed || res.leaks_fixed) {
-    auto again = co_await recheck(file, data_file, std::move(res));
-    if (!again.ok()) co_return std::move(again).error();
-    res = std::move(again).value();
+    UQ_CO_ASSIGN_OR_RETURN(res, co_await recheck(file, data_file, std::move(res)));
     if (!res.stopped.ok()) co_return res;
   }
   // A repair that leaves no corruption makes the image consistent again; on
   // a lazy-refcounts image the refcounts are then exact, so it is clean.
   if (res.check_errors == 0 && res.corruptions == 0 && (incompatible & (kIncompatDirty | kIncompatCorrupt))) {
-    Status s = co_await check_internal::clear_incompatible_bits(*img, kIncompatDirty | kIncompatCorrupt);
+    Status s = co_await check_internal::clear_incompatible_bits(img, kIncompatDirty | kIncompatCorrupt);
     if (!s.ok()) res.stopped = std::move(s);
   }
   co_return res;

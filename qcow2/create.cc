@@ -21,14 +21,12 @@ Task<Status> create_image(const std::string& path, const CreateOptions& o) {
   OpenOptions open_options;
   open_options.read_only = false;
   open_options.no_backing = true;
-  auto file = RawFile::open(path, {.read_only = false,
-                                   .cache = open_options.cache,
-                                   .lock = lock_perms(open_options, LockedFile::kQcow2Image)});
-  if (!file.ok()) co_return std::move(file).error();
-  auto img = co_await Qcow2Image::open(std::move(file).value(), open_options, nullptr);
-  if (!img.ok()) co_return std::move(img).error();
-  Status s = co_await (*img)->preallocate(prealloc);
-  Status c = co_await (*img)->close();
+  UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(path, {.read_only = false,
+                                                         .cache = open_options.cache,
+                                                         .lock = lock_perms(open_options, LockedFile::kQcow2Image)}));
+  UQ_CO_ASSIGN_OR_RETURN(auto img, co_await Qcow2Image::open(std::move(file), open_options, nullptr));
+  Status s = co_await img->preallocate(prealloc);
+  Status c = co_await img->close();
   co_return s.ok() ? c : s;
 }
 

@@ -24,9 +24,8 @@ Status parse_encrypt_option(const std::string& key, const std::string& value, Cr
     else return Error(EINVAL, key + ": '" + value + "' is not luks or aes");
   } else if (key == "encryption") {
     // QEMU's deprecated boolean: legacy AES.
-    auto v = parse_flag(key, value);
-    if (!v.ok()) return std::move(v).error();
-    o.encryption = *v ? CryptMethod::kAes : CryptMethod::kNone;
+    UQ_ASSIGN_OR_RETURN(bool v, parse_flag(key, value));
+    o.encryption = v ? CryptMethod::kAes : CryptMethod::kNone;
   } else if (key == "encrypt.cipher-alg") {
     if (value == "aes-128") spec.alg = crypto::CipherAlg::kAes128;
     else if (value == "aes-256") spec.alg = crypto::CipherAlg::kAes256;
@@ -48,10 +47,9 @@ Status parse_encrypt_option(const std::string& key, const std::string& value, Cr
     }
     o.luks.hash = value;
   } else if (key == "encrypt.iter-time") {
-    auto v = parse_size(value, key);
-    if (!v.ok()) return std::move(v).error();
-    if (*v == 0 || *v > 3600000) return Error(EINVAL, key + ": must be 1..3600000 milliseconds");
-    o.luks.iter_time_ms = *v;
+    UQ_ASSIGN_OR_RETURN(uint64_t v, parse_size(value, key));
+    if (v == 0 || v > 3600000) return Error(EINVAL, key + ": must be 1..3600000 milliseconds");
+    o.luks.iter_time_ms = v;
   } else if (key != "encrypt.key-secret") {
     return Error(EINVAL, "unknown option '" + key + "' for qcow2 create");
   }
@@ -69,29 +67,23 @@ Status parse_create_options(const std::string& list, CreateOptions& o) {
     std::string key = item.substr(0, eq);
     std::string value = eq == std::string::npos ? "on" : item.substr(eq + 1);
     if (key == "size") {
-      auto v = parse_size(value, key);
-      if (!v.ok()) return std::move(v).error();
-      o.size = *v;
+      UQ_ASSIGN_OR_RETURN(o.size, parse_size(value, key));
     } else if (key == "cluster_size") {
-      auto v = parse_size(value, key);
-      if (!v.ok()) return std::move(v).error();
-      if (*v < 512 || *v > (2u << 20) || (*v & (*v - 1))) {
+      UQ_ASSIGN_OR_RETURN(uint64_t v, parse_size(value, key));
+      if (v < 512 || v > (2u << 20) || (v & (v - 1))) {
         return Error(EINVAL, "cluster_size: must be a power of two between 512 and 2M");
       }
-      o.cluster_size = static_cast<uint32_t>(*v);
+      o.cluster_size = static_cast<uint32_t>(v);
     } else if (key == "compat") {
       if (value == "0.10" || value == "v2") o.version = 2;
       else if (value == "1.1" || value == "v3") o.version = 3;
       else return Error(EINVAL, "compat: '" + value + "' is not 0.10 or 1.1");
     } else if (key == "refcount_bits") {
-      auto v = parse_size(value, key);
-      if (!v.ok()) return std::move(v).error();
-      if (*v == 0 || *v > 64 || (*v & (*v - 1))) return Error(EINVAL, "refcount_bits: must be a power of two up to 64");
-      o.refcount_bits = static_cast<uint32_t>(*v);
+      UQ_ASSIGN_OR_RETURN(uint64_t v, parse_size(value, key));
+      if (v == 0 || v > 64 || (v & (v - 1))) return Error(EINVAL, "refcount_bits: must be a power of two up to 64");
+      o.refcount_bits = static_cast<uint32_t>(v);
     } else if (key == "lazy_refcounts") {
-      auto v = parse_flag(key, value);
-      if (!v.ok()) return std::move(v).error();
-      o.lazy_refcounts = *v;
+      UQ_ASSIGN_OR_RETURN(o.lazy_refcounts, parse_flag(key, value));
     } else if (key == "preallocation") {
       if (value == "off") o.preallocation = Preallocation::kOff;
       else if (value == "metadata") o.preallocation = Preallocation::kMetadata;
@@ -103,15 +95,11 @@ Status parse_create_options(const std::string& list, CreateOptions& o) {
       else if (value == "zstd") o.compression_type = CompressionType::kZstd;
       else return Error(EINVAL, "compression_type: '" + value + "' is not zlib or zstd");
     } else if (key == "extended_l2") {
-      auto v = parse_flag(key, value);
-      if (!v.ok()) return std::move(v).error();
-      o.extended_l2 = *v;
+      UQ_ASSIGN_OR_RETURN(o.extended_l2, parse_flag(key, value));
     } else if (key == "data_file") {
       o.data_file = value;
     } else if (key == "data_file_raw") {
-      auto v = parse_flag(key, value);
-      if (!v.ok()) return std::move(v).error();
-      o.data_file_raw = *v;
+      UQ_ASSIGN_OR_RETURN(o.data_file_raw, parse_flag(key, value));
     } else if (key == "backing_file") {
       o.backing_file = value;
     } else if (key == "backing_fmt") {

@@ -20,11 +20,10 @@ Task<Status> Qcow2Image::repair_after_crash() {
                              std::to_string(checked->corruptions) + " corruptions");
   }
   // The repair may have moved the refcount table and fixed L1 entries.
-  auto h = co_await read_image_header(*file_, HeaderUse::kCheck);
-  if (!h.ok()) co_return std::move(h).error();
-  header_.refcount_table_offset = h->refcount_table_offset;
-  header_.refcount_table_clusters = h->refcount_table_clusters;
-  header_.incompatible_features = h->incompatible_features;
+  UQ_CO_ASSIGN_OR_RETURN(Header h, co_await read_image_header(*file_, HeaderUse::kCheck));
+  header_.refcount_table_offset = h.refcount_table_offset;
+  header_.refcount_table_clusters = h.refcount_table_clusters;
+  header_.incompatible_features = h.incompatible_features;
   co_return co_await map_->load_l1(header_.l1_table_offset, header_.l1_size);
 }
 

@@ -49,14 +49,13 @@ Task<Status> Qcow2Image::open_encryption() {
   if (header_.crypt_method == CryptMethod::kAes) {
     opened = ImageEncryption::open_legacy_aes(options_.passphrase);
   } else {
-    auto file_len = file_->length();
-    if (!file_len.ok()) co_return std::move(file_len).error();
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t file_len, file_->length());
     std::vector<uint8_t> area(header_.crypto_header->length);
-    if (header_.crypto_header->offset + area.size() <= *file_len) {
+    if (header_.crypto_header->offset + area.size() <= file_len) {
       UQ_CO_TRY(co_await file_->co_read(header_.crypto_header->offset,
                                         std::span<std::byte>(reinterpret_cast<std::byte*>(area.data()), area.size())));
     }
-    opened = open_luks_area(header_, *file_len, area, options_.passphrase);
+    opened = open_luks_area(header_, file_len, area, options_.passphrase);
   }
   OPENSSL_cleanse(options_.passphrase.data(), options_.passphrase.size());
   options_.passphrase.clear();

@@ -17,19 +17,15 @@ std::span<uint8_t> as_u8(std::span<std::byte> b) { return {reinterpret_cast<uint
 
 Result<std::unique_ptr<ImageEncryption>> ImageEncryption::open_luks(std::span<const uint8_t> area,
                                                                     std::string_view passphrase) {
-  auto header = crypto::parse_luks_header(area);
-  if (!header.ok()) return std::move(header).error();
-  auto key = crypto::luks_unlock(*header, area, passphrase);
-  if (!key.ok()) return std::move(key).error();
-  auto cipher = crypto::SectorCipher::create(header->spec, key->span());
-  if (!cipher.ok()) return std::move(cipher).error();
-  return std::unique_ptr<ImageEncryption>(new ImageEncryption(std::move(cipher).value(), true));
+  UQ_ASSIGN_OR_RETURN(auto header, crypto::parse_luks_header(area));
+  UQ_ASSIGN_OR_RETURN(auto key, crypto::luks_unlock(header, area, passphrase));
+  UQ_ASSIGN_OR_RETURN(auto cipher, crypto::SectorCipher::create(header.spec, key.span()));
+  return std::unique_ptr<ImageEncryption>(new ImageEncryption(std::move(cipher), true));
 }
 
 Result<std::unique_ptr<ImageEncryption>> ImageEncryption::open_legacy_aes(std::string_view passphrase) {
-  auto cipher = crypto::legacy_aes_cipher(passphrase);
-  if (!cipher.ok()) return std::move(cipher).error();
-  return std::unique_ptr<ImageEncryption>(new ImageEncryption(std::move(cipher).value(), false));
+  UQ_ASSIGN_OR_RETURN(auto cipher, crypto::legacy_aes_cipher(passphrase));
+  return std::unique_ptr<ImageEncryption>(new ImageEncryption(std::move(cipher), false));
 }
 
 Status ImageEncryption::check_aligned(uint64_t guest, uint64_t host, size_t size) const {

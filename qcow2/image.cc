@@ -98,8 +98,7 @@ Task<Result<std::unique_ptr<Qcow2Image>>> Qcow2Image::open(std::unique_ptr<Block
 }
 
 Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
-  auto file_len = file_->length();
-  if (!file_len.ok()) co_return std::move(file_len).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t file_len, file_->length());
   UQ_CO_ASSIGN_OR_RETURN(header_, co_await read_image_header(*file_, HeaderUse::kOpen));
   geo_ = header_.geometry();
   inflight_.emplace(geo_.cluster_size);
@@ -113,7 +112,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
                                             "or repair it with 'uqcow check -r all'");
   }
 
-  if (Status placed = validate_table_placement(header_, *file_len, !options_.read_only); !placed.ok()) {
+  if (Status placed = validate_table_placement(header_, file_len, !options_.read_only); !placed.ok()) {
     co_return placed.error().with_context(file_->name());
   }
 
@@ -227,9 +226,8 @@ Task<Result<Mapping>> Qcow2Image::map_slow(uint64_t offset, uint64_t max_bytes) 
     co_return m;
   }
   uint64_t slice = map_->slice_offset(*l2, offset);
-  auto ref = co_await map_->l2_cache().get(slice);
-  if (!ref.ok()) co_return std::move(ref).error();
-  auto m = map_->decode_l2(ref->data(), slice, offset, max_bytes);
+  UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
+  auto m = map_->decode_l2(ref.data(), slice, offset, max_bytes);
   if (!m.ok()) co_return fatal_corruption(std::move(m).error());
   co_return m;
 }
@@ -337,15 +335,14 @@ Task<Status> Qcow2Image::read_compressed(uint64_t l2e, uint64_t offset, std::spa
 Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max_len) {
   if (offset >= size_) co_return Error(EINVAL, "block status beyond the end of the disk");
   max_len = std::min(max_len, size_ - offset);
-  auto m = co_await map_range(offset, max_len);
-  if (!m.ok()) co_return std::move(m).error();
+  UQ_CO_ASSIGN_OR_RETURN(Mapping m, co_await map_range(offset, max_len));
   BlockStatus st;
-  st.length = m->bytes;
-  switch (m->type) {
+  st.length = m.bytes;
+  switch (m.type) {
     case SubclusterType::kNormal:
       st.kind = BlockStatus::Kind::kData;
       st.has_offset = header_.crypt_method == CryptMethod::kNone;  // ciphertext has no guest offset
-      st.host_offset = m->host_offset;
+      st.host_offset = m.host_offset;
       st.file = &data_file_->name();
       break;
     case SubclusterType::kCompressed:
@@ -355,7 +352,7 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
     case SubclusterType::kZeroAlloc:
       st.kind = BlockStatus::Kind::kZero;
       st.has_offset = header_.crypt_method == CryptMethod::kNone;
-      st.host_offset = m->host_offset;
+      st.host_offset = m.host_offset;
       st.file = &data_file_->name();
       break;
     case SubclusterType::kZeroPlain:
@@ -366,7 +363,7 @@ Task<Result<BlockStatus>> Qcow2Image::block_status(uint64_t offset, uint64_t max
       // the offset without the data flag.
       st.kind = BlockStatus::Kind::kUnallocated;
       st.has_offset = header_.crypt_method == CryptMethod::kNone;
-      st.host_offset = m->host_offset;
+      st.host_offset = m.host_offset;
       st.file = &data_file_->name();
       break;
     default:

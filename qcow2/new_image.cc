@@ -89,9 +89,8 @@ Task<Status> write_new_image(const std::string& path, const CreateOptions& reque
   h.crypt_method = o.encryption;
   std::vector<uint8_t> crypto_area;  // the LUKS header and key material
   if (o.encryption == CryptMethod::kLuks) {
-    auto luks = crypto::luks_create(o.luks, o.passphrase);
-    if (!luks.ok()) co_return std::move(luks).error();
-    crypto_area = std::move(luks->area);  // the master key is wiped with `luks`
+    UQ_CO_ASSIGN_OR_RETURN(auto luks, crypto::luks_create(o.luks, o.passphrase));
+    crypto_area = std::move(luks.area);  // the master key is wiped with `luks`
   }
   const uint64_t crypto_clusters = (crypto_area.size() + cs - 1) / cs;
 
@@ -117,10 +116,9 @@ Task<Status> write_new_image(const std::string& path, const CreateOptions& reque
   const uint64_t crypto_offset = h.l1_table_offset + l1_clusters * cs;
   if (!crypto_area.empty()) h.crypto_header = CryptoHeaderExtension{crypto_offset, crypto_area.size()};
 
-  auto header = serialize_header(h);
-  if (!header.ok()) co_return std::move(header).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto header, serialize_header(h));
   std::vector<uint8_t> image(total * cs, 0);
-  std::copy(header->begin(), header->end(), image.begin());
+  std::copy(header.begin(), header.end(), image.begin());
   std::copy(crypto_area.begin(), crypto_area.end(), image.begin() + crypto_offset);
   for (uint64_t b = 0; b < blocks; ++b) {
     store_be64(&image[cs + b * 8], (1 + table_clusters + b) * cs);
@@ -134,11 +132,10 @@ Task<Status> write_new_image(const std::string& path, const CreateOptions& reque
     // QEMU's creation locks: an image another process uses is not truncated.
     // Released at the end of this scope, before the image opens below.
     RawFileOptions fo{.read_only = false, .create = true, .lock = kCreateLockPerms};
-    auto file = RawFile::open(path, fo);
-    if (!file.ok()) co_return std::move(file).error();
-    UQ_CO_TRY((*file)->truncate(0));
-    UQ_CO_TRY(co_await (*file)->co_write(0, bytes_of(image)));
-    UQ_CO_TRY(co_await (*file)->co_flush());
+    UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(path, fo));
+    UQ_CO_TRY(file->truncate(0));
+    UQ_CO_TRY(co_await file->co_write(0, bytes_of(image)));
+    UQ_CO_TRY(co_await file->co_flush());
     if (!o.data_file.empty()) {
       // Created as qemu-img creates it: emptied, then sized to the disk
       // (sparse), raw or not.

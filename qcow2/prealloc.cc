@@ -15,37 +15,32 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
   const uint64_t cs = geo_.cluster_size;
   const bool df = header_.has_data_file();
   for (uint64_t offset = geo_.start_of_cluster(start); offset < end;) {
-    auto l2 = co_await l2_table_for_write(offset);
-    if (!l2.ok()) co_return std::move(l2).error();
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
     const uint64_t per_slice = map_->entries_per_slice();
     const uint64_t index = map_->slice_index(offset);
     const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(end - offset));
-    auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
-    if (!ref.ok()) co_return std::move(ref).error();
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(map_->slice_offset(l2, offset)));
     // The clusters of this slice that have no host cluster yet; those that
     // have one (the old last cluster of a grown disk) keep it.
     std::vector<uint64_t> todo;
     for (uint64_t k = 0; k < nb; ++k) {
-      const uint64_t l2e = ConstL2Slice(ref->data(), geo_).entry(index + k);
+      const uint64_t l2e = ConstL2Slice(ref.data(), geo_).entry(index + k);
       if (l2e == 0) {
         todo.push_back(k);
       } else if (fresh) {
         co_return Error(EEXIST, "preallocation: the image already has data");
       }
     }
-    ref->reset();
+    ref.reset();
     if (!todo.empty()) {
       // One run of fresh host clusters for the slice; with a data file each
       // cluster's host offset is its guest offset (alloc_data_clusters).
       uint64_t host = 0;
       if (!df) {
-        auto h = co_await refcounts_->alloc_clusters(todo.size());
-        if (!h.ok()) co_return std::move(h).error();
-        host = *h;
+        UQ_CO_ASSIGN_OR_RETURN(host, co_await refcounts_->alloc_clusters(todo.size()));
         if (!lazy_refcounts_) UQ_CO_TRY(co_await map_->l2_cache().depend_on(refcounts_->cache()));
       }
-      auto slice = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
-      if (!slice.ok()) co_return std::move(slice).error();
+      UQ_CO_ASSIGN_OR_RETURN(auto slice, co_await map_->l2_cache().get(map_->slice_offset(l2, offset)));
       for (size_t i = 0; i < todo.size(); ++i) {
         const uint64_t k = todo[i];
         const uint64_t h = df ? offset + k * cs : host + i * cs;
@@ -53,14 +48,14 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
         // (bitmap 0), as QEMU's preallocation leaves them. They read as
         // zeros: preallocation is refused with a backing file, and a raw
         // data file holds zeros there.
-        L2Slice(slice->data(), geo_).set(index + k, h | kOflagCopied, 0);
+        L2Slice(slice.data(), geo_).set(index + k, h | kOflagCopied, 0);
         if (!runs.empty() && runs.back().host + runs.back().length == h) {
           runs.back().length += cs;
         } else {
           runs.push_back({h, cs});
         }
       }
-      map_->l2_cache().mark_dirty(*slice);
+      map_->l2_cache().mark_dirty(slice);
     }
     offset += nb * cs;
   }
@@ -88,9 +83,8 @@ Task<Status> Qcow2Image::preallocate(Preallocation mode) {
   uint64_t end = 0;
   for (const HostRun& r : runs) end = std::max(end, r.host + r.length);
   if (header_.has_data_file()) end = data_file_end(size_);
-  auto length = data_file_->length();
-  if (!length.ok()) co_return std::move(length).error();
-  if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t length, data_file_->length());
+  if (end > length) UQ_CO_TRY(data_file_->truncate(end));
   for (const HostRun& r : runs) {
     const uint64_t len = r.length;
     if (mode == Preallocation::kFalloc) {

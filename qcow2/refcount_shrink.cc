@@ -19,15 +19,14 @@ Task<Status> Refcounts::shrink_refcount_table() {
   for (uint64_t i = 0; i < reftable_.size(); ++i) {
     const uint64_t block = reftable_[i] & kReftableOffsetMask;
     if (!block) continue;
-    auto ref = co_await load_refcount_block(i);
-    if (!ref.ok()) co_return std::move(ref).error();
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await load_refcount_block(i));
     const uint64_t own_index = block >> geo_.cluster_bits;
     const bool self_counted = (own_index >> refblock_bits_) == i;
     const uint64_t self_slot = own_index & ((1ull << refblock_bits_) - 1);
     bool unused = true;
     for (uint64_t k = 0; k < (1ull << refblock_bits_) && unused; ++k) {
       if (self_counted && k == self_slot) continue;
-      unused = get_refcount_entry(ref->data(), k, header_.refcount_order) == 0;
+      unused = get_refcount_entry(ref.data(), k, header_.refcount_order) == 0;
     }
     if (unused) {
       kept[i] = 0;
@@ -69,16 +68,15 @@ Task<Status> Refcounts::free_refcount_block(uint64_t block) {
     co_return fatal_corruption(corruption("refcount block at " + hex(block) +
                                           " is not covered by the refcount structures"));
   }
-  auto ref = co_await load_refcount_block(rt);
-  if (!ref.ok()) co_return std::move(ref).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await load_refcount_block(rt));
   const uint64_t slot = index & ((1ull << refblock_bits_) - 1);
-  const uint64_t refcount = get_refcount_entry(ref->data(), slot, header_.refcount_order);
+  const uint64_t refcount = get_refcount_entry(ref.data(), slot, header_.refcount_order);
   if (refcount != 1) {
     co_return fatal_corruption(corruption("refcount block at " + hex(block) + " has refcount " +
                                           std::to_string(refcount) + " (expected 1)"));
   }
-  set_refcount_entry(ref->data(), slot, header_.refcount_order, 0);
-  refcount_cache_->mark_dirty(*ref);
+  set_refcount_entry(ref.data(), slot, header_.refcount_order, 0);
+  refcount_cache_->mark_dirty(ref);
   free_cluster_index_ = std::min(free_cluster_index_, index);
   co_return Status();
 }
@@ -86,19 +84,17 @@ Task<Status> Refcounts::free_refcount_block(uint64_t block) {
 Task<Status> Refcounts::truncate_to_last_cluster() {
   // QEMU truncates the file after the last cluster with a reference; only a
   // warning if that fails (the image itself is fine).
-  auto length = file_->length();
-  if (!length.ok()) co_return std::move(length).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t length, file_->length());
   const uint64_t cs = geo_.cluster_size;
-  uint64_t end = (*length + cs - 1) >> geo_.cluster_bits;  // clusters
+  uint64_t end = (length + cs - 1) >> geo_.cluster_bits;  // clusters
   // Refcounts must be current on disk before the file loses what they name.
   UQ_CO_TRY(co_await refcount_cache_->flush());
   while (end > 0) {
-    auto rc = co_await get_refcount(end - 1);
-    if (!rc.ok()) co_return std::move(rc).error();
-    if (*rc) break;
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await get_refcount(end - 1));
+    if (rc) break;
     --end;
   }
-  if ((end << geo_.cluster_bits) < *length) {
+  if ((end << geo_.cluster_bits) < length) {
     Status s = file_->truncate(end << geo_.cluster_bits);
     if (!s.ok()) {
       std::fprintf(stderr, "uqcow: warning: failed to truncate the tail of the image: %s\n", s.message().c_str());

@@ -35,9 +35,8 @@ Task<Status> Refcounts::load_refcount_table() {
   file_->debug_event(BlkDebugEvent::kReftableLoad);
   UQ_CO_ASSIGN_OR_RETURN(reftable_, co_await read_table(*file_, header_.refcount_table_offset, bytes / 8));
   refblock_bits_ = geo_.cluster_bits + 3 - header_.refcount_order;
-  auto len = file_->length();
-  if (!len.ok()) co_return std::move(len).error();
-  alloc_end_ = (*len + geo_.cluster_size - 1) & ~(geo_.cluster_size - 1);
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t len, file_->length());
+  alloc_end_ = (len + geo_.cluster_size - 1) & ~(geo_.cluster_size - 1);
   co_return Status();
 }
 
@@ -65,9 +64,8 @@ Task<Result<uint64_t>> Refcounts::get_refcount(uint64_t cluster_index) {
   if (auto cached = cached_refcount(cluster_index)) co_return *cached;
   const uint64_t rt = cluster_index >> refblock_bits_;
   const uint64_t in_block = cluster_index & ((1ull << refblock_bits_) - 1);
-  auto ref = co_await load_refcount_block(rt);
-  if (!ref.ok()) co_return std::move(ref).error();
-  co_return get_refcount_entry(ref->data(), in_block, header_.refcount_order);
+  UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await load_refcount_block(rt));
+  co_return get_refcount_entry(ref.data(), in_block, header_.refcount_order);
 }
 
 Task<Result<uint64_t>> Refcounts::find_free_clusters(uint64_t n) {
@@ -91,8 +89,7 @@ Task<Result<uint64_t>> Refcounts::find_free_clusters(uint64_t n) {
     const uint64_t block_offset = reftable_[rt] & kReftableOffsetMask;
     const uint8_t* block = refcount_cache_->lookup(block_offset);
     if (!block) {
-      auto loaded = co_await load_refcount_block(rt);
-      if (!loaded.ok()) co_return std::move(loaded).error();
+      UQ_CO_TRY(co_await load_refcount_block(rt));
       continue;  // the table may have changed while suspended: look again
     }
     const uint64_t block_end = (rt + 1) * per_block;
@@ -138,23 +135,17 @@ Task<Result<MetadataCache::Ref>> Refcounts::refcount_block_for(uint64_t cluster_
   // No block covers this cluster yet: allocate one. It may describe itself.
   allocated_block = true;
   file_->debug_event(BlkDebugEvent::kRefblockAlloc);
-  auto found = co_await find_free_clusters(1);
-  if (!found.ok()) co_return std::move(found).error();
-  uint64_t block = *found;
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t block, co_await find_free_clusters(1));
   uint64_t block_index = block >> geo_.cluster_bits;
   UQ_CO_TRY(overlap_->check_metadata_write(block, geo_.cluster_size, "refcount block"));
   MetadataCache::Ref ref;
   if ((block_index >> refblock_bits_) == rt) {
-    auto fresh = co_await refcount_cache_->get(block, /*fresh=*/true);
-    if (!fresh.ok()) co_return std::move(fresh).error();
-    ref = std::move(fresh).value();
+    UQ_CO_ASSIGN_OR_RETURN(ref, co_await refcount_cache_->get(block, /*fresh=*/true));
     set_refcount_entry(ref.data(), block_index & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
   } else {
     // Counted by another block (allocated on demand by this same path).
     UQ_CO_TRY(co_await update_refcount(block, geo_.cluster_size, +1, false));
-    auto fresh = co_await refcount_cache_->get(block, /*fresh=*/true);
-    if (!fresh.ok()) co_return std::move(fresh).error();
-    ref = std::move(fresh).value();
+    UQ_CO_ASSIGN_OR_RETURN(ref, co_await refcount_cache_->get(block, /*fresh=*/true));
   }
   refcount_cache_->mark_dirty(ref);
   // reftable_ is set only once the disk's table points at the block too:
@@ -216,12 +207,11 @@ Task<Status> Refcounts::update_refcount(uint64_t offset, uint64_t length, int64_
       }
     }
     bool allocated_block = false;
-    auto ref = co_await refcount_block_for(c, allocated_block);
-    if (!ref.ok()) co_return std::move(ref).error();
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await refcount_block_for(c, allocated_block));
     if (allocated_block && delta > 0 && !retried_block) {
       // The new block may have landed on one of the clusters we are about to
       // count (they were free when found): the caller must search again.
-      uint64_t block_index = ref->offset() >> geo_.cluster_bits;
+      uint64_t block_index = ref.offset() >> geo_.cluster_bits;
       if (block_index >= first && block_index <= last) {
         retried_block = true;
         // Undo what this call counted so far.
@@ -232,14 +222,14 @@ Task<Status> Refcounts::update_refcount(uint64_t offset, uint64_t length, int64_
     uint64_t block_end = ((c >> refblock_bits_) + 1) << refblock_bits_;
     for (; c <= last && c < block_end; ++c) {
       uint64_t idx = c & ((1ull << refblock_bits_) - 1);
-      uint64_t old = get_refcount_entry(ref->data(), idx, header_.refcount_order);
+      uint64_t old = get_refcount_entry(ref.data(), idx, header_.refcount_order);
       if ((delta < 0 && old < static_cast<uint64_t>(-delta)) ||
           (delta > 0 && max - old < static_cast<uint64_t>(delta))) {
         co_return corruption("refcount of cluster " + std::to_string(c) + " would " +
                              (delta < 0 ? "underflow" : "overflow") + " (refcount " + std::to_string(old) + ")");
       }
       uint64_t now = old + static_cast<uint64_t>(delta);
-      set_refcount_entry(ref->data(), idx, header_.refcount_order, now);
+      set_refcount_entry(ref.data(), idx, header_.refcount_order, now);
       if (now == 0) {
         free_cluster_index_ = std::min(free_cluster_index_, c);
         // The partly filled compressed-data cluster is gone: never pack more
@@ -253,7 +243,7 @@ Task<Status> Refcounts::update_refcount(uint64_t offset, uint64_t length, int64_
         if (discard_freed) pending_discards_.push_back(c << geo_.cluster_bits);
       }
     }
-    refcount_cache_->mark_dirty(*ref);
+    refcount_cache_->mark_dirty(ref);
   }
   // Punch freed clusters now, under the lock, before anything can reuse
   // them (a later punch would destroy the new owner's data), as QEMU does.
@@ -313,10 +303,9 @@ Task<Status> Refcounts::grow_refcount_table(uint64_t min_entries) {
   for (uint64_t c = area; c < end; ++c) {
     uint64_t rt = c >> refblock_bits_;
     if (rt < reftable_.size() && (reftable_[rt] & kReftableOffsetMask) != 0) {
-      auto ref = co_await load_refcount_block(rt);
-      if (!ref.ok()) co_return std::move(ref).error();
-      set_refcount_entry(ref->data(), c & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
-      refcount_cache_->mark_dirty(*ref);
+      UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await load_refcount_block(rt));
+      set_refcount_entry(ref.data(), c & ((1ull << refblock_bits_) - 1), header_.refcount_order, 1);
+      refcount_cache_->mark_dirty(ref);
     }
   }
   std::vector<uint8_t> table_buf = encode_table(table, table_clusters * cs);
@@ -356,33 +345,31 @@ Task<Result<uint64_t>> Refcounts::alloc_bytes(uint64_t size) {
   const uint64_t cs = geo_.cluster_size;
   uint64_t offset = free_byte_offset_;
   if (offset) {
-    auto rc = co_await get_refcount(offset >> geo_.cluster_bits);
-    if (!rc.ok()) co_return std::move(rc).error();
-    if (*rc == max_refcount(header_.refcount_order)) offset = 0;
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await get_refcount(offset >> geo_.cluster_bits));
+    if (rc == max_refcount(header_.refcount_order)) offset = 0;
   }
   uint64_t free_in_cluster = offset ? cs - (offset & (cs - 1)) : 0;
   while (true) {
     if (!offset || free_in_cluster < size) {
-      auto found = co_await find_free_clusters(1);
-      if (!found.ok()) co_return std::move(found).error();
+      UQ_CO_ASSIGN_OR_RETURN(uint64_t found, co_await find_free_clusters(1));
       // A compressed-cluster descriptor holds host offsets up to
       // coffset_mask only (512 TiB with 2 MiB clusters): a cluster above it
       // must not be used, or the descriptor would get a truncated offset.
       // QEMU's alloc_clusters_noref() fails the same way (iotest 220).
-      if (*found > geo_.coffset_mask) {
-        co_return Error(EFBIG, file_->name() + ": the next free cluster at " + std::to_string(*found) +
+      if (found > geo_.coffset_mask) {
+        co_return Error(EFBIG, file_->name() + ": the next free cluster at " + std::to_string(found) +
                                    " lies beyond the largest offset a compressed-cluster descriptor can "
                                    "hold (" + std::to_string(geo_.coffset_mask) + ")");
       }
       // Cluster 0 is the header; only a broken refcount says it is free
       // (QEMU marks the image corrupt: "Preventing invalid allocation of
       // compressed cluster at offset 0").
-      if (*found == 0) {
+      if (found == 0) {
         co_return fatal_corruption(corruption("refusing to allocate a compressed cluster at offset 0 "
                                               "(the header's refcount is 0)"));
       }
-      if (!offset || ((offset + cs - 1) & ~(cs - 1)) != *found) {
-        offset = *found;
+      if (!offset || ((offset + cs - 1) & ~(cs - 1)) != found) {
+        offset = found;
         free_in_cluster = cs;
       } else {
         free_in_cluster += cs;

@@ -93,26 +93,19 @@ void note(CheckResult& res, const char* format, ...) {
 }
 
 Task<Result<CheckedImage>> load_image(BlockDevice& file, BlockDevice* data_file) {
-  auto header = co_await read_image_header(file, HeaderUse::kCheck);
-  if (!header.ok()) co_return std::move(header).error();
-  CheckedImage img(file, data_file, std::move(header).value());
-  auto len = file.length();
-  if (!len.ok()) co_return std::move(len).error();
-  img.file_length = *len;
+  UQ_CO_ASSIGN_OR_RETURN(Header header, co_await read_image_header(file, HeaderUse::kCheck));
+  CheckedImage img(file, data_file, std::move(header));
+  UQ_CO_ASSIGN_OR_RETURN(img.file_length, file.length());
   if (data_file) {
-    auto data_len = data_file->length();
-    if (!data_len.ok()) co_return std::move(data_len).error();
-    img.data_file_length = *data_len;
+    UQ_CO_ASSIGN_OR_RETURN(img.data_file_length, data_file->length());
   }
   img.refblock_bits = img.geo.cluster_bits + 3 - img.header.refcount_order;
   // l1_size is bounded to 32 MiB and the refcount table to 8 MiB by parse_header.
-  auto l1 = co_await read_table(file, img.header.l1_table_offset, img.header.l1_size);
-  if (!l1.ok()) co_return std::move(l1).error();
-  img.l1 = std::move(l1).value();
-  auto reftable = co_await read_table(file, img.header.refcount_table_offset,
-                                      (uint64_t{img.header.refcount_table_clusters} << img.geo.cluster_bits) / 8);
-  if (!reftable.ok()) co_return std::move(reftable).error();
-  img.refcount_table = std::move(reftable).value();
+  UQ_CO_ASSIGN_OR_RETURN(img.l1, co_await read_table(file, img.header.l1_table_offset, img.header.l1_size));
+  UQ_CO_ASSIGN_OR_RETURN(
+      img.refcount_table,
+      co_await read_table(file, img.header.refcount_table_offset,
+                          (uint64_t{img.header.refcount_table_clusters} << img.geo.cluster_bits) / 8));
   UQ_CO_TRY(co_await load_snapshots(img));
   co_return img;
 }
@@ -182,9 +175,8 @@ void DiskRefcounts::set(Block& b, uint64_t cluster, uint64_t value) {
 }
 
 Task<Result<uint64_t>> DiskRefcounts::get(uint64_t cluster) {
-  auto b = co_await block(cluster);
-  if (!b.ok()) co_return std::move(b).error();
-  co_return get(*b, cluster);
+  UQ_CO_ASSIGN_OR_RETURN(Block b, co_await block(cluster));
+  co_return get(b, cluster);
 }
 
 Task<Status> DiskRefcounts::write_back(Slot& s) {

@@ -78,9 +78,8 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
     // smaller, so the disk never reaches past its end.
     if (data_file && new_size > old_size) {
       const uint64_t end = header_.data_file_raw() ? data_file_end(new_size) : new_size;
-      auto length = data_file_->length();
-      if (!length.ok()) co_return std::move(length).error();
-      if (end > *length) UQ_CO_TRY(data_file_->truncate(end));
+      UQ_CO_ASSIGN_OR_RETURN(uint64_t length, data_file_->length());
+      if (end > length) UQ_CO_TRY(data_file_->truncate(end));
       UQ_CO_TRY(co_await data_file_->co_flush());
     }
   }
@@ -134,11 +133,10 @@ Task<Status> Qcow2Image::zero_partial_cluster(uint64_t from, uint64_t to) {
   const uint64_t end = std::min(round_up(from, geo_.cluster_size), to);
   bool needed = false;
   for (uint64_t off = from; off < end && !needed;) {
-    auto st = co_await block_status(off, end - off);
-    if (!st.ok()) co_return std::move(st).error();
-    needed = st->kind == BlockStatus::Kind::kData ||
-             (st->kind == BlockStatus::Kind::kUnallocated && !header_.backing_file.empty());
-    off += st->length;
+    UQ_CO_ASSIGN_OR_RETURN(BlockStatus st, co_await block_status(off, end - off));
+    needed = st.kind == BlockStatus::Kind::kData ||
+             (st.kind == BlockStatus::Kind::kUnallocated && !header_.backing_file.empty());
+    off += st.length;
   }
   if (!needed) co_return Status();
   co_return co_await write_zeroes_range(from, end - from, false);
@@ -170,23 +168,22 @@ Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
   uint64_t clusters = (entries * 8 + cs - 1) / cs;
   entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
   file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
-  auto table = co_await refcounts_->alloc_clusters(clusters);
-  if (!table.ok()) co_return std::move(table).error();
-  UQ_CO_TRY(overlap_->check_metadata_write(*table, clusters * cs, "active L1 table"));
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t table, co_await refcounts_->alloc_clusters(clusters));
+  UQ_CO_TRY(overlap_->check_metadata_write(table, clusters * cs, "active L1 table"));
   const std::vector<uint8_t> buf = encode_table(map_->l1(), clusters * cs);
   // The refcount of the new table, then the table itself, before the header.
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
-  UQ_CO_TRY(co_await file_->co_write(*table, std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf.data()), buf.size())));
+  UQ_CO_TRY(co_await file_->co_write(table, std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf.data()), buf.size())));
   UQ_CO_TRY(co_await file_->co_flush());
   file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
-  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffL1Size, entries}, {kOffL1TableOffset, *table}));
+  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffL1Size, entries}, {kOffL1TableOffset, table}));
   UQ_CO_TRY(co_await file_->co_flush());
   const uint64_t old_offset = header_.l1_table_offset;
   const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
   overlap_->remove(MetadataKind::kActiveL1, old_offset, old_bytes);
-  overlap_->add(MetadataKind::kActiveL1, *table, clusters * cs);
-  header_.l1_table_offset = *table;
+  overlap_->add(MetadataKind::kActiveL1, table, clusters * cs);
+  header_.l1_table_offset = table;
   header_.l1_size = static_cast<uint32_t>(entries);
   map_->grow_l1(entries);
   if (old_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));

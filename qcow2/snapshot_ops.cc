@@ -84,13 +84,13 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   std::vector<uint64_t> inactive(map_->l1());
   for (uint64_t& e : inactive) e &= ~kOflagCopied;
   const std::vector<uint8_t> l1_copy = encode_table(inactive);
-  auto l1_offset = co_await refcounts_->write_new_metadata(l1_copy, MetadataKind::kInactiveL1);
-  if (!l1_offset.ok()) co_return std::move(l1_offset).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l1_offset,
+                         co_await refcounts_->write_new_metadata(l1_copy, MetadataKind::kInactiveL1));
 
   timespec now{};
   clock_gettime(CLOCK_REALTIME, &now);
   Snapshot sn;
-  sn.l1_table_offset = *l1_offset;
+  sn.l1_table_offset = l1_offset;
   sn.l1_size = static_cast<uint32_t>(map_->l1().size());
   sn.id = snapshots_->next_id();
   sn.name = name;
@@ -133,14 +133,13 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(co_await snapshots_->replace(std::move(next), options_.pass_discard_snapshot));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
   overlap_->remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
-  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
-  if (!l1.ok()) co_return std::move(l1).error();
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> l1, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
   // Its L2 tables stop being inactive ones for this snapshot before any of
   // them can be freed and reused.
-  overlap_->l2_tables(MetadataKind::kInactiveL2, *l1, false);
+  overlap_->l2_tables(MetadataKind::kInactiveL2, l1, false);
   bool unused = false;
   const bool discard = options_.pass_discard_snapshot;
-  UQ_CO_TRY(co_await snapshot_refs_->update(*l1, -1, discard, unused));
+  UQ_CO_TRY(co_await snapshot_refs_->update(l1, -1, discard, unused));
   if (l1_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(sn.l1_table_offset, l1_bytes, -1, discard));
   // Clusters now only the active tables reach get COPIED back, once the
   // lowered refcounts are on disk.
@@ -168,9 +167,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   }
   UQ_CO_TRY(co_await flush_metadata());
   OverlapGuard::SharedL2Rewrite rewrite(*overlap_);  // as in snapshot_delete
-  auto l1 = co_await read_l1_table(sn.l1_table_offset, sn.l1_size);
-  if (!l1.ok()) co_return std::move(l1).error();
-  std::vector<uint64_t> next = std::move(l1).value();
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> next, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
   next.resize(map_->l1().size(), 0);
   // The snapshot's clusters gain the active reference, and those counts reach
   // the disk before the active L1 points at them.

@@ -40,9 +40,8 @@ Task<Status> SnapshotRefcounts::check_in_file(const std::vector<uint64_t>& l1) {
     }
     UQ_CO_TRY(beyond_end(l2, cs, "the L2 table of L1 index " + std::to_string(i)));
     for (uint64_t off = 0; off < cs; off += slice_size) {
-      auto ref = co_await map_.l2_cache().get(l2 + off);
-      if (!ref.ok()) co_return std::move(ref).error();
-      const ConstL2Slice slice(ref->data(), geo_);
+      UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_.l2_cache().get(l2 + off));
+      const ConstL2Slice slice(ref.data(), geo_);
       for (uint64_t k = 0; k < entries; ++k) {
         const uint64_t l2e = slice.entry(k);
         const uint64_t bitmap = slice.bitmap(k);
@@ -120,9 +119,7 @@ Task<Status> SnapshotRefcounts::slice_copied(uint8_t* slice, uint64_t entries, i
     if (auto cached = refcounts_.cached_refcount(cluster)) {
       refcount = *cached;
     } else {
-      auto rc = co_await refcounts_.get_refcount(cluster);
-      if (!rc.ok()) co_return std::move(rc).error();
-      refcount = *rc;
+      UQ_CO_ASSIGN_OR_RETURN(refcount, co_await refcounts_.get_refcount(cluster));
     }
     const uint64_t updated = copied_flag(l2e, refcount, addend);
     if (updated != l2e) {
@@ -145,12 +142,11 @@ Task<Status> SnapshotRefcounts::l2_refcount(uint64_t l2_offset, int64_t addend, 
   const uint32_t slice_size = map_.slice_bytes();
   const uint64_t entries = slice_size / geo_.l2_entry_size;
   for (uint64_t off = 0; off < geo_.cluster_size; off += slice_size) {
-    auto ref = co_await map_.l2_cache().get(l2_offset + off);
-    if (!ref.ok()) co_return std::move(ref).error();
-    if (addend != 0) UQ_CO_TRY(co_await slice_refcounts(ref->data(), entries, addend, discard));
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_.l2_cache().get(l2_offset + off));
+    if (addend != 0) UQ_CO_TRY(co_await slice_refcounts(ref.data(), entries, addend, discard));
     bool dirty = false;
-    UQ_CO_TRY(co_await slice_copied(ref->data(), entries, addend, dirty));
-    if (dirty) map_.l2_cache().mark_dirty(*ref);
+    UQ_CO_TRY(co_await slice_copied(ref.data(), entries, addend, dirty));
+    if (dirty) map_.l2_cache().mark_dirty(ref);
   }
   co_return Status();
 }
@@ -170,9 +166,8 @@ Task<Status> SnapshotRefcounts::update(std::vector<uint64_t>& l1, int64_t addend
       // A table that drops to refcount 0 leaves the cache with it.
       UQ_CO_TRY(co_await refcounts_.update_refcount(l2, geo_.cluster_size, addend, discard));
     }
-    auto rc = co_await refcounts_.get_refcount(l2 >> geo_.cluster_bits);
-    if (!rc.ok()) co_return std::move(rc).error();
-    const uint64_t updated = copied_flag(l1e, *rc, addend);
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t rc, co_await refcounts_.get_refcount(l2 >> geo_.cluster_bits));
+    const uint64_t updated = copied_flag(l1e, rc, addend);
     if (updated != l1e) {
       l1e = updated;
       l1_changed = true;

@@ -106,12 +106,10 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
       offset = chunk_end;
       continue;
     }
-    auto l2 = co_await l2_table_for_write(offset);
-    if (!l2.ok()) co_return std::move(l2).error();
-    const uint64_t slice = map_->slice_offset(*l2, offset);
-    auto ref = co_await map_->l2_cache().get(slice);
-    if (!ref.ok()) co_return std::move(ref).error();
-    L2Slice entries(ref->data(), geo_);
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
+    const uint64_t slice = map_->slice_offset(l2, offset);
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
+    L2Slice entries(ref.data(), geo_);
     const uint64_t index = map_->slice_index(offset);
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
@@ -156,7 +154,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     }
     if (entry != old || bitmap != old_bitmap) {
       entries.set(index, entry, bitmap);
-      map_->l2_cache().mark_dirty(*ref);
+      map_->l2_cache().mark_dirty(ref);
       if (free_old) to_free.push_back(old);
     }
     offset = chunk_end;
@@ -189,12 +187,11 @@ Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
     }
     std::vector<uint8_t> in(cs, 0), out(cs);
     std::memcpy(in.data(), buf.data(), n);
-    auto csize = compress_cluster(header_.compression_type, in, out);
-    if (!csize.ok()) co_return std::move(csize).error();
-    if (*csize == 0) {
+    UQ_CO_ASSIGN_OR_RETURN(size_t csize, compress_cluster(header_.compression_type, in, out));
+    if (csize == 0) {
       UQ_CO_TRY(co_await write_range(offset, buf.first(n), Entry::kWithinRequest));  // incompressible
     } else {
-      UQ_CO_TRY(co_await write_compressed_cluster(offset, std::span<const uint8_t>(out.data(), *csize)));
+      UQ_CO_TRY(co_await write_compressed_cluster(offset, std::span<const uint8_t>(out.data(), csize)));
     }
     offset += n;
     buf = buf.subspan(n);
@@ -213,29 +210,26 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
   if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
-  auto l2 = co_await l2_table_for_write(offset);
-  if (!l2.ok()) co_return std::move(l2).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
   {
-    auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2, offset));
-    if (!ref.ok()) co_return std::move(ref).error();
-    const uint64_t old = ConstL2Slice(ref->data(), geo_).entry(map_->slice_index(offset));
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(map_->slice_offset(l2, offset)));
+    const uint64_t old = ConstL2Slice(ref.data(), geo_).entry(map_->slice_index(offset));
     // Compression never overwrites: QEMU refuses with EIO as well.
     if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
       co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
                                " (compression can only fill unallocated clusters)");
     }
   }
-  auto coffset = co_await refcounts_->alloc_bytes(data.size());
-  if (!coffset.ok()) co_return std::move(coffset).error();
-  const uint64_t nb_csectors = ((*coffset + data.size() - 1) >> 9) - (*coffset >> 9);
-  const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | *coffset;
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t coffset, co_await refcounts_->alloc_bytes(data.size()));
+  const uint64_t nb_csectors = ((coffset + data.size() - 1) >> 9) - (coffset >> 9);
+  const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | coffset;
   // Unregistered when this returns, with the lock held again.
   AllocationsInFlight::Allocation flight(*inflight_, offset, offset + geo_.cluster_size);
   guard.unlock();
-  Status s = overlap_->check_data_write(*coffset, data.size());
+  Status s = overlap_->check_data_write(coffset, data.size());
   if (s.ok()) {
     file_->debug_event(BlkDebugEvent::kWriteCompressed);
-    s = co_await file_->co_write(*coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
+    s = co_await file_->co_write(coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
   }
   guard = co_await lock_.scoped_lock();
   if (s.ok()) {
@@ -264,7 +258,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
       }
     }
   }
-  if (!s.ok()) (void)co_await refcounts_->update_refcount(*coffset, data.size(), -1, false);
+  if (!s.ok()) (void)co_await refcounts_->update_refcount(coffset, data.size(), -1, false);
   co_return s;
 }
 

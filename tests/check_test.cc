@@ -717,12 +717,10 @@ class FailingDevice final : public BlockDevice {
 
 Result<qcow2::CheckResult> check_with(const std::string& path, bool fail_writes, uint64_t fail_reads_from,
                                      qcow2::RepairMode mode) {
-  auto reactor = uring::Reactor::create();
-  if (!reactor.ok()) return std::move(reactor).error();
-  auto file = RawFile::open(path, {.read_only = false});
-  if (!file.ok()) return std::move(file).error();
-  FailingDevice dev(std::move(file).value(), fail_writes, fail_reads_from);
-  return sync_wait(**reactor, qcow2::check_image(dev, nullptr, mode));
+  UQ_ASSIGN_OR_RETURN(auto reactor, uring::Reactor::create());
+  UQ_ASSIGN_OR_RETURN(auto file, RawFile::open(path, {.read_only = false}));
+  FailingDevice dev(std::move(file), fail_writes, fail_reads_from);
+  return sync_wait(*reactor, qcow2::check_image(dev, nullptr, mode));
 }
 
 TEST(CheckLibrary, WriteErrorsStopTheRepair) {

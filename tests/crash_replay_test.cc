@@ -80,11 +80,9 @@ Status record_workload(const std::string& path, bool lazy, uint32_t seed, Record
   auto initial = read_file(path);
   if (!initial) return Error(EIO, "cannot read " + path);
   rec.initial = std::move(*initial);
-  auto reactor = uring::Reactor::create();
-  if (!reactor.ok()) return std::move(reactor).error();
-  auto file = RawFile::open(path, {.read_only = false});
-  if (!file.ok()) return std::move(file).error();
-  auto device = std::make_unique<RecordingDevice>(std::move(file).value(), rec.log);
+  UQ_ASSIGN_OR_RETURN(auto reactor, uring::Reactor::create());
+  UQ_ASSIGN_OR_RETURN(auto file, RawFile::open(path, {.read_only = false}));
+  auto device = std::make_unique<RecordingDevice>(std::move(file), rec.log);
   OpenOptions o;
   o.read_only = false;
   o.l2_cache_size = 4096;
@@ -94,15 +92,14 @@ Status record_workload(const std::string& path, bool lazy, uint32_t seed, Record
   auto opener = [](const std::string&, const std::string&) -> Task<Result<std::unique_ptr<Disk>>> {
     co_return Error(ENOTSUP, "no backing files here");
   };
-  auto img = sync_wait(**reactor, qcow2::Qcow2Image::open(std::move(device), o, opener));
-  if (!img.ok()) return std::move(img).error();
-  qcow2::Qcow2Image& image = **img;
+  UQ_ASSIGN_OR_RETURN(auto img, sync_wait(*reactor, qcow2::Qcow2Image::open(std::move(device), o, opener)));
+  qcow2::Qcow2Image& image = *img;
 
   std::mt19937 rng(seed);
   auto uniform = [&](uint64_t lo, uint64_t hi) { return std::uniform_int_distribution<uint64_t>(lo, hi)(rng); };
   auto run = [&](GuestOp op, Task<Status> task) -> Status {
     op.start = rec.log->tick();
-    Status s = sync_wait(**reactor, std::move(task));
+    Status s = sync_wait(*reactor, std::move(task));
     op.end = rec.log->tick();
     if (s.ok()) rec.guest.push_back(op);
     return s;
@@ -145,7 +142,7 @@ Status record_workload(const std::string& path, bool lazy, uint32_t seed, Record
   UQ_TRY(run({GuestOp::kFlush}, image.flush()));
   // Closing writes nothing more for a clean image (and clears the dirty bit
   // of a lazy-refcounts one, which the crash images never see the end of).
-  return sync_wait(**reactor, image.close());
+  return sync_wait(*reactor, image.close());
 }
 
 // The file a crash at log time t might leave, drawn with `rng`.

@@ -375,11 +375,10 @@ class DamagedImage : public ::testing::TestWithParam<Case> {
 
   // The write through the damaged entry with uqcow; OK or the error.
   Status uqcow_write() {
-    auto disk = SyncDisk::open(dir_.file("u.qcow2"), uqcow_options());
-    if (!disk.ok()) return std::move(disk).error();
+    UQ_ASSIGN_OR_RETURN(auto disk, SyncDisk::open(dir_.file("u.qcow2"), uqcow_options()));
     std::vector<uint8_t> data(4096, 0x33);
-    Status s = (*disk)->run((*disk)->disk().write(kCluster, std::as_bytes(std::span(data))));
-    Status closed = (*disk)->close();
+    Status s = disk->run(disk->disk().write(kCluster, std::as_bytes(std::span(data))));
+    Status closed = disk->close();
     return s.ok() ? closed : s;
   }
 

@@ -440,13 +440,10 @@ void ImageBuilder::random_bytes(const std::string& name, uint64_t offset, uint64
 // SyncDisk
 
 Result<std::unique_ptr<SyncDisk>> SyncDisk::open(const std::string& path, OpenOptions options) {
-  auto reactor = uring::Reactor::create();
-  if (!reactor.ok()) return std::move(reactor).error();
+  UQ_ASSIGN_OR_RETURN(auto reactor, uring::Reactor::create());
   std::unique_ptr<SyncDisk> d(new SyncDisk());
-  d->reactor_ = std::move(reactor).value();
-  auto disk = sync_wait(*d->reactor_, open_disk(path, std::move(options)));
-  if (!disk.ok()) return std::move(disk).error();
-  d->disk_ = std::move(disk).value();
+  d->reactor_ = std::move(reactor);
+  UQ_ASSIGN_OR_RETURN(d->disk_, sync_wait(*d->reactor_, open_disk(path, std::move(options))));
   return d;
 }
 

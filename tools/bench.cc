@@ -48,25 +48,24 @@ Task<Result<bench::JobResult>> job_task(const Config& c, unsigned index, RunStat
   const std::string& file = c.files.size() > 1 ? c.files[index] : c.files[0];
   OpenOptions o = c.open;
   bench::Workload w = c.workload;
-  auto disk = co_await open_disk(file, o);
-  if (!disk.ok()) co_return std::move(disk).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(file, o));
   if (c.jobs > 1 && c.files.size() == 1) {
     // One raw file shared by the jobs: each gets its own slice.
-    uint64_t range = (w.size ? w.size : (*disk)->size() - w.offset) / c.jobs;
+    uint64_t range = (w.size ? w.size : disk->size() - w.offset) / c.jobs;
     range -= range % w.block_size;
     w.offset += index * range;
     w.size = range;
   }
   w.seed += index * 1000003ull;
-  auto r = co_await bench::run_job(**disk, w, index == 0 ? progress : nullptr);
+  auto r = co_await bench::run_job(*disk, w, index == 0 ? progress : nullptr);
   if (index == 0) {
-    stats.format = (*disk)->format_name();
-    if (auto* q = dynamic_cast<qcow2::Qcow2Image*>(disk->get())) {
+    stats.format = disk->format_name();
+    if (auto* q = dynamic_cast<qcow2::Qcow2Image*>(disk.get())) {
       stats.l2 = q->l2_cache().stats();
       stats.l2_bytes = uint64_t{q->l2_cache().capacity()} * q->l2_cache().entry_size();
     }
   }
-  Status closed = co_await (*disk)->close();
+  Status closed = co_await disk->close();
   if (r.ok() && !closed.ok()) co_return closed.error();
   co_return r;
 }
@@ -189,16 +188,15 @@ Result<std::pair<uint64_t, uint64_t>> full_coverage(const std::string& file, con
   o.read_only = true;
   o.cache_clean_interval = 0;
   return run([&]() -> Task<Result<std::pair<uint64_t, uint64_t>>> {
-    auto disk = co_await open_disk(file, o);
-    if (!disk.ok()) co_return std::move(disk).error();
-    auto* q = dynamic_cast<qcow2::Qcow2Image*>(disk->get());
+    UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(file, o));
+    auto* q = dynamic_cast<qcow2::Qcow2Image*>(disk.get());
     std::pair<uint64_t, uint64_t> r{0, 0};
     if (q) {
       const auto& g = q->geometry();
       r.first = (q->size() + g.cluster_size - 1) / g.cluster_size * g.l2_entry_size;
       r.second = g.cluster_size;
     }
-    (void)co_await (*disk)->close();
+    (void)co_await disk->close();
     if (!q) co_return Error(EINVAL, file + " is not a qcow2 image: it has no L2 cache");
     co_return r;
   }());
@@ -302,15 +300,11 @@ Status parse_workload(const Args& args, Config& c) {
   auto& w = c.workload;
   auto size_opt = [&](const char* name, uint64_t& field) -> Status {
     if (auto v = args.get(name)) {
-      auto n = parse_size(*v, name);
-      if (!n.ok()) return std::move(n).error();
-      field = *n;
+      UQ_ASSIGN_OR_RETURN(field, parse_size(*v, name));
     }
     return Status();
   };
-  auto pat = bench::parse_pattern(args.get_or("--rw", "randread"));
-  if (!pat.ok()) return std::move(pat).error();
-  w.pattern = *pat;
+  UQ_ASSIGN_OR_RETURN(w.pattern, bench::parse_pattern(args.get_or("--rw", "randread")));
   UQ_TRY(size_opt("--bs", w.block_size));
   UQ_TRY(size_opt("--offset", w.offset));
   UQ_TRY(size_opt("--size", w.size));

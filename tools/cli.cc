@@ -150,9 +150,7 @@ Result<OpenOptions> open_options(const Args& args, bool read_only) {
   o.force_share = args.has("-U");
   o.format = args.get_or("-f", "");
   if (auto t = args.get("-t")) {
-    auto mode = parse_cache_mode(*t);
-    if (!mode.ok()) return std::move(mode).error();
-    o.cache = *mode;
+    UQ_ASSIGN_OR_RETURN(o.cache, parse_cache_mode(*t));
   }
   for (const char* key : {"l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
                           "cache-clean-interval", "lazy-refcounts", "overlap-check"}) {
@@ -173,9 +171,7 @@ Result<OpenOptions> open_options(const Args& args, bool read_only) {
   for (const auto& rule : args.all("--inject")) UQ_TRY(injector->add_rule(rule));
   if (!injector->empty()) o.wrap_file = fault_injection(std::move(injector));
   if (auto f = args.get("--passphrase-file")) {
-    auto secret = read_passphrase_file(*f);
-    if (!secret.ok()) return std::move(secret).error();
-    o.passphrase = std::move(secret).value();
+    UQ_ASSIGN_OR_RETURN(o.passphrase, read_passphrase_file(*f));
   }
   return o;
 }

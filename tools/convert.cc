@@ -187,17 +187,17 @@ Task<Status> copy(Disk& src, Target& target, bool progress) {
 }
 
 Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress) {
-  auto dst = RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true, .lock = kCreateLockPerms});
-  if (!dst.ok()) co_return std::move(dst).error();
+  UQ_CO_ASSIGN_OR_RETURN(
+      auto dst, RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true, .lock = kCreateLockPerms}));
   // Truncating to 0 first drops whatever DST held: every byte not written
   // below must read as zero.
-  UQ_CO_TRY((*dst)->truncate(0));
-  UQ_CO_TRY((*dst)->truncate(src.size()));
+  UQ_CO_TRY(dst->truncate(0));
+  UQ_CO_TRY(dst->truncate(src.size()));
   Target target;
-  target.raw = dst->get();
+  target.raw = dst.get();
   target.size = src.size();
   UQ_CO_TRY(co_await copy(src, target, progress));
-  co_return co_await (*dst)->co_flush();
+  co_return co_await dst->co_flush();
 }
 
 Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::CreateOptions create,
@@ -209,19 +209,18 @@ Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::Cre
   options.read_only = false;
   options.format = "qcow2";
   options.passphrase = create.passphrase;  // an encrypted target (-o encrypt.format)
-  auto dst = co_await open_disk(dst_path, options);
-  if (!dst.ok()) co_return std::move(dst).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto dst, co_await open_disk(dst_path, options));
   Target target;
-  target.disk = dst->get();
-  target.size = (*dst)->size();
+  target.disk = dst.get();
+  target.size = dst->size();
   if (compress) {
-    target.compressed = dynamic_cast<qcow2::Qcow2Image*>(dst->get());
+    target.compressed = dynamic_cast<qcow2::Qcow2Image*>(dst.get());
     if (!target.compressed) co_return Error(EINVAL, dst_path + ": not opened as qcow2");
     target.cluster_size = target.compressed->geometry().cluster_size;
   }
   Status copied = co_await copy(src, target, progress);
   // close() flushes: the image is complete and clean once it returns.
-  Status closed = co_await (*dst)->close();
+  Status closed = co_await dst->close();
   if (!copied.ok()) co_return copied;
   co_return closed;
 }

@@ -38,21 +38,21 @@ Task<Status> create_raw(const std::string& path, uint64_t size, const std::strin
       co_return Error(EINVAL, "preallocation: '" + prealloc + "' is not off, falloc or full");
     }
   }
-  auto file = RawFile::open(path, {.read_only = false, .create = true, .lock = kCreateLockPerms});
-  if (!file.ok()) co_return std::move(file).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto file,
+                         RawFile::open(path, {.read_only = false, .create = true, .lock = kCreateLockPerms}));
   // Whole sectors, rounded up, as qemu-img creates raw images.
   size = (size + 511) / 512 * 512;
-  UQ_CO_TRY((*file)->truncate(0));
-  UQ_CO_TRY((*file)->truncate(size));
-  if (prealloc == "falloc") UQ_CO_TRY(co_await (*file)->co_write_zeroes(0, size, false));
+  UQ_CO_TRY(file->truncate(0));
+  UQ_CO_TRY(file->truncate(size));
+  if (prealloc == "falloc") UQ_CO_TRY(co_await file->co_write_zeroes(0, size, false));
   if (prealloc == "full") {
     std::vector<std::byte> zeros(1 << 20);
     for (uint64_t off = 0; off < size; off += zeros.size()) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), size - off));
-      UQ_CO_TRY(co_await (*file)->co_write(off, std::span<const std::byte>(zeros.data(), n)));
+      UQ_CO_TRY(co_await file->co_write(off, std::span<const std::byte>(zeros.data(), n)));
     }
   }
-  co_return co_await (*file)->co_flush();
+  co_return co_await file->co_flush();
 }
 
 // The SIZE argument, refused with qemu-img create's messages.

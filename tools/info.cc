@@ -350,9 +350,8 @@ QValue encryption_format(const char* format) {
 Task<Result<QValue>> encryption_info(const qcow2::Header& h, RawFile& file) {
   if (h.crypt_method == qcow2::CryptMethod::kAes) co_return encryption_format("aes");
   if (!h.crypto_header) co_return Error(EINVAL, "LUKS encrypted image without a crypto header extension");
-  auto bytes = co_await read_image_bytes(file, h.crypto_header->offset, 592);
-  if (!bytes.ok()) co_return std::move(bytes).error();
-  co_return luks_info(*bytes);
+  UQ_CO_ASSIGN_OR_RETURN(auto bytes, co_await read_image_bytes(file, h.crypto_header->offset, 592));
+  co_return luks_info(bytes);
 }
 
 Task<Result<QValue>> qcow2_specific_info(const qcow2::Qcow2Image& img) {
@@ -365,8 +364,7 @@ Task<Result<QValue>> qcow2_specific_info(const qcow2::Qcow2Image& img) {
         .put("compression-type", QValue::string(compression));
     co_return data;
   }
-  auto file = RawFile::open(img.filename(), RawFileOptions{.read_only = true});
-  if (!file.ok()) co_return std::move(file).error();
+  UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(img.filename(), RawFileOptions{.read_only = true}));
   std::optional<QValue> bitmaps;
   // Bitmaps count only while the autoclear bit vouches for them.
   if (h.bitmaps && h.bitmaps->nb_bitmaps > 0 && (h.autoclear_features & qcow2::kAutoclearBitmaps)) {
@@ -374,15 +372,14 @@ Task<Result<QValue>> qcow2_specific_info(const qcow2::Qcow2Image& img) {
     if (h.bitmaps->directory_size > kMaxDirectoryBytes) {
       co_return Error(EINVAL, "bitmap_directory_size " + std::to_string(h.bitmaps->directory_size) + " is too large");
     }
-    auto dir = co_await read_image_bytes(**file, h.bitmaps->directory_offset, h.bitmaps->directory_size);
-    if (!dir.ok()) co_return std::move(dir).error();
-    auto list = bitmap_list(*dir, h.bitmaps->nb_bitmaps);
-    if (!list.ok()) co_return std::move(list).error();
-    bitmaps = std::move(*list);
+    UQ_CO_ASSIGN_OR_RETURN(auto dir,
+                           co_await read_image_bytes(*file, h.bitmaps->directory_offset, h.bitmaps->directory_size));
+    UQ_CO_ASSIGN_OR_RETURN(auto list, bitmap_list(dir, h.bitmaps->nb_bitmaps));
+    bitmaps = std::move(list);
   }
   std::optional<QValue> encrypt;
   if (h.crypt_method != qcow2::CryptMethod::kNone) {
-    auto e = co_await encryption_info(h, **file);
+    auto e = co_await encryption_info(h, *file);
     // An unreadable LUKS header still leaves the format to report.
     encrypt = e.ok() ? std::move(*e) : encryption_format("luks");
   }
@@ -436,9 +433,8 @@ Task<Result<ImageInfo>> collect_info(Disk& disk) {
     info.backing_format = h.backing_format.value_or("");
   }
   info.snapshots = img->snapshots();
-  auto specific = co_await qcow2_specific_info(*img);
-  if (!specific.ok()) co_return std::move(specific).error();
-  info.format_specific = std::move(*specific);
+  UQ_CO_ASSIGN_OR_RETURN(auto specific, co_await qcow2_specific_info(*img));
+  info.format_specific = std::move(specific);
   co_return info;
 }
 
@@ -532,10 +528,9 @@ void print_human(const ImageInfo& info) {
 // missing backing file does not hide the image) and collects its info.
 Task<Result<ImageInfo>> image_info(const std::string& path, OpenOptions options) {
   options.no_backing = true;
-  auto disk = co_await open_disk(path, options);
-  if (!disk.ok()) co_return std::move(disk).error();
-  auto info = co_await collect_info(**disk);
-  Status closed = co_await (*disk)->close();
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, options));
+  auto info = co_await collect_info(*disk);
+  Status closed = co_await disk->close();
   if (info.ok() && !closed.ok()) co_return closed.error();
   co_return info;
 }

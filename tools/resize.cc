@@ -49,12 +49,10 @@ Task<Status> resize(const std::string& path, const OpenOptions& o, const std::st
     digits = spec.substr(1);
   }
   // Parsed before the image is opened, as qemu-img does.
-  auto n = parse_resize_size(digits);
-  if (!n.ok()) co_return std::move(n).error();
-  auto disk = co_await open_disk(path, o);
-  if (!disk.ok()) co_return std::move(disk).error();
-  Disk& d = **disk;
-  auto target = target_size(d.size(), *n, sign, allow_shrink);
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t n, parse_resize_size(digits));
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, o));
+  Disk& d = *disk;
+  auto target = target_size(d.size(), n, sign, allow_shrink);
   Status s;
   if (!target.ok()) s = std::move(target).error();
   else if (auto* q = dynamic_cast<qcow2::Qcow2Image*>(&d)) s = co_await q->resize(*target);

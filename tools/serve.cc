@@ -19,9 +19,8 @@ constexpr char kDescription[] =
 
 Task<Status> serve(const std::string& path, OpenOptions options, nbd::Export exp,
                    const nbd::ListenAddress& address) {
-  auto disk = co_await open_disk(path, options);
-  if (!disk.ok()) co_return std::move(disk).error();
-  exp.disk = disk->get();
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, options));
+  exp.disk = disk.get();
   exp.read_only = options.read_only;
   Status served;
   {
@@ -35,7 +34,7 @@ Task<Status> serve(const std::string& path, OpenOptions options, nbd::Export exp
       served = co_await server.run();
     }
   }
-  Status closed = co_await (*disk)->close();
+  Status closed = co_await disk->close();
   co_return served.ok() ? closed : served;
 }
 

@@ -44,9 +44,8 @@ void list(const std::vector<qcow2::Snapshot>& snapshots) {
 }
 
 Task<Status> snapshot(const std::string& path, const OpenOptions& o, Action action, const std::string& name) {
-  auto disk = co_await open_disk(path, o);
-  if (!disk.ok()) co_return std::move(disk).error();
-  Disk& d = **disk;
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, o));
+  Disk& d = *disk;
   Status s;
   auto* q = dynamic_cast<qcow2::Qcow2Image*>(&d);
   if (!q) {

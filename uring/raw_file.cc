@@ -158,8 +158,7 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
   auto guard = co_await rmw_lock_.scoped_lock();
   uint64_t start = offset / alignment_ * alignment_;
   uint64_t end = (offset + buf.size() + alignment_ - 1) / alignment_ * alignment_;
-  auto old_length = length();
-  if (!old_length.ok()) co_return std::move(old_length).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t old_length, length());
   AlignedBuffer tmp(end - start);
   if (start != offset || end != offset + buf.size()) {
     int r = co_await uring::ReadOp(fd_.get(), tmp.data(), tmp.size(), start,
@@ -174,11 +173,10 @@ Task<Status> RawFile::bounce_write(uint64_t offset, std::span<const std::byte> b
   // while the file still ends at `end`: an aligned write (which does not take
   // rmw_lock_) that completed meanwhile may have extended it further, and
   // trimming would cut its data off.
-  uint64_t want = std::max(*old_length, offset + buf.size());
+  uint64_t want = std::max(old_length, offset + buf.size());
   if (end > want) {
-    auto new_length = length();
-    if (!new_length.ok()) co_return std::move(new_length).error();
-    if (*new_length == end && ::ftruncate(fd_.get(), static_cast<off_t>(want)) != 0) {
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t new_length, length());
+    if (new_length == end && ::ftruncate(fd_.get(), static_cast<off_t>(want)) != 0) {
       co_return io_error(errno, "truncate after unaligned write", offset, buf.size());
     }
   }
@@ -215,10 +213,9 @@ Task<Status> RawFile::write_zero_buffers(uint64_t offset, uint64_t len) {
 Task<Status> RawFile::co_write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   if (options_.read_only) co_return Error(EROFS, path_ + " is open read-only");
   if (len == 0) co_return Status();
-  auto file_len = length();
-  if (!file_len.ok()) co_return std::move(file_len).error();
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t file_len, length());
   int r;
-  if (may_unmap && offset + len <= *file_len) {
+  if (may_unmap && offset + len <= file_len) {
     r = co_await uring::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len);
   } else {
     r = co_await uring::fallocate(fd_.get(), FALLOC_FL_ZERO_RANGE, offset, len);

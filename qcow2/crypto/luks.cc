@@ -118,9 +118,8 @@ Status open_slot(const LuksHeader& h, const LuksKeySlot& slot, const EVP_MD* md,
   UQ_TRY(pbkdf2(md, bytes_of(passphrase), slot.salt, slot.iterations, slot_key.span()));
   const uint64_t start = uint64_t{slot.key_offset} * kSectorSize;
   SecretBytes material(area.subspan(start, material_bytes(h.key_bytes, slot.stripes)));
-  auto cipher = SectorCipher::create(h.spec, slot_key.span());
-  if (!cipher.ok()) return std::move(cipher).error();
-  UQ_TRY((*cipher)->decrypt(0, material.span()));
+  UQ_ASSIGN_OR_RETURN(auto cipher, SectorCipher::create(h.spec, slot_key.span()));
+  UQ_TRY(cipher->decrypt(0, material.span()));
   return af_merge(md, slot.stripes, material.span().first(uint64_t{h.key_bytes} * slot.stripes), master_key.span());
 }
 
@@ -173,9 +172,7 @@ Result<LuksHeader> parse_luks_header(std::span<const uint8_t> area) {
   if (!hash_by_name(h.hash_spec)) {
     return Error(ENOTSUP, "LUKS header field hash_spec: '" + h.hash_spec + "' is not supported (sha1, sha256, sha512)");
   }
-  auto spec = decode_cipher(h.cipher_name, h.cipher_mode, h.key_bytes);
-  if (!spec.ok()) return std::move(spec).error();
-  h.spec = *spec;
+  UQ_ASSIGN_OR_RETURN(h.spec, decode_cipher(h.cipher_name, h.cipher_mode, h.key_bytes));
   if (h.mk_digest_iterations == 0 || h.mk_digest_iterations > kLuksMaxIterations) {
     return invalid("mk_digest_iterations", std::to_string(h.mk_digest_iterations) + " is outside 1.." +
                                                std::to_string(kLuksMaxIterations));
@@ -252,9 +249,8 @@ Result<LuksCreated> luks_create(const LuksCreateOptions& o, std::string_view pas
   for (size_t i = 0; i < kLuksSlots; ++i) h.slots[i].key_offset = kKeySlotOffsetSectors + static_cast<uint32_t>(i) * split_sectors;
   h.payload_offset = kKeySlotOffsetSectors + static_cast<uint32_t>(kLuksSlots) * split_sectors;
 
-  auto ips = pbkdf2_iterations_per_second(md, h.key_bytes);
-  if (!ips.ok()) return std::move(ips).error();
-  const uint64_t slot_iters = *ips * o.iter_time_ms / 1000;
+  UQ_ASSIGN_OR_RETURN(uint64_t ips, pbkdf2_iterations_per_second(md, h.key_bytes));
+  const uint64_t slot_iters = ips * o.iter_time_ms / 1000;
   // QEMU (after cryptsetup) spends an eighth of the time on the digest.
   h.mk_digest_iterations = clamp_iterations(slot_iters / 8);
   LuksKeySlot& slot = h.slots[0];
@@ -274,9 +270,8 @@ Result<LuksCreated> luks_create(const LuksCreateOptions& o, std::string_view pas
   SecretBytes material(material_bytes(h.key_bytes, kLuksStripes));
   UQ_TRY(af_split(md, kLuksStripes, out.master_key.span(),
                   material.span().first(uint64_t{h.key_bytes} * kLuksStripes)));
-  auto cipher = SectorCipher::create(h.spec, slot_key.span());
-  if (!cipher.ok()) return std::move(cipher).error();
-  UQ_TRY((*cipher)->encrypt(0, material.span()));
+  UQ_ASSIGN_OR_RETURN(auto cipher, SectorCipher::create(h.spec, slot_key.span()));
+  UQ_TRY(cipher->encrypt(0, material.span()));
 
   out.area.assign(uint64_t{h.payload_offset} * kSectorSize, 0);
   const auto header = serialize_luks_header(h);

@@ -24,9 +24,8 @@ using qcow2::CheckResult;
 using qcow2::RepairMode;
 
 Task<Result<CheckResult>> check_file(const std::string& path, RepairMode mode) {
-  auto file = RawFile::open(path, {.read_only = mode == RepairMode::kNone});
-  if (!file.ok()) co_return std::move(file).error();
-  co_return co_await qcow2::check_image(**file, nullptr, mode);
+  UQ_CO_ASSIGN_OR_RETURN(auto file, RawFile::open(path, {.read_only = mode == RepairMode::kNone}));
+  co_return co_await qcow2::check_image(*file, nullptr, mode);
 }
 
 bool repaired(const Result<CheckResult>& r) {

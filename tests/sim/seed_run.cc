@@ -79,9 +79,8 @@ Task<Result<std::unique_ptr<Disk>>> SeedRun::open_backing(std::string path, std:
   auto none = [](const std::string& p, const std::string&) -> Task<Result<std::unique_ptr<Disk>>> {
     co_return Error(ENOENT, "unexpected backing file " + p);
   };
-  auto img = co_await qcow2::Qcow2Image::open(std::move(device), o, none);
-  if (!img.ok()) co_return std::move(img).error();
-  co_return std::unique_ptr<Disk>(std::move(img).value());
+  UQ_CO_ASSIGN_OR_RETURN(auto img, co_await qcow2::Qcow2Image::open(std::move(device), o, none));
+  co_return std::unique_ptr<Disk>(std::move(img));
 }
 
 Task<Result<std::unique_ptr<qcow2::Qcow2Image>>> SeedRun::open_image(std::shared_ptr<SimStorage> storage,
