@@ -46,7 +46,7 @@ class Negotiation {
   Task<Status> reply_error(uint32_t option, uint32_t type, const std::string& message) {
     std::vector<std::byte> d(message.size());
     std::memcpy(d.data(), message.data(), message.size());
-    return reply(option, type, d);
+    co_return co_await reply(option, type, d);
   }
   // INFO and GO; sets *go_done when GO succeeded.
   Task<Status> info_or_go(uint32_t option, const std::vector<std::byte>& data, bool* go_done);

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "uring/ring_setup.h"
+
 namespace uqcow::uring {
 namespace {
 thread_local Reactor* current_reactor = nullptr;
@@ -14,24 +16,9 @@ Result<std::unique_ptr<Reactor>> Reactor::create(ReactorOptions options) {
     return Error(EBUSY, "this thread already has a reactor (one ring per thread)");
   }
   std::unique_ptr<Reactor> r(new Reactor());
-  io_uring_params params{};
-  params.flags = IORING_SETUP_CQSIZE;
-  params.cq_entries = options.entries * 2;
-  // Hints for a ring used by one thread; older kernels reject them, so fall
-  // back to the plain setup.
-  unsigned hints = IORING_SETUP_COOP_TASKRUN;
-#ifdef IORING_SETUP_SINGLE_ISSUER
-  hints |= IORING_SETUP_SINGLE_ISSUER;
-#endif
-  params.flags |= hints;
-  int ret = io_uring_queue_init_params(options.entries, &r->ring_, &params);
-  if (ret == -EINVAL) {
-    params = io_uring_params{};
-    params.flags = IORING_SETUP_CQSIZE;
-    params.cq_entries = options.entries * 2;
-    ret = io_uring_queue_init_params(options.entries, &r->ring_, &params);
-  }
-  if (ret < 0) return errno_error(ret, "io_uring_queue_init");
+  auto accepted = setup_ring(&r->ring_, options.entries, options.entries * 2,
+                             ring_setup_attempts(options.setup_flags), options.setup);
+  if (!accepted.ok()) return std::move(accepted).error();
   r->ring_ok_ = true;
   current_reactor = r.get();
   return r;

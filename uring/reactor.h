@@ -24,6 +24,7 @@
 
 #include "engine/ready_queue.h"
 #include "engine/result.h"
+#include "uring/ring_setup.h"
 
 namespace uqcow::uring {
 
@@ -46,6 +47,12 @@ class Op : public Resumable {
 
 struct ReactorOptions {
   unsigned entries = 256;  // SQ size; the CQ gets twice that
+  // The io_uring setup flags asked for first; a kernel that rejects them
+  // gets the fallback attempts of ring_setup_attempts().
+  unsigned setup_flags = default_ring_setup_flags();
+  // How each setup attempt reaches the kernel (empty: liburing). Tests put
+  // rejections here.
+  RingSetupFn setup;
 };
 
 struct ReactorStats {
