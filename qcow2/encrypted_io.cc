@@ -1,6 +1,5 @@
-// Encrypted data I/O of Qcow2Image: unlocking at open, decrypting reads,
-// encrypting writes through pooled bounce buffers, and the 512-byte
-// alignment the ciphers need. QEMU's qcow2_co_encrypt/decrypt and
+// Encrypted data I/O of Qcow2Image: unlocking at open, and the 512-byte
+// alignment the ciphers need (the en/decrypting I/O is ImageEncryption's). QEMU's qcow2_co_encrypt/decrypt and
 // qcow2_update_options_prepare's crypto part. Member functions of Qcow2Image.
 #include <openssl/crypto.h>
 
@@ -66,30 +65,7 @@ Task<Status> Qcow2Image::open_encryption() {
 
 Task<Status> Qcow2Image::read_encrypted(uint64_t guest, uint64_t host, std::span<std::byte> buf) {
   if (!crypto_) co_return missing_key();
-  UQ_CO_TRY(co_await data_file_->co_read(host, buf));
-  co_return crypto_->decrypt(guest, host, buf);
-}
-
-Task<Status> Qcow2Image::write_encrypted(uint64_t guest, uint64_t host, std::span<const std::byte> data) {
-  auto bounce = crypto_->bounce(data.size());
-  std::span<std::byte> b = bounce.span();
-  std::memcpy(b.data(), data.data(), data.size());
-  UQ_CO_TRY(crypto_->encrypt(guest, host, b));
-  co_return co_await data_file_->co_write(host, b);
-}
-
-Task<Status> Qcow2Image::write_cow_encrypted(uint64_t host, uint64_t offset, std::span<const std::byte> data,
-                                             uint64_t head_start, uint64_t tail_end) {
-  // [head_start, tail_end) is registered in flight: the COW data read here
-  // (decrypted with the old mapping) cannot change until link_l2.
-  auto bounce = crypto_->bounce(tail_end - head_start);
-  std::span<std::byte> b = bounce.span();
-  const size_t head = offset - head_start;
-  UQ_CO_TRY(co_await read_cow(head_start, b.first(head)));
-  std::memcpy(b.data() + head, data.data(), data.size());
-  UQ_CO_TRY(co_await read_cow(offset + data.size(), b.subspan(head + data.size())));
-  UQ_CO_TRY(crypto_->encrypt(head_start, host, b));
-  co_return co_await data_file_->co_write(host, b);
+  co_return co_await crypto_->read(*data_file_, guest, host, buf);
 }
 
 Task<Status> Qcow2Image::read_unaligned(uint64_t offset, std::span<std::byte> buf) {

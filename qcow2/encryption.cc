@@ -1,6 +1,7 @@
 #include "qcow2/encryption.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "qcow2/crypto/legacy_aes.h"
 #include "qcow2/crypto/luks.h"
@@ -44,6 +45,20 @@ Status ImageEncryption::encrypt(uint64_t guest, uint64_t host, std::span<std::by
 Status ImageEncryption::decrypt(uint64_t guest, uint64_t host, std::span<std::byte> buf) {
   UQ_TRY(check_aligned(guest, host, buf.size()));
   return cipher_->decrypt((physical_ ? host : guest) / crypto::kSectorSize, as_u8(buf));
+}
+
+Task<Status> ImageEncryption::read(BlockDevice& file, uint64_t guest, uint64_t host, std::span<std::byte> buf) {
+  UQ_CO_TRY(co_await file.co_read(host, buf));
+  co_return decrypt(guest, host, buf);
+}
+
+Task<Status> ImageEncryption::write(BlockDevice& file, uint64_t guest, uint64_t host,
+                                    std::span<const std::byte> data) {
+  auto b = bounce(data.size());
+  std::span<std::byte> span = b.span();
+  std::memcpy(span.data(), data.data(), data.size());
+  UQ_CO_TRY(encrypt(guest, host, span));
+  co_return co_await file.co_write(host, span);
 }
 
 ImageEncryption::Bounce ImageEncryption::bounce(size_t bytes) {

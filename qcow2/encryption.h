@@ -19,8 +19,10 @@
 #include <vector>
 
 #include "engine/result.h"
+#include "engine/task.h"
 #include "qcow2/crypto/sector_cipher.h"
 #include "uring/aligned_buffer.h"
+#include "uring/block_device.h"
 
 namespace uqcow::qcow2 {
 
@@ -37,6 +39,12 @@ class ImageEncryption {
   // offset `host`. Both offsets and the size are multiples of 512 (EINVAL).
   Status encrypt(uint64_t guest, uint64_t host, std::span<std::byte> buf);
   Status decrypt(uint64_t guest, uint64_t host, std::span<std::byte> buf);
+
+  // The data I/O of an encrypted image: reads `buf` from `file` at `host`
+  // and decrypts it; encrypts `data` into a pooled bounce buffer and writes
+  // it at `host` (the caller's buffer is never modified).
+  Task<Status> read(BlockDevice& file, uint64_t guest, uint64_t host, std::span<std::byte> buf);
+  Task<Status> write(BlockDevice& file, uint64_t guest, uint64_t host, std::span<const std::byte> data);
 
   // A pooled, O_DIRECT-aligned buffer of at least `bytes`, handed back to the
   // pool when the Bounce goes away (which must be before the pool).

@@ -188,6 +188,22 @@ Task<Status> Qcow2Image::prepare_read_write() {
     UQ_CO_TRY(co_await repair_after_crash());
   }
   UQ_CO_TRY(co_await refcounts_->load_refcount_table());
+  writer_.emplace(
+      AllocatingWriter::Parts{.file = *file_,
+                              .data_file = *data_file_,
+                              .header = header_,
+                              .geo = geo_,
+                              .map = *map_,
+                              .refcounts = *refcounts_,
+                              .inflight = *inflight_,
+                              .freed = *freed_,
+                              .overlap = *overlap_,
+                              .reporter = reporter_,
+                              .lock = lock_},
+      AllocatingWriter::Options{.lazy_refcounts = lazy_refcounts_,
+                                .backing_size = backing_ ? std::optional<uint64_t>(backing_->size()) : std::nullopt,
+                                .crypto = crypto_.get()},
+      [this](uint64_t guest, std::span<std::byte> out) { return read_cow(guest, out); });
   UQ_CO_TRY(co_await build_metadata_regions());
   map_->l2_cache().set_write_check(&overlap_->l2_cache_check());
   refcounts_->cache().set_write_check(&overlap_->refcount_cache_check());

@@ -47,6 +47,7 @@
 #include "engine/co_mutex.h"
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
+#include "qcow2/allocating_writer.h"
 #include "qcow2/cache.h"
 #include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
@@ -201,8 +202,7 @@ class Qcow2Image final : public Disk {
   // map_range() on an L2 cache miss, or a damaged entry (marked corrupt).
   Task<Result<Mapping>> map_slow(uint64_t offset, uint64_t max_bytes);
 
-  // --- Write path (alloc.cc, zero.cc) --------------------------------------
-  struct ClusterPlan;
+  // --- Write path (write.cc, zero.cc) --------------------------------------
   Status check_writable(uint64_t offset, uint64_t len) const;
   // The bodies of read(), write() and write_zeroes(). A new request waits to
   // be admitted and holds a ticket of requests_; a caller already inside a
@@ -213,21 +213,12 @@ class Qcow2Image final : public Disk {
   Task<Status> write_range(uint64_t offset, std::span<const std::byte> buf, Entry entry);
   Task<Status> write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap);
   Task<Status> write_zero_buffers(uint64_t offset, uint64_t len);
-  // Handles a prefix of the write under the lock; returns the bytes done.
+  // Handles a prefix of the write under the lock (one AllocatingWriter
+  // step); returns the bytes done.
   Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
-  Task<Result<uint64_t>> l2_table_for_write(uint64_t offset);
-  // Host offset for n new data clusters starting at guest cluster `guest`:
-  // fresh clusters of the qcow2 file, or, with an external data file, the
-  // guest offset itself (nothing is allocated). Lock held.
-  Task<Result<uint64_t>> alloc_data_clusters(uint64_t guest, uint64_t n);
-  Task<Result<size_t>> write_run(const ClusterPlan& plan, uint64_t offset,
-                                 std::span<const std::byte> buf, CoMutex::Guard& guard);
+  // The copy-on-write source of writer_: what the guest sees at [guest,
+  // guest + out.size()) now, zeros past the end of the disk.
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
-  bool zero_cow(const Mapping& old, uint64_t from, uint64_t to) const;
-  Task<Status> write_with_cow(const ClusterPlan& plan, uint64_t offset, std::span<const std::byte> data,
-                              uint64_t head_start, uint64_t tail_end, bool cow_is_zero);
-  Task<Status> link_l2(const ClusterPlan& plan, uint64_t first_guest, uint64_t head_start,
-                       uint64_t tail_end);
   Task<Status> mark_dirty_for_lazy_refcounts();
   Task<Status> write_header_incompatible(uint64_t bits);
   // What zero_clusters() makes of each whole cluster (QEMU's
@@ -259,14 +250,6 @@ class Qcow2Image final : public Disk {
   Error missing_key() const;
   // Reads and decrypts an encrypted normal cluster run.
   Task<Status> read_encrypted(uint64_t guest, uint64_t host, std::span<std::byte> buf);
-  // Encrypts `data` into a pooled bounce buffer and writes it at `host`; the
-  // caller's buffer is never modified.
-  Task<Status> write_encrypted(uint64_t guest, uint64_t host, std::span<const std::byte> data);
-  // write_with_cow for encrypted images: head + data + tail are encrypted in
-  // one bounce buffer (zero COW cannot be left to the file: zeros must be
-  // stored encrypted).
-  Task<Status> write_cow_encrypted(uint64_t host, uint64_t offset, std::span<const std::byte> data,
-                                   uint64_t head_start, uint64_t tail_end);
   // Requests not aligned to 512 bytes go through whole sectors.
   Task<Status> read_unaligned(uint64_t offset, std::span<std::byte> buf);
   Task<Status> write_unaligned(uint64_t offset, std::span<const std::byte> buf);
@@ -303,6 +286,9 @@ class Qcow2Image final : public Disk {
   std::optional<SnapshotTable> snapshots_;
   std::optional<SnapshotRefcounts> snapshot_refs_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
+  // Allocating writes; set up by prepare_read_write() (read-only opens
+  // never change the mapping).
+  std::optional<AllocatingWriter> writer_;
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and
   // freed host clusters wait out their grace period (FreedClusters).

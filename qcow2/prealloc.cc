@@ -15,7 +15,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
   const uint64_t cs = geo_.cluster_size;
   const bool df = header_.has_data_file();
   for (uint64_t offset = geo_.start_of_cluster(start); offset < end;) {
-    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writer_->writable_l2_table(offset));
     const uint64_t per_slice = map_->entries_per_slice();
     const uint64_t index = map_->slice_index(offset);
     const uint64_t nb = std::min(per_slice - index, geo_.size_to_clusters(end - offset));
@@ -34,7 +34,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
     ref.reset();
     if (!todo.empty()) {
       // One run of fresh host clusters for the slice; with a data file each
-      // cluster's host offset is its guest offset (alloc_data_clusters).
+      // cluster's host offset is its guest offset (AllocatingWriter::alloc_data_clusters).
       uint64_t host = 0;
       if (!df) {
         UQ_CO_ASSIGN_OR_RETURN(host, co_await refcounts_->alloc_clusters(todo.size()));

@@ -106,7 +106,7 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
       offset = chunk_end;
       continue;
     }
-    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writer_->writable_l2_table(offset));
     const uint64_t slice = map_->slice_offset(l2, offset);
     UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
     L2Slice entries(ref.data(), geo_);
@@ -210,7 +210,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
   if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
-  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await l2_table_for_write(offset));
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writer_->writable_l2_table(offset));
   {
     UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(map_->slice_offset(l2, offset)));
     const uint64_t old = ConstL2Slice(ref.data(), geo_).entry(map_->slice_index(offset));
@@ -234,7 +234,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   guard = co_await lock_.scoped_lock();
   if (s.ok()) {
     if (!lazy_refcounts_) s = co_await map_->l2_cache().depend_on(refcounts_->cache());
-    auto l2b = co_await l2_table_for_write(offset);
+    auto l2b = co_await writer_->writable_l2_table(offset);
     if (!l2b.ok()) s = std::move(l2b).error();
     if (s.ok()) {
       auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2b, offset));

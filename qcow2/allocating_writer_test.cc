@@ -1,0 +1,245 @@
+// Unit tests of AllocatingWriter alone, over the mapping and the refcounts
+// of a fresh image (component_fixture.h), with the allocations in flight,
+// the freed-cluster queue and a recording copy-on-write source: new
+// clusters are linked COPIED and counted; copy-on-write data comes from the
+// guest's view around the write (or from the file's zeroing); a COPIED
+// cluster is overwritten in place; an entry changed while a write to it was
+// in flight is refused; a shared L2 table is copied before it is written;
+// damage is fatal before anything is written. `qemu-img check` and
+// `qemu-io` are the oracles for the image on disk.
+#include "qcow2/allocating_writer.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/in_flight.h"
+#include "qcow2/component_fixture.h"
+#include "qcow2/tables.h"
+
+namespace uqcow::qcow2 {
+namespace {
+
+std::vector<std::byte> pattern(size_t n, uint8_t value) { return std::vector<std::byte>(n, std::byte{value}); }
+
+class AllocatingWriterTest : public ComponentFixture {
+ protected:
+  void TearDown() override {
+    writer_.reset();
+    freed_.reset();
+    ComponentFixture::TearDown();
+  }
+  // Sets up the writer; `backing_size`: pretend a backing file of that size
+  // (unallocated clusters then need copy-on-write from the guest's view).
+  void make_writer(std::optional<uint64_t> backing_size = std::nullopt) {
+    freed_.emplace(geo_, *file_, *file_, requests_, *refcounts_, *l2_cache_, *reporter_);
+    writer_.emplace(AllocatingWriter::Parts{.file = *file_,
+                                            .data_file = *file_,
+                                            .header = header_,
+                                            .geo = geo_,
+                                            .map = *map_,
+                                            .refcounts = *refcounts_,
+                                            .inflight = inflight_,
+                                            .freed = *freed_,
+                                            .overlap = *overlap_,
+                                            .reporter = *reporter_,
+                                            .lock = lock_},
+                    AllocatingWriter::Options{.backing_size = backing_size},
+                    [this](uint64_t guest, std::span<std::byte> out) { return read_guest(guest, out); });
+  }
+  // The copy-on-write source: records the request, answers cow_byte_, and
+  // runs on_cow_ (with the lock released, as the writer calls it).
+  Task<Status> read_guest(uint64_t guest, std::span<std::byte> out) {
+    cow_reads_.emplace_back(guest, out.size());
+    std::fill(out.begin(), out.end(), std::byte{cow_byte_});
+    if (on_cow_) co_await on_cow_();
+    co_return Status();
+  }
+  // One write_step at `offset` with the lock held, as the image calls it.
+  Result<size_t> write_step(uint64_t offset, const std::vector<std::byte>& data, bool* lock_kept = nullptr) {
+    return run([](AllocatingWriterTest* t, uint64_t offset, const std::vector<std::byte>& data,
+                  bool* lock_kept) -> Task<Result<size_t>> {
+      auto guard = co_await t->lock_.scoped_lock();
+      auto r = co_await t->writer_->write_step(offset, data, guard);
+      if (lock_kept) *lock_kept = guard.owns_lock();
+      co_return r;
+    }(this, offset, data, lock_kept));
+  }
+  // The mapping of `guest`, its L2 slice loaded if the cache dropped it.
+  Mapping mapping(uint64_t guest) {
+    Result<Mapping> m = Mapping{};
+    if (!map_->map_fast(guest, 1, m)) {
+      const uint64_t table = map_->l1().at(geo_.l1_index(guest)) & kL1OffsetMask;
+      EXPECT_TRUE(run(l2_cache_->get(map_->slice_offset(table, guest))).ok());
+      EXPECT_TRUE(map_->map_fast(guest, 1, m)) << "slice not cached";
+    }
+    EXPECT_TRUE(m.ok());
+    return m.ok() ? *m : Mapping{};
+  }
+  uint64_t refcount(uint64_t host) {
+    auto rc = run(refcounts_->get_refcount(host / kCluster));
+    EXPECT_TRUE(rc.ok()) << rc.error().message();
+    return rc.ok() ? *rc : ~uint64_t{0};
+  }
+  std::vector<std::byte> file_bytes(uint64_t host, size_t n) {
+    std::vector<std::byte> out(n);
+    EXPECT_TRUE(run(file_->co_read(host, out)).ok());
+    return out;
+  }
+  // Everything on disk, in dependency order (the image's flush).
+  void flush_all() {
+    ASSERT_TRUE(run(l2_cache_->flush()).ok());
+    flush();
+  }
+  // qemu-io's verdict on `cmds` (each a qemu-io command): "" when every
+  // command succeeded, its output otherwise. Skipped without qemu-io.
+  std::string qemu_io(const std::vector<std::string>& cmds) {
+    if (std::system("command -v qemu-io >/dev/null 2>&1") != 0) return "";
+    std::string cmd = "qemu-io -f qcow2 -r -U";
+    for (const auto& c : cmds) cmd += " -c '" + c + "'";
+    cmd += " " + path_ + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while (p && (n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+    const int status = p ? ::pclose(p) : -1;
+    const bool failed = status != 0 || out.find("fail") != std::string::npos;
+    return failed ? out : "";
+  }
+  // The L2 entry of `guest` in the active table, as a writable slice.
+  void set_l2_entry(uint64_t guest, uint64_t l2e) {
+    const uint64_t table = map_->l1().at(geo_.l1_index(guest)) & kL1OffsetMask;
+    ASSERT_NE(table, 0u);
+    const uint64_t slice = map_->slice_offset(table, guest);
+    auto ref = run(l2_cache_->get(slice));
+    ASSERT_TRUE(ref.ok());
+    L2Slice(ref->data(), geo_).set_entry(map_->slice_index(guest), l2e);
+    l2_cache_->mark_dirty(*ref);
+  }
+
+  InFlightTracker requests_;
+  AllocationsInFlight inflight_{kCluster};
+  std::optional<FreedClusters> freed_;
+  CoMutex lock_;
+  std::optional<AllocatingWriter> writer_;
+  std::vector<std::pair<uint64_t, uint64_t>> cow_reads_;
+  uint8_t cow_byte_ = 0x5a;
+  std::function<Task<void>()> on_cow_;
+};
+
+TEST_F(AllocatingWriterTest, NewClustersAreLinkedCopiedAndCounted) {
+  make_writer();
+  const uint64_t at = (1 << 20) + 4096;
+  auto done = write_step(at, pattern(4096, 0xab));
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  EXPECT_EQ(*done, 4096u);
+  EXPECT_NE(map_->l1().at(0) & kOflagCopied, 0u) << "a fresh L2 table has refcount 1";
+  const Mapping m = mapping(at);
+  EXPECT_EQ(m.type, SubclusterType::kNormal);
+  EXPECT_TRUE(m.copied);
+  const uint64_t host = m.host_offset - 4096;
+  EXPECT_EQ(refcount(host), 1u);
+  EXPECT_TRUE(cow_reads_.empty()) << "nothing to copy: the guest sees zeros around the write";
+  EXPECT_EQ(file_bytes(host, 4096), pattern(4096, 0));
+  EXPECT_EQ(file_bytes(host + 4096, 4096), pattern(4096, 0xab));
+  flush_all();
+  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1);
+  EXPECT_EQ(qemu_io({"read -P 0 1M 4k", "read -P 0xab 1052672 4k", "read -P 0 1056768 60k"}), "");
+}
+
+TEST_F(AllocatingWriterTest, CopyOnWriteReadsTheGuestViewAroundTheData) {
+  make_writer(/*backing_size=*/uint64_t{1} << 30);
+  const uint64_t at = kCluster + 8192;
+  auto done = write_step(at, pattern(4096, 0xab));
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  using Read = std::pair<uint64_t, uint64_t>;
+  EXPECT_EQ(cow_reads_, (std::vector<Read>{{kCluster, 8192}, {kCluster + 12288, kCluster - 12288}}))
+      << "head and tail of the cluster, nothing else";
+  const uint64_t host = mapping(at).host_offset - 8192;
+  EXPECT_EQ(file_bytes(host, 8192), pattern(8192, 0x5a));
+  EXPECT_EQ(file_bytes(host + 8192, 4096), pattern(4096, 0xab));
+  EXPECT_EQ(file_bytes(host + 12288, kCluster - 12288), pattern(kCluster - 12288, 0x5a));
+}
+
+TEST_F(AllocatingWriterTest, ACopiedClusterIsOverwrittenInPlace) {
+  make_writer(uint64_t{1} << 30);
+  ASSERT_TRUE(write_step(0, pattern(kCluster, 1)).ok());
+  const uint64_t host = mapping(0).host_offset;
+  cow_reads_.clear();
+  bool lock_kept = true;
+  auto done = write_step(4096, pattern(4096, 2), &lock_kept);
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  EXPECT_EQ(mapping(0).host_offset, host) << "same host cluster";
+  EXPECT_FALSE(lock_kept) << "an in-place write needs no relink: the lock is released for the data write";
+  EXPECT_TRUE(cow_reads_.empty());
+  EXPECT_EQ(refcount(host), 1u);
+  EXPECT_EQ(file_bytes(host, 8192), [] {
+    auto v = pattern(8192, 1);
+    std::fill(v.begin() + 4096, v.end(), std::byte{2});
+    return v;
+  }());
+}
+
+TEST_F(AllocatingWriterTest, AnEntryChangedWhileTheWriteWasInFlightIsRefused) {
+  make_writer(uint64_t{1} << 30);
+  // The COW read runs with the lock released: something that ignored the
+  // allocation in flight changes the entry there.
+  on_cow_ = [this]() -> Task<void> {
+    on_cow_ = nullptr;
+    set_l2_entry(3 * kCluster, kOflagZero);
+    co_return;
+  };
+  auto done = write_step(3 * kCluster + 512, pattern(512, 7));
+  ASSERT_FALSE(done.ok());
+  EXPECT_EQ(done.error().code(), EIO);
+  EXPECT_NE(done.error().message().find("changed while a write to it was in flight"), std::string::npos)
+      << done.error().message();
+  EXPECT_EQ(mapping(3 * kCluster).type, SubclusterType::kZeroPlain) << "the other change is not overwritten";
+}
+
+TEST_F(AllocatingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
+  make_writer();
+  ASSERT_TRUE(write_step(0, pattern(kCluster, 9)).ok());
+  const uint64_t table = map_->l1().at(0) & kL1OffsetMask;
+  const uint64_t data = mapping(0).host_offset;
+  // Share the table, as a snapshot does: refcount 2, L1 entry not COPIED.
+  ASSERT_TRUE(run(refcounts_->update_refcount(table, kCluster, +1, false)).ok());
+  map_->set_active_l1_entry(0, table);
+  auto fresh = run([](AllocatingWriter& w) -> Task<Result<uint64_t>> {
+    co_return co_await w.writable_l2_table(0);
+  }(*writer_));
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  EXPECT_NE(*fresh, table);
+  EXPECT_EQ(map_->l1().at(0), *fresh | kOflagCopied);
+  EXPECT_EQ(refcount(table), 1u) << "the shared table lost this reference";
+  EXPECT_EQ(refcount(*fresh), 1u);
+  EXPECT_EQ(mapping(0).host_offset, data) << "the entries were copied";
+  flush_all();
+  // Nothing but the (here unreferenced) old table is left over: in a real
+  // image the snapshot's L1 table still points at it.
+  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 1 : -1);
+  EXPECT_EQ(qemu_io({"read -P 9 0 64k"}), "");
+}
+
+TEST_F(AllocatingWriterTest, DamageIsFatalBeforeAnythingIsWritten) {
+  make_writer();
+  ASSERT_TRUE(write_step(0, pattern(4096, 1)).ok());
+  // A COPIED entry whose host offset is not cluster aligned.
+  set_l2_entry(2 * kCluster, (8 * kCluster + 512) | kOflagCopied);
+  const int marks = marks_;
+  auto done = write_step(2 * kCluster, pattern(4096, 2));
+  ASSERT_FALSE(done.ok());
+  EXPECT_EQ(done.error().code(), EIO);
+  EXPECT_EQ(marks_, marks + 1) << "reported fatal: the image is marked corrupt";
+  EXPECT_NE(done.error().message().find("L2 entry"), std::string::npos) << done.error().message();
+}
+
+}  // namespace
+}  // namespace uqcow::qcow2
