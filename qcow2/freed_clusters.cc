@@ -20,7 +20,7 @@ Task<Status> FreedClusters::defer(uint64_t l2e, bool discard) {
     // QEMU's qcow2_free_any_cluster with a data file: no refcount counts a
     // data cluster, so only the discard passthrough is left to do. It is
     // done now, not deferred: a data-file cluster can only be reused by its
-    // own guest offset (AllocatingWriter::alloc_data_clusters), by a write that
+    // own guest offset (MappingWriter::alloc_data_clusters), by a write that
     // takes the lock after this returns, and a deferred discard could land
     // on that newer data. Neither hazard above exists: no other guest offset can reuse
     // the cluster, and a request still in flight on it overlaps this unlink.

@@ -189,7 +189,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
   }
   UQ_CO_TRY(co_await refcounts_->load_refcount_table());
   writer_.emplace(
-      AllocatingWriter::Parts{.file = *file_,
+      MappingWriter::Parts{.file = *file_,
                               .data_file = *data_file_,
                               .header = header_,
                               .geo = geo_,
@@ -200,7 +200,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
                               .overlap = *overlap_,
                               .reporter = reporter_,
                               .lock = lock_},
-      AllocatingWriter::Options{.lazy_refcounts = lazy_refcounts_,
+      MappingWriter::Options{.lazy_refcounts = lazy_refcounts_,
                                 .backing_size = backing_ ? std::optional<uint64_t>(backing_->size()) : std::nullopt,
                                 .crypto = crypto_.get()},
       [this](uint64_t guest, std::span<std::byte> out) { return read_cow(guest, out); });

@@ -47,7 +47,7 @@
 #include "engine/co_mutex.h"
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
-#include "qcow2/allocating_writer.h"
+#include "qcow2/mapping_writer.h"
 #include "qcow2/cache.h"
 #include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
@@ -213,7 +213,7 @@ class Qcow2Image final : public Disk {
   Task<Status> write_range(uint64_t offset, std::span<const std::byte> buf, Entry entry);
   Task<Status> write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap);
   Task<Status> write_zero_buffers(uint64_t offset, uint64_t len);
-  // Handles a prefix of the write under the lock (one AllocatingWriter
+  // Handles a prefix of the write under the lock (one MappingWriter
   // step); returns the bytes done.
   Task<Result<size_t>> write_allocating(uint64_t offset, std::span<const std::byte> buf);
   // The copy-on-write source of writer_: what the guest sees at [guest,
@@ -221,15 +221,11 @@ class Qcow2Image final : public Disk {
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
   Task<Status> mark_dirty_for_lazy_refcounts();
   Task<Status> write_header_incompatible(uint64_t bits);
-  // What zero_clusters() makes of each whole cluster (QEMU's
-  // zero_in_l2_slice and discard_in_l2_slice).
-  enum class ZeroMode {
-    kZero,          // zero flag, the host cluster kept (write -z)
-    kZeroMayUnmap,  // zero flag, the host cluster freed (write -z -u)
-    kDiscard,       // freed; reads as zeros (zero flag where needed)
-    kFullDiscard,   // freed and unallocated, whatever a backing file holds
-                    // (the clusters a shrink crops)
-  };
+  // The locked protocol around MappingWriter::zero_clusters: waits for the
+  // allocations in flight on the range, then changes its entries; zeros
+  // that can only be written (part of a compressed cluster) are written
+  // after the lock is released.
+  using ZeroMode = MappingWriter::ZeroMode;
   Task<Status> zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode);
   Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
 
@@ -288,7 +284,7 @@ class Qcow2Image final : public Disk {
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Allocating writes; set up by prepare_read_write() (read-only opens
   // never change the mapping).
-  std::optional<AllocatingWriter> writer_;
+  std::optional<MappingWriter> writer_;
   // Every request in flight (read, write, write_zeroes, discard, compressed
   // write) holds a ticket: snapshots, resize and close drain them, and
   // freed host clusters wait out their grace period (FreedClusters).

@@ -1,7 +1,7 @@
 // The regions the overlap check guards (overlap_guard.h), found by walking
 // the image's tables: at a read-write open, and again by
 // verify_metadata_regions() to check the guard's bookkeeping. Each change of
-// a table updates the guard in the same step: L2 allocation (allocating_writer.cc),
+// a table updates the guard in the same step: L2 allocation (mapping_writer.cc),
 // refcount block allocation and refcount table growth (refcount.cc), L1
 // growth (resize.cc), snapshot create, apply and delete (snapshot_ops.cc).
 #include <cinttypes>
@@ -15,7 +15,7 @@
 namespace uqcow::qcow2 {
 
 Task<Result<MetadataRegions>> Qcow2Image::collect_metadata_regions(OverlapMask tracked) {
-  // Tables are registered in whole clusters (the updates in allocating_writer.cc,
+  // Tables are registered in whole clusters (the updates in mapping_writer.cc,
   // refcount.cc, resize.cc and snapshot_ops.cc do the same); QEMU counts
   // bytes, which a cluster-aligned check cannot tell apart.
   const uint64_t cs = geo_.cluster_size;

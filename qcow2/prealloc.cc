@@ -34,7 +34,7 @@ Task<Status> Qcow2Image::preallocate_metadata(uint64_t start, uint64_t end, bool
     ref.reset();
     if (!todo.empty()) {
       // One run of fresh host clusters for the slice; with a data file each
-      // cluster's host offset is its guest offset (AllocatingWriter::alloc_data_clusters).
+      // cluster's host offset is its guest offset (MappingWriter::alloc_data_clusters).
       uint64_t host = 0;
       if (!df) {
         UQ_CO_ASSIGN_OR_RETURN(host, co_await refcounts_->alloc_clusters(todo.size()));

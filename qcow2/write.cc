@@ -2,7 +2,7 @@
 // fast path, and the locked protocol around one allocating step (QEMU's
 // qcow2_co_pwritev_part): wait for the allocations in flight it depends on,
 // release deferred frees, set the lazy-refcounts dirty bit, then hand the
-// step to the AllocatingWriter (allocating_writer.h), which plans, copies on
+// step to the MappingWriter (mapping_writer.h), which plans, copies on
 // write and links. Also the header's incompatible bits (dirty, corrupt).
 #include <algorithm>
 #include <cstring>

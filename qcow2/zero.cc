@@ -1,22 +1,18 @@
-// Zero writes, discards and compressed writes: QEMU's zero_in_l2_slice,
-// discard_in_l2_slice and qcow2_co_pwritev_compressed. Member functions of
-// Qcow2Image.
+// Zero writes, discards and compressed writes of Qcow2Image: admission,
+// alignment (what the metadata can zero, what must be written as zero
+// buffers), compression, and the locked protocol around the
+// MappingWriter's entry changes (QEMU's qcow2_co_pwrite_zeroes,
+// qcow2_co_pdiscard, qcow2_co_pwritev_compressed).
 #include <algorithm>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "block/debug_event.h"
-#include "block/endian.h"
 #include "qcow2/compress.h"
 #include "qcow2/image.h"
-#include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
-namespace {
-constexpr uint64_t kAllocMask = 0xffffffffull;
-constexpr uint64_t kZeroMask = 0xffffffffull << 32;
-}  // namespace
 
 Task<Status> Qcow2Image::write_zero_buffers(uint64_t offset, uint64_t len) {
   // Explicit zero buffers: the fallback when the metadata cannot say "zero",
@@ -73,7 +69,6 @@ Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
 Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode) {
   const uint64_t end = offset + len;
   const bool discard_mode = mode == ZeroMode::kDiscard || mode == ZeroMode::kFullDiscard;
-  const bool full_discard = mode == ZeroMode::kFullDiscard;
   const bool may_unmap = mode != ZeroMode::kZero;
   auto guard = co_await lock_.scoped_lock();
   // Allocations in flight on the range finish first: their plans (COW data,
@@ -94,73 +89,8 @@ Task<Status> Qcow2Image::zero_clusters(uint64_t offset, uint64_t len, ZeroMode m
     data_file_->debug_event(BlkDebugEvent::kPwritevZero);
     UQ_CO_TRY(co_await data_file_->co_write_zeroes(offset, len, may_unmap || discard_mode));
   }
-  std::vector<uint64_t> to_free;
   std::vector<std::pair<uint64_t, uint64_t>> zero_by_writing;  // (offset, length)
-  while (offset < end) {
-    const uint64_t guest_cluster = geo_.start_of_cluster(offset);
-    const uint64_t chunk_end = std::min(end, guest_cluster + geo_.cluster_size);
-    const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + geo_.cluster_size || chunk_end == size_);
-    auto l2_now = map_->l2_table_of(offset);
-    if (!l2_now.ok()) co_return fatal_corruption(std::move(l2_now).error());
-    if (discard_mode && *l2_now == 0 && (!backing_ || full_discard)) {  // nothing allocated here
-      offset = chunk_end;
-      continue;
-    }
-    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writer_->writable_l2_table(offset));
-    const uint64_t slice = map_->slice_offset(l2, offset);
-    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(slice));
-    L2Slice entries(ref.data(), geo_);
-    const uint64_t index = map_->slice_index(offset);
-    const uint64_t old = entries.entry(index);
-    const uint64_t old_bitmap = entries.bitmap(index);
-    const bool compressed = old & kOflagCompressed;
-    const bool allocated = compressed || l2_has_host(old, header_.has_data_file());
-    uint64_t entry = old, bitmap = old_bitmap;
-    bool free_old = false;
-    if (full_discard) {
-      entry = 0;
-      bitmap = 0;
-      free_old = allocated;
-    } else if (discard_mode) {
-      if (backing_ || allocated) {
-        entry = geo_.extended_l2 ? 0 : (v3_ ? kOflagZero : 0);
-        bitmap = geo_.extended_l2 ? kZeroMask : 0;
-        free_old = allocated;
-      }
-    } else if (whole) {
-      const bool unmap = compressed || (may_unmap && allocated);
-      entry = unmap ? 0 : old;
-      if (geo_.extended_l2) {
-        bitmap = kZeroMask;
-      } else {
-        entry |= kOflagZero;
-      }
-      free_old = unmap;
-    } else {
-      // Part of a cluster (extended L2 only): mark those subclusters zero.
-      if (compressed) {
-        // A compressed cluster has no subclusters: write zeros into it
-        // (decompressing it) once the other clusters are done and freed.
-        // Returning here instead leaked the clusters zeroed so far and left
-        // the rest of the range unzeroed.
-        zero_by_writing.emplace_back(offset, chunk_end - offset);
-        offset = chunk_end;
-        continue;
-      }
-      uint32_t sc0 = geo_.subcluster_index(offset);
-      uint32_t sc1 = static_cast<uint32_t>((chunk_end - guest_cluster + geo_.subcluster_size - 1) >> geo_.subcluster_bits);
-      uint64_t range = ((sc1 >= 32 ? kAllocMask : ((1ull << sc1) - 1))) & ~((1ull << sc0) - 1);
-      bitmap = (old_bitmap | (range << 32)) & ~range;
-    }
-    if (entry != old || bitmap != old_bitmap) {
-      entries.set(index, entry, bitmap);
-      map_->l2_cache().mark_dirty(ref);
-      if (free_old) to_free.push_back(old);
-    }
-    offset = chunk_end;
-  }
-  const bool pass = options_.pass_discard_request;
-  for (uint64_t old : to_free) UQ_CO_TRY(co_await freed_->defer(old, pass));
+  UQ_CO_TRY(co_await writer_->zero_clusters(offset, len, mode, size_, options_.pass_discard_request, zero_by_writing));
   guard.unlock();  // write() takes the lock itself
   for (const auto& [at, length] : zero_by_writing) {
     UQ_CO_TRY(co_await write_zero_buffers(at, length));
@@ -210,56 +140,7 @@ Task<Status> Qcow2Image::write_compressed_cluster(uint64_t offset, std::span<con
   UQ_CO_TRY(check_writable(offset, 0));  // closed or marked corrupt while we waited?
   if (!freed_->empty()) UQ_CO_TRY(co_await freed_->release());
   UQ_CO_TRY(co_await mark_dirty_for_lazy_refcounts());
-  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writer_->writable_l2_table(offset));
-  {
-    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await map_->l2_cache().get(map_->slice_offset(l2, offset)));
-    const uint64_t old = ConstL2Slice(ref.data(), geo_).entry(map_->slice_index(offset));
-    // Compression never overwrites: QEMU refuses with EIO as well.
-    if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
-      co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
-                               " (compression can only fill unallocated clusters)");
-    }
-  }
-  UQ_CO_ASSIGN_OR_RETURN(uint64_t coffset, co_await refcounts_->alloc_bytes(data.size()));
-  const uint64_t nb_csectors = ((coffset + data.size() - 1) >> 9) - (coffset >> 9);
-  const uint64_t l2e = kOflagCompressed | (nb_csectors << geo_.csize_shift) | coffset;
-  // Unregistered when this returns, with the lock held again.
-  AllocationsInFlight::Allocation flight(*inflight_, offset, offset + geo_.cluster_size);
-  guard.unlock();
-  Status s = overlap_->check_data_write(coffset, data.size());
-  if (s.ok()) {
-    file_->debug_event(BlkDebugEvent::kWriteCompressed);
-    s = co_await file_->co_write(coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
-  }
-  guard = co_await lock_.scoped_lock();
-  if (s.ok()) {
-    if (!lazy_refcounts_) s = co_await map_->l2_cache().depend_on(refcounts_->cache());
-    auto l2b = co_await writer_->writable_l2_table(offset);
-    if (!l2b.ok()) s = std::move(l2b).error();
-    if (s.ok()) {
-      auto ref = co_await map_->l2_cache().get(map_->slice_offset(*l2b, offset));
-      if (!ref.ok()) {
-        s = std::move(ref).error();
-      } else {
-        L2Slice entries(ref->data(), geo_);
-        // Invariant (see link_l2): the range was registered in flight, so
-        // the entry is still the unallocated one checked above.
-        const uint64_t now = entries.entry(map_->slice_index(offset));
-        if ((now & kL2OffsetMask) || (now & kOflagCompressed)) {
-          s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
-                             " was allocated while a compressed write to it was in flight");
-        } else {
-          // The compressed data is durable before the entry (see link_l2).
-          map_->l2_cache().set_depends_on_flush();
-          file_->debug_event(BlkDebugEvent::kL2UpdateCompressed);
-          entries.set(map_->slice_index(offset), l2e, 0);
-          map_->l2_cache().mark_dirty(*ref);
-        }
-      }
-    }
-  }
-  if (!s.ok()) (void)co_await refcounts_->update_refcount(coffset, data.size(), -1, false);
-  co_return s;
+  co_return co_await writer_->write_compressed_step(offset, data, guard);
 }
 
 }  // namespace uqcow::qcow2

@@ -1,8 +1,9 @@
-// AllocatingWriter (allocating_writer.h): planning, copy-on-write, linking.
-#include "qcow2/allocating_writer.h"
+// MappingWriter (mapping_writer.h): planning, copy-on-write, linking.
+#include "qcow2/mapping_writer.h"
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "block/debug_event.h"
@@ -10,8 +11,12 @@
 #include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
+namespace {
+constexpr uint64_t kAllocMask = 0xffffffffull;
+constexpr uint64_t kZeroMask = 0xffffffffull << 32;
+}  // namespace
 
-struct AllocatingWriter::Plan {
+struct MappingWriter::Plan {
   enum class Kind {
     kInPlace,        // COPIED host cluster, no metadata change: just write
     kInPlaceLink,    // COPIED host cluster whose L2 entry changes (zero flag,
@@ -27,7 +32,7 @@ struct AllocatingWriter::Plan {
   Mapping last_old;               // mapping of the tail before the write
 };
 
-Task<Result<size_t>> AllocatingWriter::write_step(uint64_t offset, std::span<const std::byte> buf,
+Task<Result<size_t>> MappingWriter::write_step(uint64_t offset, std::span<const std::byte> buf,
                                                   CoMutex::Guard& guard) {
   uint64_t len = buf.size();
   UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writable_l2_table(offset));
@@ -102,7 +107,7 @@ Task<Result<size_t>> AllocatingWriter::write_step(uint64_t offset, std::span<con
   co_return co_await write_run(plan, offset, buf.first(len), guard);
 }
 
-Task<Result<uint64_t>> AllocatingWriter::alloc_data_clusters(uint64_t guest, uint64_t n) {
+Task<Result<uint64_t>> MappingWriter::alloc_data_clusters(uint64_t guest, uint64_t n) {
   if (p_.header.has_data_file()) {
     // QEMU's do_alloc_cluster_offset: with an external data file, the host
     // cluster of a guest cluster is the same offset in the data file, and no
@@ -114,7 +119,7 @@ Task<Result<uint64_t>> AllocatingWriter::alloc_data_clusters(uint64_t guest, uin
   co_return co_await p_.refcounts.alloc_clusters(n);
 }
 
-Task<Result<size_t>> AllocatingWriter::write_run(const Plan& plan, uint64_t offset,
+Task<Result<size_t>> MappingWriter::write_run(const Plan& plan, uint64_t offset,
                                            std::span<const std::byte> data, CoMutex::Guard& guard) {
   const uint64_t cs = p_.geo.cluster_size;
   const uint64_t first_guest = p_.geo.start_of_cluster(offset);
@@ -172,7 +177,7 @@ Task<Result<size_t>> AllocatingWriter::write_run(const Plan& plan, uint64_t offs
   co_return data.size();
 }
 
-bool AllocatingWriter::zero_cow(const Mapping& old, uint64_t from, uint64_t to) const {
+bool MappingWriter::zero_cow(const Mapping& old, uint64_t from, uint64_t to) const {
   // Does the guest see zeros in [from, to) of a cluster being replaced? Only
   // decided from the mapping type, without I/O: zero clusters, or unallocated
   // ones with no backing data there. (Extended L2 clusters with a host
@@ -189,7 +194,7 @@ bool AllocatingWriter::zero_cow(const Mapping& old, uint64_t from, uint64_t to) 
   }
 }
 
-Task<Status> AllocatingWriter::write_with_cow(const Plan& plan, uint64_t offset,
+Task<Status> MappingWriter::write_with_cow(const Plan& plan, uint64_t offset,
                                         std::span<const std::byte> data, uint64_t head_start,
                                         uint64_t tail_end, bool cow_is_zero) {
   const uint64_t first_guest = p_.geo.start_of_cluster(offset);
@@ -225,7 +230,7 @@ Task<Status> AllocatingWriter::write_with_cow(const Plan& plan, uint64_t offset,
   co_return co_await p_.data_file.co_writev(host, std::span<iovec>(iov, n));
 }
 
-Task<Status> AllocatingWriter::write_cow_encrypted(uint64_t host, uint64_t offset, std::span<const std::byte> data,
+Task<Status> MappingWriter::write_cow_encrypted(uint64_t host, uint64_t offset, std::span<const std::byte> data,
                                                    uint64_t head_start, uint64_t tail_end) {
   // [head_start, tail_end) is registered in flight: the COW data read here
   // (decrypted with the old mapping) cannot change until link_l2.
@@ -239,7 +244,7 @@ Task<Status> AllocatingWriter::write_cow_encrypted(uint64_t host, uint64_t offse
   co_return co_await p_.data_file.co_write(host, b);
 }
 
-Task<Status> AllocatingWriter::link_l2(const Plan& plan, uint64_t first_guest, uint64_t head_start,
+Task<Status> MappingWriter::link_l2(const Plan& plan, uint64_t first_guest, uint64_t head_start,
                                  uint64_t tail_end) {
   const uint64_t cs = p_.geo.cluster_size;
   const bool new_clusters = plan.kind == Plan::Kind::kNewClusters;
@@ -257,11 +262,9 @@ Task<Status> AllocatingWriter::link_l2(const Plan& plan, uint64_t first_guest, u
     const uint64_t guest = first_guest + k * cs;
     // The L2 table may have been replaced while the lock was released (a
     // snapshot makes it shared): look it up again.
-    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writable_l2_table(guest));
-    const uint64_t slice = p_.map.slice_offset(l2, guest);
-    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await p_.map.l2_cache().get(slice));
-    L2Slice entries(ref.data(), p_.geo);
-    const uint64_t index = p_.map.slice_index(guest);
+    UQ_CO_ASSIGN_OR_RETURN(EntryRef at, co_await writable_entry(guest));
+    L2Slice entries = at.slice(p_.geo);
+    const uint64_t index = at.index;
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
     // Invariant: while this range is registered in flight, nothing else
@@ -288,14 +291,20 @@ Task<Status> AllocatingWriter::link_l2(const Plan& plan, uint64_t first_guest, u
       uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
       entries.set_bitmap(index, alloc | (zero << 32));
     }
-    p_.map.l2_cache().mark_dirty(ref);
+    p_.map.l2_cache().mark_dirty(at.ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
   }
   for (uint64_t old : to_free) UQ_CO_TRY(co_await p_.freed.defer(old, false));
   co_return Status();
 }
 
-Task<Result<uint64_t>> AllocatingWriter::writable_l2_table(uint64_t offset) {
+Task<Result<MappingWriter::EntryRef>> MappingWriter::writable_entry(uint64_t offset) {
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writable_l2_table(offset));
+  UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await p_.map.l2_cache().get(p_.map.slice_offset(l2, offset)));
+  co_return EntryRef{std::move(ref), p_.map.slice_index(offset)};
+}
+
+Task<Result<uint64_t>> MappingWriter::writable_l2_table(uint64_t offset) {
   // QEMU's get_cluster_table + l2_allocate: returns an L2 table with
   // refcount 1 (COPIED), allocating a fresh one or copying a shared one.
   const uint64_t l1_index = p_.geo.l1_index(offset);
@@ -346,5 +355,126 @@ Task<Result<uint64_t>> AllocatingWriter::writable_l2_table(uint64_t offset) {
   }
   co_return *new_l2;
 }
+
+Task<Status> MappingWriter::zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode, uint64_t disk_size,
+                                          bool pass_discard, std::vector<std::pair<uint64_t, uint64_t>>& by_writing) {
+  const uint64_t end = offset + len;
+  const bool discard_mode = mode == ZeroMode::kDiscard || mode == ZeroMode::kFullDiscard;
+  const bool full_discard = mode == ZeroMode::kFullDiscard;
+  const bool may_unmap = mode != ZeroMode::kZero;
+  std::vector<uint64_t> to_free;
+  while (offset < end) {
+    const uint64_t guest_cluster = p_.geo.start_of_cluster(offset);
+    const uint64_t chunk_end = std::min(end, guest_cluster + p_.geo.cluster_size);
+    const bool whole = offset == guest_cluster && (chunk_end == guest_cluster + p_.geo.cluster_size || chunk_end == disk_size);
+    auto l2_now = p_.map.l2_table_of(offset);
+    if (!l2_now.ok()) co_return p_.reporter.fatal(std::move(l2_now).error());
+    if (discard_mode && *l2_now == 0 && (!o_.backing_size || full_discard)) {  // nothing allocated here
+      offset = chunk_end;
+      continue;
+    }
+    UQ_CO_ASSIGN_OR_RETURN(EntryRef at, co_await writable_entry(offset));
+    L2Slice entries = at.slice(p_.geo);
+    const uint64_t index = at.index;
+    const uint64_t old = entries.entry(index);
+    const uint64_t old_bitmap = entries.bitmap(index);
+    const bool compressed = old & kOflagCompressed;
+    const bool allocated = compressed || l2_has_host(old, p_.header.has_data_file());
+    uint64_t entry = old, bitmap = old_bitmap;
+    bool free_old = false;
+    if (full_discard) {
+      entry = 0;
+      bitmap = 0;
+      free_old = allocated;
+    } else if (discard_mode) {
+      if (o_.backing_size || allocated) {
+        entry = p_.geo.extended_l2 ? 0 : (p_.header.version >= 3 ? kOflagZero : 0);
+        bitmap = p_.geo.extended_l2 ? kZeroMask : 0;
+        free_old = allocated;
+      }
+    } else if (whole) {
+      const bool unmap = compressed || (may_unmap && allocated);
+      entry = unmap ? 0 : old;
+      if (p_.geo.extended_l2) {
+        bitmap = kZeroMask;
+      } else {
+        entry |= kOflagZero;
+      }
+      free_old = unmap;
+    } else {
+      // Part of a cluster (extended L2 only): mark those subclusters zero.
+      if (compressed) {
+        // A compressed cluster has no subclusters: write zeros into it
+        // (decompressing it) once the other clusters are done and freed.
+        // Returning here instead leaked the clusters zeroed so far and left
+        // the rest of the range unzeroed.
+        by_writing.emplace_back(offset, chunk_end - offset);
+        offset = chunk_end;
+        continue;
+      }
+      uint32_t sc0 = p_.geo.subcluster_index(offset);
+      uint32_t sc1 = static_cast<uint32_t>((chunk_end - guest_cluster + p_.geo.subcluster_size - 1) >> p_.geo.subcluster_bits);
+      uint64_t range = ((sc1 >= 32 ? kAllocMask : ((1ull << sc1) - 1))) & ~((1ull << sc0) - 1);
+      bitmap = (old_bitmap | (range << 32)) & ~range;
+    }
+    if (entry != old || bitmap != old_bitmap) {
+      entries.set(index, entry, bitmap);
+      p_.map.l2_cache().mark_dirty(at.ref);
+      if (free_old) to_free.push_back(old);
+    }
+    offset = chunk_end;
+  }
+  for (uint64_t old : to_free) UQ_CO_TRY(co_await p_.freed.defer(old, pass_discard));
+  co_return Status();
+}
+
+Task<Status> MappingWriter::write_compressed_step(uint64_t offset, std::span<const uint8_t> data,
+                                                  CoMutex::Guard& guard) {
+  {
+    UQ_CO_ASSIGN_OR_RETURN(EntryRef at, co_await writable_entry(offset));
+    const uint64_t old = at.slice(p_.geo).entry(at.index);
+    // Compression never overwrites: QEMU refuses with EIO as well.
+    if ((old & kL2OffsetMask) || (old & kOflagCompressed)) {
+      co_return Error(EIO, "compressed write to an allocated cluster at " + std::to_string(offset) +
+                               " (compression can only fill unallocated clusters)");
+    }
+  }
+  UQ_CO_ASSIGN_OR_RETURN(uint64_t coffset, co_await p_.refcounts.alloc_bytes(data.size()));
+  const uint64_t nb_csectors = ((coffset + data.size() - 1) >> 9) - (coffset >> 9);
+  const uint64_t l2e = kOflagCompressed | (nb_csectors << p_.geo.csize_shift) | coffset;
+  // Unregistered when this returns, with the lock held again.
+  AllocationsInFlight::Allocation flight(p_.inflight, offset, offset + p_.geo.cluster_size);
+  guard.unlock();
+  Status s = p_.overlap.check_data_write(coffset, data.size());
+  if (s.ok()) {
+    p_.file.debug_event(BlkDebugEvent::kWriteCompressed);
+    s = co_await p_.file.co_write(coffset, std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size()));
+  }
+  guard = co_await p_.lock.scoped_lock();
+  if (s.ok()) {
+    if (!o_.lazy_refcounts) s = co_await p_.map.l2_cache().depend_on(p_.refcounts.cache());
+    auto at = co_await writable_entry(offset);
+    if (!at.ok()) s = std::move(at).error();
+    if (s.ok()) {
+      L2Slice entries = at->slice(p_.geo);
+      // Invariant (see link_l2): the range was registered in flight, so
+      // the entry is still the unallocated one checked above.
+      const uint64_t now = entries.entry(at->index);
+      if ((now & kL2OffsetMask) || (now & kOflagCompressed)) {
+        s = Error(EIO, "internal error: the L2 entry of guest offset " + std::to_string(offset) +
+                           " was allocated while a compressed write to it was in flight");
+      } else {
+        // The compressed data is durable before the entry (see link_l2).
+        p_.map.l2_cache().set_depends_on_flush();
+        p_.file.debug_event(BlkDebugEvent::kL2UpdateCompressed);
+        entries.set(at->index, l2e, 0);
+        p_.map.l2_cache().mark_dirty(at->ref);
+      }
+    }
+  }
+  if (!s.ok()) (void)co_await p_.refcounts.update_refcount(coffset, data.size(), -1, false);
+  co_return s;
+}
+
 
 }  // namespace uqcow::qcow2

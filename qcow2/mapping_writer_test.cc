@@ -1,13 +1,15 @@
-// Unit tests of AllocatingWriter alone, over the mapping and the refcounts
+// Unit tests of MappingWriter alone, over the mapping and the refcounts
 // of a fresh image (component_fixture.h), with the allocations in flight,
 // the freed-cluster queue and a recording copy-on-write source: new
 // clusters are linked COPIED and counted; copy-on-write data comes from the
 // guest's view around the write (or from the file's zeroing); a COPIED
 // cluster is overwritten in place; an entry changed while a write to it was
 // in flight is refused; a shared L2 table is copied before it is written;
-// damage is fatal before anything is written. `qemu-img check` and
+// damage is fatal before anything is written; zeroing keeps or frees host
+// clusters as its mode says; a compressed cluster is linked only where
+// nothing is allocated. `qemu-img check` and
 // `qemu-io` are the oracles for the image on disk.
-#include "qcow2/allocating_writer.h"
+#include "qcow2/mapping_writer.h"
 
 #include <gtest/gtest.h>
 
@@ -21,6 +23,7 @@
 
 #include "engine/in_flight.h"
 #include "qcow2/component_fixture.h"
+#include "qcow2/compress.h"
 #include "qcow2/tables.h"
 
 namespace uqcow::qcow2 {
@@ -28,7 +31,7 @@ namespace {
 
 std::vector<std::byte> pattern(size_t n, uint8_t value) { return std::vector<std::byte>(n, std::byte{value}); }
 
-class AllocatingWriterTest : public ComponentFixture {
+class MappingWriterTest : public ComponentFixture {
  protected:
   void TearDown() override {
     writer_.reset();
@@ -39,7 +42,7 @@ class AllocatingWriterTest : public ComponentFixture {
   // (unallocated clusters then need copy-on-write from the guest's view).
   void make_writer(std::optional<uint64_t> backing_size = std::nullopt) {
     freed_.emplace(geo_, *file_, *file_, requests_, *refcounts_, *l2_cache_, *reporter_);
-    writer_.emplace(AllocatingWriter::Parts{.file = *file_,
+    writer_.emplace(MappingWriter::Parts{.file = *file_,
                                             .data_file = *file_,
                                             .header = header_,
                                             .geo = geo_,
@@ -50,7 +53,7 @@ class AllocatingWriterTest : public ComponentFixture {
                                             .overlap = *overlap_,
                                             .reporter = *reporter_,
                                             .lock = lock_},
-                    AllocatingWriter::Options{.backing_size = backing_size},
+                    MappingWriter::Options{.backing_size = backing_size},
                     [this](uint64_t guest, std::span<std::byte> out) { return read_guest(guest, out); });
   }
   // The copy-on-write source: records the request, answers cow_byte_, and
@@ -63,7 +66,7 @@ class AllocatingWriterTest : public ComponentFixture {
   }
   // One write_step at `offset` with the lock held, as the image calls it.
   Result<size_t> write_step(uint64_t offset, const std::vector<std::byte>& data, bool* lock_kept = nullptr) {
-    return run([](AllocatingWriterTest* t, uint64_t offset, const std::vector<std::byte>& data,
+    return run([](MappingWriterTest* t, uint64_t offset, const std::vector<std::byte>& data,
                   bool* lock_kept) -> Task<Result<size_t>> {
       auto guard = co_await t->lock_.scoped_lock();
       auto r = co_await t->writer_->write_step(offset, data, guard);
@@ -124,17 +127,34 @@ class AllocatingWriterTest : public ComponentFixture {
     l2_cache_->mark_dirty(*ref);
   }
 
+  // zero_clusters() over [offset, offset + len) with the lock held.
+  Status zero(uint64_t offset, uint64_t len, MappingWriter::ZeroMode mode,
+              std::vector<std::pair<uint64_t, uint64_t>>* by_writing = nullptr) {
+    std::vector<std::pair<uint64_t, uint64_t>> ignored;
+    return run([](MappingWriterTest* t, uint64_t offset, uint64_t len, MappingWriter::ZeroMode mode,
+                  std::vector<std::pair<uint64_t, uint64_t>>& out) -> Task<Status> {
+      auto guard = co_await t->lock_.scoped_lock();
+      co_return co_await t->writer_->zero_clusters(offset, len, mode, uint64_t{1} << 30, false, out);
+    }(this, offset, len, mode, by_writing ? *by_writing : ignored));
+  }
+  Status write_compressed(uint64_t offset, std::span<const uint8_t> data) {
+    return run([](MappingWriterTest* t, uint64_t offset, std::span<const uint8_t> data) -> Task<Status> {
+      auto guard = co_await t->lock_.scoped_lock();
+      co_return co_await t->writer_->write_compressed_step(offset, data, guard);
+    }(this, offset, data));
+  }
+
   InFlightTracker requests_;
   AllocationsInFlight inflight_{kCluster};
   std::optional<FreedClusters> freed_;
   CoMutex lock_;
-  std::optional<AllocatingWriter> writer_;
+  std::optional<MappingWriter> writer_;
   std::vector<std::pair<uint64_t, uint64_t>> cow_reads_;
   uint8_t cow_byte_ = 0x5a;
   std::function<Task<void>()> on_cow_;
 };
 
-TEST_F(AllocatingWriterTest, NewClustersAreLinkedCopiedAndCounted) {
+TEST_F(MappingWriterTest, NewClustersAreLinkedCopiedAndCounted) {
   make_writer();
   const uint64_t at = (1 << 20) + 4096;
   auto done = write_step(at, pattern(4096, 0xab));
@@ -154,7 +174,7 @@ TEST_F(AllocatingWriterTest, NewClustersAreLinkedCopiedAndCounted) {
   EXPECT_EQ(qemu_io({"read -P 0 1M 4k", "read -P 0xab 1052672 4k", "read -P 0 1056768 60k"}), "");
 }
 
-TEST_F(AllocatingWriterTest, CopyOnWriteReadsTheGuestViewAroundTheData) {
+TEST_F(MappingWriterTest, CopyOnWriteReadsTheGuestViewAroundTheData) {
   make_writer(/*backing_size=*/uint64_t{1} << 30);
   const uint64_t at = kCluster + 8192;
   auto done = write_step(at, pattern(4096, 0xab));
@@ -168,7 +188,7 @@ TEST_F(AllocatingWriterTest, CopyOnWriteReadsTheGuestViewAroundTheData) {
   EXPECT_EQ(file_bytes(host + 12288, kCluster - 12288), pattern(kCluster - 12288, 0x5a));
 }
 
-TEST_F(AllocatingWriterTest, ACopiedClusterIsOverwrittenInPlace) {
+TEST_F(MappingWriterTest, ACopiedClusterIsOverwrittenInPlace) {
   make_writer(uint64_t{1} << 30);
   ASSERT_TRUE(write_step(0, pattern(kCluster, 1)).ok());
   const uint64_t host = mapping(0).host_offset;
@@ -187,7 +207,7 @@ TEST_F(AllocatingWriterTest, ACopiedClusterIsOverwrittenInPlace) {
   }());
 }
 
-TEST_F(AllocatingWriterTest, AnEntryChangedWhileTheWriteWasInFlightIsRefused) {
+TEST_F(MappingWriterTest, AnEntryChangedWhileTheWriteWasInFlightIsRefused) {
   make_writer(uint64_t{1} << 30);
   // The COW read runs with the lock released: something that ignored the
   // allocation in flight changes the entry there.
@@ -204,7 +224,7 @@ TEST_F(AllocatingWriterTest, AnEntryChangedWhileTheWriteWasInFlightIsRefused) {
   EXPECT_EQ(mapping(3 * kCluster).type, SubclusterType::kZeroPlain) << "the other change is not overwritten";
 }
 
-TEST_F(AllocatingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
+TEST_F(MappingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
   make_writer();
   ASSERT_TRUE(write_step(0, pattern(kCluster, 9)).ok());
   const uint64_t table = map_->l1().at(0) & kL1OffsetMask;
@@ -212,7 +232,7 @@ TEST_F(AllocatingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
   // Share the table, as a snapshot does: refcount 2, L1 entry not COPIED.
   ASSERT_TRUE(run(refcounts_->update_refcount(table, kCluster, +1, false)).ok());
   map_->set_active_l1_entry(0, table);
-  auto fresh = run([](AllocatingWriter& w) -> Task<Result<uint64_t>> {
+  auto fresh = run([](MappingWriter& w) -> Task<Result<uint64_t>> {
     co_return co_await w.writable_l2_table(0);
   }(*writer_));
   ASSERT_TRUE(fresh.ok()) << fresh.error().message();
@@ -228,7 +248,7 @@ TEST_F(AllocatingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
   EXPECT_EQ(qemu_io({"read -P 9 0 64k"}), "");
 }
 
-TEST_F(AllocatingWriterTest, DamageIsFatalBeforeAnythingIsWritten) {
+TEST_F(MappingWriterTest, DamageIsFatalBeforeAnythingIsWritten) {
   make_writer();
   ASSERT_TRUE(write_step(0, pattern(4096, 1)).ok());
   // A COPIED entry whose host offset is not cluster aligned.
@@ -239,6 +259,54 @@ TEST_F(AllocatingWriterTest, DamageIsFatalBeforeAnythingIsWritten) {
   EXPECT_EQ(done.error().code(), EIO);
   EXPECT_EQ(marks_, marks + 1) << "reported fatal: the image is marked corrupt";
   EXPECT_NE(done.error().message().find("L2 entry"), std::string::npos) << done.error().message();
+}
+
+TEST_F(MappingWriterTest, ZeroingKeepsOrFreesTheHostClusterAsItsModeSays) {
+  make_writer();
+  ASSERT_TRUE(write_step(0, pattern(4 * kCluster, 3)).ok());
+  uint64_t host[4];
+  for (int i = 0; i < 4; ++i) host[i] = mapping(i * kCluster).host_offset;
+  using Mode = MappingWriter::ZeroMode;
+  ASSERT_TRUE(zero(0, kCluster, Mode::kZero).ok());
+  ASSERT_TRUE(zero(kCluster, kCluster, Mode::kZeroMayUnmap).ok());
+  ASSERT_TRUE(zero(2 * kCluster, kCluster, Mode::kDiscard).ok());
+  ASSERT_TRUE(zero(3 * kCluster, kCluster, Mode::kFullDiscard).ok());
+  EXPECT_EQ(mapping(0).type, SubclusterType::kZeroAlloc) << "write -z keeps the host cluster";
+  EXPECT_EQ(mapping(kCluster).type, SubclusterType::kZeroPlain);
+  EXPECT_EQ(mapping(2 * kCluster).type, SubclusterType::kZeroPlain) << "v3: a discard reads as zeros";
+  EXPECT_EQ(mapping(3 * kCluster).type, SubclusterType::kUnallocatedPlain);
+  EXPECT_EQ(refcount(host[0]), 1u);
+  // The three dropped clusters wait for their grace period and a durable
+  // unlink (FreedClusters), then are free.
+  EXPECT_EQ(freed_->size(), 3u);
+  EXPECT_EQ(refcount(host[1]), 1u) << "not freed while the unlink is not durable";
+  flush_all();
+  ASSERT_TRUE(run(freed_->make_unlinks_durable()).ok());
+  ASSERT_TRUE(run(freed_->release()).ok());
+  for (int i = 1; i < 4; ++i) EXPECT_EQ(refcount(host[i]), 0u) << "cluster " << i;
+  flush_all();
+  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1);
+  EXPECT_EQ(qemu_io({"read -P 0 0 256k"}), "");
+}
+
+TEST_F(MappingWriterTest, ACompressedClusterIsLinkedOnlyWhereNothingIsAllocated) {
+  make_writer();
+  std::vector<uint8_t> in(kCluster, 0x33), out(kCluster);
+  auto csize = compress_cluster(header_.compression_type, in, out);
+  ASSERT_TRUE(csize.ok() && *csize > 0);
+  const std::span<const uint8_t> data(out.data(), *csize);
+  ASSERT_TRUE(write_compressed(5 * kCluster, data).ok());
+  EXPECT_EQ(mapping(5 * kCluster).type, SubclusterType::kCompressed);
+  ASSERT_TRUE(write_step(6 * kCluster, pattern(4096, 1)).ok());
+  auto again = write_compressed(6 * kCluster, data);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code(), EIO);
+  EXPECT_NE(again.error().message().find("allocated cluster"), std::string::npos) << again.error().message();
+  EXPECT_FALSE(write_compressed(5 * kCluster, data).ok()) << "nor over a compressed one";
+  flush_all();
+  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1)
+      << "the refused writes gave their bytes back";
+  EXPECT_EQ(qemu_io({"read -P 0x33 320k 64k", "read -P 1 384k 4k"}), "");
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
-// AllocatingWriter: the write path that changes the mapping, QEMU's
-// qcow2-cluster.c allocation half (handle_copied, handle_alloc, the
-// QCowL2Meta COW regions, qcow2_alloc_cluster_link_l2) and l2_allocate.
+// MappingWriter: every change of the guest -> host mapping by a request,
+// QEMU's qcow2-cluster.c write half: allocating writes (handle_copied,
+// handle_alloc, the QCowL2Meta COW regions, qcow2_alloc_cluster_link_l2),
+// l2_allocate, zeroing and discarding clusters (zero_in_l2_slice,
+// discard_in_l2_slice), and linking compressed clusters
+// (qcow2_alloc_compressed_cluster_offset).
 //
 // One step of an allocating write (write_step), entered with the metadata
 // lock held and the allocations in flight it depends on already waited for:
@@ -25,6 +28,8 @@
 #include <functional>
 #include <optional>
 #include <span>
+#include <utility>
+#include <vector>
 
 #include "engine/co_mutex.h"
 #include "engine/result.h"
@@ -37,11 +42,12 @@
 #include "qcow2/inflight.h"
 #include "qcow2/overlap_guard.h"
 #include "qcow2/refcounts.h"
+#include "qcow2/tables.h"
 #include "uring/block_device.h"
 
 namespace uqcow::qcow2 {
 
-class AllocatingWriter {
+class MappingWriter {
  public:
   // The guest's view of [guest, guest + out.size()) as a read sees it now,
   // zeros past the end of the disk: the copy-on-write source. Called with
@@ -69,10 +75,10 @@ class AllocatingWriter {
     std::optional<uint64_t> backing_size;
     ImageEncryption* crypto = nullptr;  // data is stored encrypted
   };
-  AllocatingWriter(Parts parts, Options options, GuestReader read_guest)
+  MappingWriter(Parts parts, Options options, GuestReader read_guest)
       : p_(parts), o_(options), read_guest_(std::move(read_guest)) {}
-  AllocatingWriter(const AllocatingWriter&) = delete;
-  AllocatingWriter& operator=(const AllocatingWriter&) = delete;
+  MappingWriter(const MappingWriter&) = delete;
+  MappingWriter& operator=(const MappingWriter&) = delete;
 
   // Writes a prefix of `buf` at guest `offset` and returns its length:
   // the clusters from `offset` within one L2 slice that can be handled
@@ -90,6 +96,36 @@ class AllocatingWriter {
   // and its refcount are on disk before the L1 entry is. Lock held.
   Task<Result<uint64_t>> writable_l2_table(uint64_t offset);
 
+  // What zero_clusters() makes of each whole cluster (QEMU's
+  // zero_in_l2_slice and discard_in_l2_slice).
+  enum class ZeroMode {
+    kZero,          // zero flag, the host cluster kept (write -z)
+    kZeroMayUnmap,  // zero flag, the host cluster freed (write -z -u)
+    kDiscard,       // freed; reads as zeros (zero flag where needed)
+    kFullDiscard,   // freed and unallocated, whatever a backing file holds
+                    // (the clusters a shrink crops)
+  };
+  // Makes guest [offset, offset + len) read as zeros (or unallocated) by
+  // changing L2 entries alone: whole clusters per `mode`, and with extended
+  // L2 the subclusters of a partial cluster. `offset` and `len` are
+  // subcluster aligned, except that the range may end at `disk_size`, the
+  // disk's partial last cluster. Host clusters no longer referenced go to
+  // FreedClusters (discarded in the file too if `pass_discard`). Parts of
+  // compressed clusters, which only writing zeros can change, are appended
+  // to `by_writing` for the caller to write after releasing the lock. Lock
+  // held, for the whole call; no allocation in flight overlaps the range
+  // (AllocationsInFlight::wait_for_overlapping).
+  Task<Status> zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode, uint64_t disk_size, bool pass_discard,
+                             std::vector<std::pair<uint64_t, uint64_t>>& by_writing);
+
+  // Writes one cluster's compressed `data` (QEMU's
+  // qcow2_co_pwritev_compressed_task): allocates its bytes, registers the
+  // cluster in flight, writes with the lock released, and links the entry.
+  // EIO if the cluster is allocated (compression only fills unallocated
+  // clusters, as in QEMU). Called like write_step; returns with the lock
+  // held.
+  Task<Status> write_compressed_step(uint64_t offset, std::span<const uint8_t> data, CoMutex::Guard& guard);
+
   // Host offset for n new data clusters starting at guest cluster `guest`:
   // fresh clusters of the qcow2 file, or, with an external data file, the
   // guest offset itself (nothing is allocated). Lock held.
@@ -97,6 +133,14 @@ class AllocatingWriter {
 
  private:
   struct Plan;
+  // The entry of guest `offset` in a writable L2 table (writable_l2_table):
+  // its slice, pinned in the cache, and its index there. Lock held.
+  struct EntryRef {
+    MetadataCache::Ref ref;
+    uint64_t index;
+    L2Slice slice(const Geometry& geo) { return L2Slice(ref.data(), geo); }
+  };
+  Task<Result<EntryRef>> writable_entry(uint64_t offset);
   Task<Result<size_t>> write_run(const Plan& plan, uint64_t offset, std::span<const std::byte> data,
                                  CoMutex::Guard& guard);
   // Does the guest see zeros in [from, to) of a cluster being replaced,
