@@ -83,6 +83,12 @@ class ComponentFixture : public ::testing::Test {
     ASSERT_TRUE(run(refcounts_->cache().flush()).ok());
     ASSERT_TRUE(run(file_->co_flush()).ok());
   }
+  // The refcount of the cluster at host offset `host` (all ones on error).
+  uint64_t refcount(uint64_t host) {
+    auto rc = run(refcounts_->get_refcount(host / kCluster));
+    EXPECT_TRUE(rc.ok()) << rc.error().message();
+    return rc.ok() ? *rc : ~uint64_t{0};
+  }
   // Leaked clusters by qemu-img check, or -1 without qemu-img.
   long long qemu_leaks() {
     if (std::system("command -v qemu-img >/dev/null 2>&1") != 0) return -1;

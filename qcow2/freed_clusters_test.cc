@@ -27,11 +27,6 @@ class FreedClustersTest : public ComponentFixture {
     freed_.reset();
     ComponentFixture::TearDown();
   }
-  uint64_t refcount(uint64_t host) {
-    auto rc = run(refcounts_->get_refcount(host / kCluster));
-    EXPECT_TRUE(rc.ok()) << rc.error().message();
-    return rc.ok() ? *rc : ~uint64_t{0};
-  }
   uint64_t alloc() {
     auto a = run(refcounts_->alloc_clusters(1));
     EXPECT_TRUE(a.ok()) << a.error().message();

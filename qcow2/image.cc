@@ -173,6 +173,7 @@ Status Qcow2Image::create_components() {
   refcounts_.emplace(*file_, header_, geo_, std::move(rc), map_->l2_cache(), *overlap_, reporter_);
   snapshots_.emplace(*file_, header_, geo_, *map_, *refcounts_, *overlap_);
   snapshot_refs_.emplace(geo_, *file_, data_file_ != file_.get(), *map_, *refcounts_, reporter_);
+  l1_resize_.emplace(*file_, header_, geo_, *map_, *refcounts_, *overlap_, reporter_);
   freed_.emplace(geo_, *file_, *data_file_, requests_, *refcounts_, map_->l2_cache(), reporter_);
   return Status();
 }

@@ -55,6 +55,7 @@
 #include "qcow2/encryption.h"
 #include "qcow2/freed_clusters.h"
 #include "qcow2/header.h"
+#include "qcow2/l1_resize.h"
 #include "qcow2/inflight.h"
 #include "qcow2/overlap.h"
 #include "qcow2/overlap_guard.h"
@@ -141,7 +142,6 @@ class Qcow2Image final : public Disk {
   Task<Status> zero_over_backing(uint64_t old_size, uint64_t new_size);
   Task<Status> drop_tail(uint64_t new_size);
   Task<Status> zero_partial_cluster(uint64_t from, uint64_t to);
-  Task<Status> grow_l1_for(uint64_t new_size);
 
  public:
 
@@ -229,11 +229,6 @@ class Qcow2Image final : public Disk {
   Task<Status> zero_clusters(uint64_t offset, uint64_t len, ZeroMode mode);
   Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
 
-  // --- Shrinking (shrink.cc), resize() to a smaller size ---------------------
-  // Zeroes the L1 entries from `entries` on (on disk first) and frees their
-  // L2 tables.
-  Task<Status> shrink_l1_table(uint64_t entries);
-
   // --- Overlap check (overlap.cc): building the regions the guard checks ---
   Task<Result<MetadataRegions>> collect_metadata_regions(OverlapMask tracked);
   Task<Status> build_metadata_regions();
@@ -281,6 +276,7 @@ class Qcow2Image final : public Disk {
   std::optional<Refcounts> refcounts_;
   std::optional<SnapshotTable> snapshots_;
   std::optional<SnapshotRefcounts> snapshot_refs_;
+  std::optional<L1Resize> l1_resize_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Allocating writes; set up by prepare_read_write() (read-only opens
   // never change the mapping).

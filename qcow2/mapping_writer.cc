@@ -262,9 +262,11 @@ Task<Status> MappingWriter::link_l2(const Plan& plan, uint64_t first_guest, uint
     const uint64_t guest = first_guest + k * cs;
     // The L2 table may have been replaced while the lock was released (a
     // snapshot makes it shared): look it up again.
-    UQ_CO_ASSIGN_OR_RETURN(EntryRef at, co_await writable_entry(guest));
-    L2Slice entries = at.slice(p_.geo);
-    const uint64_t index = at.index;
+    // (Not writable_entry(): one coroutine frame less per linked cluster.)
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writable_l2_table(guest));
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await p_.map.l2_cache().get(p_.map.slice_offset(l2, guest)));
+    L2Slice entries(ref.data(), p_.geo);
+    const uint64_t index = p_.map.slice_index(guest);
     const uint64_t old = entries.entry(index);
     const uint64_t old_bitmap = entries.bitmap(index);
     // Invariant: while this range is registered in flight, nothing else
@@ -291,7 +293,7 @@ Task<Status> MappingWriter::link_l2(const Plan& plan, uint64_t first_guest, uint
       uint64_t zero = old_had_host_data ? 0 : ((old_bitmap >> 32) & ~written & ~alloc);
       entries.set_bitmap(index, alloc | (zero << 32));
     }
-    p_.map.l2_cache().mark_dirty(at.ref);
+    p_.map.l2_cache().mark_dirty(ref);
     if (new_clusters && ((old & kL2OffsetMask) || (old & kOflagCompressed))) to_free.push_back(old);
   }
   for (uint64_t old : to_free) UQ_CO_TRY(co_await p_.freed.defer(old, false));

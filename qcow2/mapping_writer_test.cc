@@ -85,11 +85,6 @@ class MappingWriterTest : public ComponentFixture {
     EXPECT_TRUE(m.ok());
     return m.ok() ? *m : Mapping{};
   }
-  uint64_t refcount(uint64_t host) {
-    auto rc = run(refcounts_->get_refcount(host / kCluster));
-    EXPECT_TRUE(rc.ok()) << rc.error().message();
-    return rc.ok() ? *rc : ~uint64_t{0};
-  }
   std::vector<std::byte> file_bytes(uint64_t host, size_t n) {
     std::vector<std::byte> out(n);
     EXPECT_TRUE(run(file_->co_read(host, out)).ok());

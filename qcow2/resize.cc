@@ -1,12 +1,11 @@
 // Changing the virtual size (qemu-img resize). Member functions of
 // Qcow2Image, after QEMU's qcow2_co_truncate.
 //
-// Growing may need a larger L1 table: the new table is written and flushed
-// before the header points at it (l1_size and l1_table_offset are adjacent
-// and change in one write), and the old one is freed afterwards, as QEMU's
-// qcow2_grow_l1_table. Shrinking discards every cluster past the new end,
-// frees the L2 tables and refcount blocks that no longer count anything and
-// truncates the file (shrink.cc), as QEMU does. An external data file
+// Growing may need a larger L1 table (L1Resize::grow_for, QEMU's
+// qcow2_grow_l1_table). Shrinking discards every cluster past the new end,
+// frees the L2 tables (L1Resize::shrink_to) and refcount blocks
+// (Refcounts::shrink_refcount_table) that no longer count anything and
+// truncates the file, as QEMU does. An external data file
 // follows the disk's size; a raw one gets the added area preallocated
 // (metadata).
 //
@@ -50,14 +49,14 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   const bool data_file = header_.has_data_file();
   {
     auto guard = co_await lock_.scoped_lock();
-    UQ_CO_TRY(co_await grow_l1_for(new_size));
+    UQ_CO_TRY(co_await l1_resize_->grow_for(new_size, options_.pass_discard_other));
     if (new_size < old_size) {
       // As QEMU's qcow2_co_truncate: the metadata past the new end goes
       // before the size changes, so a failure leaves the old size. The
       // discarded clusters are freed first (no request is in flight to wait
       // for).
       UQ_CO_TRY(co_await flush_metadata());
-      UQ_CO_TRY(co_await shrink_l1_table(l1_entries_for(new_size, geo_)));
+      UQ_CO_TRY(co_await l1_resize_->shrink_to(l1_entries_for(new_size, geo_)));
       UQ_CO_TRY(co_await refcounts_->shrink_refcount_table());
       UQ_CO_TRY(co_await refcounts_->truncate_to_last_cluster());
     }
@@ -154,40 +153,6 @@ Task<Status> Qcow2Image::zero_over_backing(uint64_t old_size, uint64_t new_size)
   if (backing_) end = std::min(end, round_up(backing_->size(), cs));
   if (start >= end) co_return Status();
   co_return co_await write_zeroes_range(start, end - start, false);
-}
-
-Task<Status> Qcow2Image::grow_l1_for(uint64_t new_size) {
-  // Lock held. Nothing in memory changes until the header points at the new
-  // table; a failure before that leaks the new table's clusters at most.
-  const uint64_t cs = geo_.cluster_size;
-  const uint64_t need = l1_entries_for(new_size, geo_);
-  if (need * 8 > kMaxL1Bytes) co_return Error(EFBIG, "size: " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
-  if (need <= map_->l1().size()) co_return Status();
-  // Grow by at least half, as QEMU does, so repeated growth stays cheap.
-  uint64_t entries = std::min<uint64_t>(std::max<uint64_t>(need, map_->l1().size() + map_->l1().size() / 2), kMaxL1Bytes / 8);
-  uint64_t clusters = (entries * 8 + cs - 1) / cs;
-  entries = std::min<uint64_t>(clusters * cs / 8, kMaxL1Bytes / 8);
-  file_->debug_event(BlkDebugEvent::kL1GrowAllocTable);
-  UQ_CO_ASSIGN_OR_RETURN(uint64_t table, co_await refcounts_->alloc_clusters(clusters));
-  UQ_CO_TRY(overlap_->check_metadata_write(table, clusters * cs, "active L1 table"));
-  const std::vector<uint8_t> buf = encode_table(map_->l1(), clusters * cs);
-  // The refcount of the new table, then the table itself, before the header.
-  UQ_CO_TRY(co_await refcounts_->cache().flush());
-  file_->debug_event(BlkDebugEvent::kL1GrowWriteTable);
-  UQ_CO_TRY(co_await file_->co_write(table, std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf.data()), buf.size())));
-  UQ_CO_TRY(co_await file_->co_flush());
-  file_->debug_event(BlkDebugEvent::kL1GrowActivateTable);
-  UQ_CO_TRY(co_await write_header_fields(*file_, {kOffL1Size, entries}, {kOffL1TableOffset, table}));
-  UQ_CO_TRY(co_await file_->co_flush());
-  const uint64_t old_offset = header_.l1_table_offset;
-  const uint64_t old_bytes = (uint64_t{header_.l1_size} * 8 + cs - 1) / cs * cs;
-  overlap_->remove(MetadataKind::kActiveL1, old_offset, old_bytes);
-  overlap_->add(MetadataKind::kActiveL1, table, clusters * cs);
-  header_.l1_table_offset = table;
-  header_.l1_size = static_cast<uint32_t>(entries);
-  map_->grow_l1(entries);
-  if (old_bytes) UQ_CO_TRY(co_await refcounts_->update_refcount(old_offset, old_bytes, -1, options_.pass_discard_other));
-  co_return Status();
 }
 
 }  // namespace uqcow::qcow2

@@ -45,11 +45,6 @@ class SnapshotRefcountsTest : public ComponentFixture {
     for (uint64_t i : {0, 1, 16}) data_.push_back(entries.entry(i) & kL2OffsetMask);
     for (uint64_t d : data_) ASSERT_NE(d, 0u);
   }
-  uint64_t refcount(uint64_t host) {
-    auto rc = run(refcounts_->get_refcount(host / kCluster));
-    EXPECT_TRUE(rc.ok());
-    return rc.ok() ? *rc : ~uint64_t{0};
-  }
   bool copied(uint64_t index) {
     auto slice = run(map_->l2_cache().get(l2_table_));
     EXPECT_TRUE(slice.ok());
