@@ -11,10 +11,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/sync_wait.h"
 #include "qcow2/cache.h"
@@ -24,6 +24,7 @@
 #include "qcow2/new_image.h"
 #include "qcow2/overlap_guard.h"
 #include "qcow2/refcounts.h"
+#include "tests/testutil.h"
 #include "uring/raw_file.h"
 #include "uring/reactor.h"
 
@@ -89,19 +90,29 @@ class ComponentFixture : public ::testing::Test {
     EXPECT_TRUE(rc.ok()) << rc.error().message();
     return rc.ok() ? *rc : ~uint64_t{0};
   }
+  static bool have_qemu_img() { return testing::find_tool("qemu-img").has_value(); }
   // Leaked clusters by qemu-img check, or -1 without qemu-img.
   long long qemu_leaks() {
-    if (std::system("command -v qemu-img >/dev/null 2>&1") != 0) return -1;
-    std::string cmd = "qemu-img check -U --output=json " + path_ + " 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while (p && (n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    if (p) ::pclose(p);
-    EXPECT_NE(out.find("\"check-errors\": 0"), std::string::npos) << out;
-    const size_t at = out.find("\"leaks\": ");
-    return at == std::string::npos ? 0 : std::atoll(out.c_str() + at + 9);
+    if (!testing::find_tool("qemu-img")) return -1;
+    const testing::CommandResult r = testing::run_command({"qemu-img", "check", "-U", "--output=json", path_});
+    EXPECT_NE(r.out.find("\"check-errors\": 0"), std::string::npos) << r.describe();
+    const size_t at = r.out.find("\"leaks\": ");
+    return at == std::string::npos ? 0 : std::atoll(r.out.c_str() + at + 9);
+  }
+  // Runs qemu-io read-only on the image with commands `cmds`: "" when every
+  // command succeeded (a pattern mismatch is a failure), its output
+  // otherwise; "" without qemu-io.
+  std::string qemu_io(const std::vector<std::string>& cmds) {
+    if (!testing::find_tool("qemu-io")) return "";
+    std::vector<std::string> argv = {"qemu-io", "-f", "qcow2", "-r", "-U"};
+    for (const auto& c : cmds) {
+      argv.push_back("-c");
+      argv.push_back(c);
+    }
+    argv.push_back(path_);
+    const testing::CommandResult r = testing::run_command(argv);
+    const bool failed = !r.ok() || r.out.find("fail") != std::string::npos || r.err.find("fail") != std::string::npos;
+    return failed ? r.describe() : "";
   }
 
   uint32_t refcount_bits_;

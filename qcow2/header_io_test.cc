@@ -13,6 +13,7 @@
 
 #include "engine/sync_wait.h"
 #include "qcow2/new_image.h"
+#include "tests/testutil.h"
 #include "uring/raw_file.h"
 #include "uring/reactor.h"
 
@@ -52,13 +53,10 @@ class HeaderIoTest : public ::testing::Test {
   }
   // qemu-img info's "virtual size" line in bytes, or -1 without qemu-img.
   long long qemu_virtual_size() {
-    if (std::system("command -v qemu-img >/dev/null 2>&1") != 0) return -1;
-    std::string cmd = "qemu-img info --output=json -U " + path_ + " | sed -n 's/.*\"virtual-size\": \\([0-9]*\\).*/\\1/p'";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    long long v = -2;
-    if (p && std::fscanf(p, "%lld", &v) != 1) v = -2;
-    if (p) ::pclose(p);
-    return v;
+    if (!testing::find_tool("qemu-img")) return -1;
+    const testing::CommandResult r = testing::run_command({"qemu-img", "info", "--output=json", "-U", path_});
+    const size_t at = r.out.find("\"virtual-size\": ");
+    return r.ok() && at != std::string::npos ? std::atoll(r.out.c_str() + at + 16) : -2;
   }
 
   std::unique_ptr<uring::Reactor> reactor_;

@@ -48,6 +48,7 @@
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
 #include "qcow2/mapping_writer.h"
+#include "qcow2/metadata_walk.h"
 #include "qcow2/cache.h"
 #include "qcow2/cluster_map.h"
 #include "qcow2/corruption.h"
@@ -167,7 +168,6 @@ class Qcow2Image final : public Disk {
   // Writes `table` as the active L1; l1_ becomes `table` only if it succeeds.
   Task<Status> write_active_l1(const std::vector<uint64_t>& table);
   Task<Status> flush_metadata();
-  Task<Result<std::vector<uint64_t>>> read_l1_table(uint64_t offset, uint32_t entries);
   // --- End of internal snapshots --------------------------------------------
 
  public:
@@ -230,7 +230,8 @@ class Qcow2Image final : public Disk {
   Task<Status> write_compressed_cluster(uint64_t offset, std::span<const uint8_t> data);
 
   // --- Overlap check (overlap.cc): building the regions the guard checks ---
-  Task<Result<MetadataRegions>> collect_metadata_regions(OverlapMask tracked);
+  // What collect_metadata_regions (metadata_walk.h) walks.
+  ImageTables image_tables() const;
   Task<Status> build_metadata_regions();
 
   // --- Encrypted data (encrypted_io.cc) --------------------------------------

@@ -8,7 +8,6 @@
 
 #include <gtest/gtest.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "qcow2/component_fixture.h"
@@ -50,7 +49,6 @@ class L1ResizeTest : public ComponentFixture {
     EXPECT_TRUE(table.ok());
     return table.ok() ? *table : std::vector<uint64_t>{};
   }
-  bool have_qemu_img() { return std::system("command -v qemu-img >/dev/null 2>&1") == 0; }
 
   std::optional<L1Resize> resize_;
 };

@@ -13,7 +13,6 @@
 
 #include <gtest/gtest.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <optional>
@@ -95,22 +94,6 @@ class MappingWriterTest : public ComponentFixture {
     ASSERT_TRUE(run(l2_cache_->flush()).ok());
     flush();
   }
-  // qemu-io's verdict on `cmds` (each a qemu-io command): "" when every
-  // command succeeded, its output otherwise. Skipped without qemu-io.
-  std::string qemu_io(const std::vector<std::string>& cmds) {
-    if (std::system("command -v qemu-io >/dev/null 2>&1") != 0) return "";
-    std::string cmd = "qemu-io -f qcow2 -r -U";
-    for (const auto& c : cmds) cmd += " -c '" + c + "'";
-    cmd += " " + path_ + " 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while (p && (n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    const int status = p ? ::pclose(p) : -1;
-    const bool failed = status != 0 || out.find("fail") != std::string::npos;
-    return failed ? out : "";
-  }
   // The L2 entry of `guest` in the active table, as a writable slice.
   void set_l2_entry(uint64_t guest, uint64_t l2e) {
     const uint64_t table = map_->l1().at(geo_.l1_index(guest)) & kL1OffsetMask;
@@ -165,7 +148,7 @@ TEST_F(MappingWriterTest, NewClustersAreLinkedCopiedAndCounted) {
   EXPECT_EQ(file_bytes(host, 4096), pattern(4096, 0));
   EXPECT_EQ(file_bytes(host + 4096, 4096), pattern(4096, 0xab));
   flush_all();
-  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1);
+  EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 0 : -1);
   EXPECT_EQ(qemu_io({"read -P 0 1M 4k", "read -P 0xab 1052672 4k", "read -P 0 1056768 60k"}), "");
 }
 
@@ -239,7 +222,7 @@ TEST_F(MappingWriterTest, ASharedL2TableIsCopiedBeforeItIsWritten) {
   flush_all();
   // Nothing but the (here unreferenced) old table is left over: in a real
   // image the snapshot's L1 table still points at it.
-  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 1 : -1);
+  EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 1 : -1);
   EXPECT_EQ(qemu_io({"read -P 9 0 64k"}), "");
 }
 
@@ -280,7 +263,7 @@ TEST_F(MappingWriterTest, ZeroingKeepsOrFreesTheHostClusterAsItsModeSays) {
   ASSERT_TRUE(run(freed_->release()).ok());
   for (int i = 1; i < 4; ++i) EXPECT_EQ(refcount(host[i]), 0u) << "cluster " << i;
   flush_all();
-  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1);
+  EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 0 : -1);
   EXPECT_EQ(qemu_io({"read -P 0 0 256k"}), "");
 }
 
@@ -299,7 +282,7 @@ TEST_F(MappingWriterTest, ACompressedClusterIsLinkedOnlyWhereNothingIsAllocated)
   EXPECT_NE(again.error().message().find("allocated cluster"), std::string::npos) << again.error().message();
   EXPECT_FALSE(write_compressed(5 * kCluster, data).ok()) << "nor over a compressed one";
   flush_all();
-  EXPECT_EQ(qemu_leaks(), std::system("command -v qemu-img >/dev/null 2>&1") == 0 ? 0 : -1)
+  EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 0 : -1)
       << "the refused writes gave their bytes back";
   EXPECT_EQ(qemu_io({"read -P 0x33 320k 64k", "read -P 1 384k 4k"}), "");
 }

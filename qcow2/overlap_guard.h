@@ -5,7 +5,7 @@
 // through the CorruptionReporter.
 //
 // Invariant (read-write opens): the regions are exactly those the image's
-// collect_metadata_regions() would find from the header, the active L1
+// collect_metadata_regions() (metadata_walk.h) would find from the header, the active L1
 // table, the refcount table, the snapshot table and the snapshot L1 tables,
 // for the kinds checked. Whoever moves, adds or drops one of those
 // structures updates the guard in the same step (add/remove/l2_tables).

@@ -108,10 +108,6 @@ Task<Status> Qcow2Image::snapshot_create(const std::string& name) {
   co_return co_await flush_metadata();
 }
 
-Task<Result<std::vector<uint64_t>>> Qcow2Image::read_l1_table(uint64_t offset, uint32_t entries) {
-  co_return co_await read_table(*file_, offset, entries);
-}
-
 Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   auto exclusive = co_await exclusive_.scoped_lock();  // see image.h
   UQ_CO_TRY(check_snapshot_support());
@@ -133,7 +129,7 @@ Task<Status> Qcow2Image::snapshot_delete(const std::string& key) {
   UQ_CO_TRY(co_await snapshots_->replace(std::move(next), options_.pass_discard_snapshot));
   const uint64_t l1_bytes = round_up(uint64_t{sn.l1_size} * 8, geo_.cluster_size);
   overlap_->remove(MetadataKind::kInactiveL1, sn.l1_table_offset, l1_bytes);
-  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> l1, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> l1, co_await read_table(*file_, sn.l1_table_offset, sn.l1_size));
   // Its L2 tables stop being inactive ones for this snapshot before any of
   // them can be freed and reused.
   overlap_->l2_tables(MetadataKind::kInactiveL2, l1, false);
@@ -167,7 +163,7 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   }
   UQ_CO_TRY(co_await flush_metadata());
   OverlapGuard::SharedL2Rewrite rewrite(*overlap_);  // as in snapshot_delete
-  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> next, co_await read_l1_table(sn.l1_table_offset, sn.l1_size));
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint64_t> next, co_await read_table(*file_, sn.l1_table_offset, sn.l1_size));
   next.resize(map_->l1().size(), 0);
   // The snapshot's clusters gain the active reference, and those counts reach
   // the disk before the active L1 points at them.

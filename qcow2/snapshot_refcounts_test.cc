@@ -6,7 +6,6 @@
 #include "qcow2/snapshot_refcounts.h"
 
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cstdlib>
 #include <optional>
@@ -19,18 +18,13 @@
 namespace uqcow::qcow2 {
 namespace {
 
-// The command's exit code (-1 if it did not exit).
-int sh(const std::string& cmd) {
-  const int status = std::system((cmd + " >/dev/null 2>&1").c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 class SnapshotRefcountsTest : public ComponentFixture {
  protected:
   void make_image() override {
-    if (sh("command -v qemu-img && command -v qemu-io") != 0) GTEST_SKIP() << "qemu-img/qemu-io not installed";
-    ASSERT_EQ(sh("qemu-img create -f qcow2 " + path_ + " 64M"), 0);
-    ASSERT_EQ(sh("qemu-io -c 'write -P 1 0 128k' -c 'write -P 2 1M 64k' " + path_), 0);
+    if (!testing::require_tool("qemu-img") || !testing::require_tool("qemu-io")) return;
+    ASSERT_TRUE(testing::Succeeded(testing::run_command({"qemu-img", "create", "-f", "qcow2", path_, "64M"})));
+    ASSERT_TRUE(testing::Succeeded(
+        testing::run_command({"qemu-io", "-c", "write -P 1 0 128k", "-c", "write -P 2 1M 64k", path_})));
   }
   void SetUp() override {
     ComponentFixture::SetUp();
@@ -58,7 +52,7 @@ class SnapshotRefcountsTest : public ComponentFixture {
     ASSERT_TRUE(run(file_->co_write(header_.l1_table_offset, std::as_bytes(std::span(raw)))).ok());
     ASSERT_TRUE(run(file_->co_flush()).ok());
   }
-  int qemu_check() { return sh("qemu-img check -U " + path_); }
+  int qemu_check() { return testing::run_command({"qemu-img", "check", "-U", path_}).exit_code; }
 
   std::optional<SnapshotRefcounts> walk_;
   std::vector<uint64_t> l1_;
