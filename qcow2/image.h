@@ -122,13 +122,6 @@ class Qcow2Image final : public Disk {
   Task<Status> preallocate(Preallocation mode);
 
  private:
-  struct HostRun {
-    uint64_t host = 0, length = 0;
-  };
-  // Links every cluster of guest [start, end) that has no host cluster to a
-  // new one, and appends the host ranges it linked to `runs`. `fresh`: the
-  // range must be unallocated (EEXIST otherwise). Lock held.
-  Task<Status> preallocate_metadata(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs);
   // The length QEMU gives a preallocated external data file for a disk of
   // `disk_size` bytes.
   uint64_t data_file_end(uint64_t disk_size) const;

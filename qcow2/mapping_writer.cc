@@ -479,4 +479,55 @@ Task<Status> MappingWriter::write_compressed_step(uint64_t offset, std::span<con
 }
 
 
+Task<Status> MappingWriter::preallocate(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs) {
+  const uint64_t cs = p_.geo.cluster_size;
+  const bool df = p_.header.has_data_file();
+  for (uint64_t offset = p_.geo.start_of_cluster(start); offset < end;) {
+    UQ_CO_ASSIGN_OR_RETURN(uint64_t l2, co_await writable_l2_table(offset));
+    const uint64_t per_slice = p_.map.entries_per_slice();
+    const uint64_t index = p_.map.slice_index(offset);
+    const uint64_t nb = std::min(per_slice - index, p_.geo.size_to_clusters(end - offset));
+    UQ_CO_ASSIGN_OR_RETURN(auto ref, co_await p_.map.l2_cache().get(p_.map.slice_offset(l2, offset)));
+    // The clusters of this slice that have no host cluster yet; those that
+    // have one (the old last cluster of a grown disk) keep it.
+    std::vector<uint64_t> todo;
+    for (uint64_t k = 0; k < nb; ++k) {
+      const uint64_t l2e = ConstL2Slice(ref.data(), p_.geo).entry(index + k);
+      if (l2e == 0) {
+        todo.push_back(k);
+      } else if (fresh) {
+        co_return Error(EEXIST, "preallocation: the image already has data");
+      }
+    }
+    ref.reset();
+    if (!todo.empty()) {
+      // One run of fresh host clusters for the slice; with a data file each
+      // cluster's host offset is its guest offset (alloc_data_clusters).
+      uint64_t host = 0;
+      if (!df) {
+        UQ_CO_ASSIGN_OR_RETURN(host, co_await p_.refcounts.alloc_clusters(todo.size()));
+        if (!o_.lazy_refcounts) UQ_CO_TRY(co_await p_.map.l2_cache().depend_on(p_.refcounts.cache()));
+      }
+      UQ_CO_ASSIGN_OR_RETURN(auto slice, co_await p_.map.l2_cache().get(p_.map.slice_offset(l2, offset)));
+      for (size_t i = 0; i < todo.size(); ++i) {
+        const uint64_t k = todo[i];
+        const uint64_t h = df ? offset + k * cs : host + i * cs;
+        // Extended L2: reserved clusters whose subclusters are unallocated
+        // (bitmap 0), as QEMU's preallocation leaves them. They read as
+        // zeros: preallocation is refused with a backing file, and a raw
+        // data file holds zeros there.
+        L2Slice(slice.data(), p_.geo).set(index + k, h | kOflagCopied, 0);
+        if (!runs.empty() && runs.back().host + runs.back().length == h) {
+          runs.back().length += cs;
+        } else {
+          runs.push_back({h, cs});
+        }
+      }
+      p_.map.l2_cache().mark_dirty(slice);
+    }
+    offset += nb * cs;
+  }
+  co_return Status();
+}
+
 }  // namespace uqcow::qcow2

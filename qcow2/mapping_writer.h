@@ -3,7 +3,7 @@
 // handle_alloc, the QCowL2Meta COW regions, qcow2_alloc_cluster_link_l2),
 // l2_allocate, zeroing and discarding clusters (zero_in_l2_slice,
 // discard_in_l2_slice), and linking compressed clusters
-// (qcow2_alloc_compressed_cluster_offset).
+// (qcow2_alloc_compressed_cluster_offset), and preallocation.
 //
 // One step of an allocating write (write_step), entered with the metadata
 // lock held and the allocations in flight it depends on already waited for:
@@ -125,6 +125,19 @@ class MappingWriter {
   // clusters, as in QEMU). Called like write_step; returns with the lock
   // held.
   Task<Status> write_compressed_step(uint64_t offset, std::span<const uint8_t> data, CoMutex::Guard& guard);
+
+  // Preallocation (qemu-img create -o preallocation=..., and the area a
+  // resize adds under a raw data file): links every cluster of guest
+  // [start, end) that has no host cluster to a fresh one (its own guest
+  // offset with an external data file), in runs of one allocation per L2
+  // slice, as "reserved" entries (OFLAG_COPIED, extended-L2 bitmap 0: they
+  // read as zeros). Appends the host ranges linked to `runs`, merging
+  // adjacent ones. `fresh`: the range must be unallocated (EEXIST
+  // otherwise); else clusters that have a host cluster keep it. Lock held.
+  struct HostRun {
+    uint64_t host = 0, length = 0;
+  };
+  Task<Status> preallocate(uint64_t start, uint64_t end, bool fresh, std::vector<HostRun>& runs);
 
   // Host offset for n new data clusters starting at guest cluster `guest`:
   // fresh clusters of the qcow2 file, or, with an external data file, the

@@ -7,7 +7,8 @@
 // in flight is refused; a shared L2 table is copied before it is written;
 // damage is fatal before anything is written; zeroing keeps or frees host
 // clusters as its mode says; a compressed cluster is linked only where
-// nothing is allocated. `qemu-img check` and
+// nothing is allocated; preallocation links reserved clusters in one run
+// and keeps what is there. `qemu-img check` and
 // `qemu-io` are the oracles for the image on disk.
 #include "qcow2/mapping_writer.h"
 
@@ -120,6 +121,14 @@ class MappingWriterTest : public ComponentFixture {
       auto guard = co_await t->lock_.scoped_lock();
       co_return co_await t->writer_->write_compressed_step(offset, data, guard);
     }(this, offset, data));
+  }
+
+  Status preallocate(uint64_t start, uint64_t end, bool fresh, std::vector<MappingWriter::HostRun>& runs) {
+    return run([](MappingWriterTest* t, uint64_t start, uint64_t end, bool fresh,
+                  std::vector<MappingWriter::HostRun>& runs) -> Task<Status> {
+      auto guard = co_await t->lock_.scoped_lock();
+      co_return co_await t->writer_->preallocate(start, end, fresh, runs);
+    }(this, start, end, fresh, runs));
   }
 
   InFlightTracker requests_;
@@ -285,6 +294,34 @@ TEST_F(MappingWriterTest, ACompressedClusterIsLinkedOnlyWhereNothingIsAllocated)
   EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 0 : -1)
       << "the refused writes gave their bytes back";
   EXPECT_EQ(qemu_io({"read -P 0x33 320k 64k", "read -P 1 384k 4k"}), "");
+}
+
+TEST_F(MappingWriterTest, PreallocationLinksReservedClustersAndKeepsWhatIsThere) {
+  make_writer();
+  using Runs = std::vector<MappingWriter::HostRun>;
+  Runs runs;
+  ASSERT_TRUE(preallocate(0, 4 * kCluster, true, runs).ok());
+  ASSERT_EQ(runs.size(), 1u) << "one allocation for the slice, one run";
+  EXPECT_EQ(runs[0].length, 4 * kCluster);
+  for (uint64_t i = 0; i < 4; ++i) {
+    const Mapping m = mapping(i * kCluster);
+    EXPECT_TRUE(m.copied);
+    EXPECT_EQ(m.host_offset, runs[0].host + i * kCluster);
+    EXPECT_EQ(refcount(m.host_offset), 1u);
+  }
+  Runs again;
+  auto refused = preallocate(0, 4 * kCluster, true, again);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code(), EEXIST);
+  // Not fresh (a resize's added area): what is mapped keeps its cluster.
+  Runs grown;
+  ASSERT_TRUE(preallocate(3 * kCluster, 6 * kCluster, false, grown).ok());
+  ASSERT_EQ(grown.size(), 1u);
+  EXPECT_EQ(grown[0].length, 2 * kCluster) << "clusters 4 and 5 only";
+  EXPECT_EQ(mapping(3 * kCluster).host_offset, runs[0].host + 3 * kCluster);
+  flush_all();
+  EXPECT_EQ(qemu_leaks(), have_qemu_img() ? 0 : -1);
+  EXPECT_EQ(qemu_io({"read -P 0 0 384k"}), "") << "preallocated clusters read as zeros";
 }
 
 }  // namespace

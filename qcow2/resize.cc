@@ -64,8 +64,8 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
       // QEMU's qcow2_co_truncate: a raw data file reads as the disk only if
       // the L2 tables map every guest cluster 1:1, so the added area is
       // preallocated (metadata), as creation preallocates the whole disk.
-      std::vector<HostRun> runs;
-      UQ_CO_TRY(co_await preallocate_metadata(old_size, new_size, /*fresh=*/false, runs));
+      std::vector<MappingWriter::HostRun> runs;
+      UQ_CO_TRY(co_await writer_->preallocate(old_size, new_size, /*fresh=*/false, runs));
       UQ_CO_TRY(co_await map_->l2_cache().flush());
       UQ_CO_TRY(co_await refcounts_->cache().flush());
       UQ_CO_TRY(co_await file_->co_flush());
