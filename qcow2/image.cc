@@ -189,22 +189,22 @@ Task<Status> Qcow2Image::prepare_read_write() {
     UQ_CO_TRY(co_await repair_after_crash());
   }
   UQ_CO_TRY(co_await refcounts_->load_refcount_table());
-  writer_.emplace(
-      MappingWriter::Parts{.file = *file_,
-                              .data_file = *data_file_,
-                              .header = header_,
-                              .geo = geo_,
-                              .map = *map_,
-                              .refcounts = *refcounts_,
-                              .inflight = *inflight_,
-                              .freed = *freed_,
-                              .overlap = *overlap_,
-                              .reporter = reporter_,
-                              .lock = lock_},
-      MappingWriter::Options{.lazy_refcounts = lazy_refcounts_,
-                                .backing_size = backing_ ? std::optional<uint64_t>(backing_->size()) : std::nullopt,
-                                .crypto = crypto_.get()},
-      [this](uint64_t guest, std::span<std::byte> out) { return read_cow(guest, out); });
+  writer_.emplace(MappingWriter::Parts{.file = *file_,
+                                       .data_file = *data_file_,
+                                       .header = header_,
+                                       .geo = geo_,
+                                       .map = *map_,
+                                       .refcounts = *refcounts_,
+                                       .inflight = *inflight_,
+                                       .freed = *freed_,
+                                       .overlap = *overlap_,
+                                       .reporter = reporter_,
+                                       .lock = lock_},
+                  MappingWriter::Options{.lazy_refcounts = lazy_refcounts_,
+                                         .backing_size = backing_ ? std::optional<uint64_t>(backing_->size())
+                                                                  : std::nullopt,
+                                         .crypto = crypto_.get()},
+                  [this](uint64_t guest, std::span<std::byte> out) { return read_cow(guest, out); });
   UQ_CO_TRY(co_await build_metadata_regions());
   map_->l2_cache().set_write_check(&overlap_->l2_cache_check());
   refcounts_->cache().set_write_check(&overlap_->refcount_cache_check());
@@ -455,7 +455,8 @@ Task<Status> Qcow2Image::close() {
     Status b = co_await backing_->close();
     if (status.ok() && !b.ok()) status = b;
   }
-  crypto_.reset();  // wipes the key schedules; no request is in flight now
+  writer_.reset();  // it holds crypto_ (and no request is in flight now)
+  crypto_.reset();  // wipes the key schedules
   file_->release_locks();
   if (data_file_storage_) data_file_storage_->release_locks();
   closed_ = true;

@@ -2,8 +2,8 @@
 // QEMU's qcow2-cluster.c write half: allocating writes (handle_copied,
 // handle_alloc, the QCowL2Meta COW regions, qcow2_alloc_cluster_link_l2),
 // l2_allocate, zeroing and discarding clusters (zero_in_l2_slice,
-// discard_in_l2_slice), and linking compressed clusters
-// (qcow2_alloc_compressed_cluster_offset), and preallocation.
+// discard_in_l2_slice), linking compressed clusters
+// (qcow2_alloc_compressed_cluster_offset) and preallocation.
 //
 // One step of an allocating write (write_step), entered with the metadata
 // lock held and the allocations in flight it depends on already waited for:
