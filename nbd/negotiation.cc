@@ -1,7 +1,9 @@
 // The fixed-newstyle handshake. Option data is read whole (bounded by
 // kMaxOptionLength) before it is parsed, so every reply, even an error, leaves
 // the stream at the next option header.
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "nbd/protocol.h"
@@ -147,7 +149,15 @@ Task<Status> Negotiation::greet() {
   UQ_CO_TRY(co_await send_all(fd_, hello, sizeof hello));
   std::byte client_flags[4];
   UQ_CO_TRY(co_await recv_exact(fd_, client_flags, sizeof client_flags));
-  no_zeroes_ = (load_be32(client_flags) & kFlagNoZeroes) != 0;
+  const uint32_t flags = load_be32(client_flags);
+  // proto.md: a server that does not know a client flag MUST close the
+  // connection (run()'s error does; no option reply can be sent yet).
+  if (flags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) {
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "0x%08x", static_cast<unsigned>(flags));
+    co_return Error(EPROTO, std::string("client flags ") + hex + " set bits this server does not know");
+  }
+  no_zeroes_ = (flags & kClientFlagNoZeroes) != 0;
   co_return ok_status();
 }
 

@@ -16,6 +16,9 @@ constexpr uint64_t kOptionMagic = 0x49484156454f5054ull;  // "IHAVEOPT"
 constexpr uint64_t kOptionReplyMagic = 0x3e889045565a9ull;
 constexpr uint16_t kFlagFixedNewstyle = 1 << 0;
 constexpr uint16_t kFlagNoZeroes = 1 << 1;
+// Client flags (the 32 bits the client answers the greeting with).
+constexpr uint32_t kClientFlagFixedNewstyle = 1 << 0;
+constexpr uint32_t kClientFlagNoZeroes = 1 << 1;
 
 // Transmission flags (per export).
 constexpr uint16_t kFlagHasFlags = 1 << 0;

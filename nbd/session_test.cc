@@ -350,6 +350,22 @@ TEST_F(SessionTest, UnknownOptionsAreRefusedAndTheHandshakeGoesOn) {
   EXPECT_TRUE(out.transmission_returned);
 }
 
+// proto.md: a server that does not know a client flag closes the
+// connection; there is no way to refuse it with a reply.
+TEST_F(SessionTest, UnknownClientFlagsCloseTheConnection) {
+  ASSERT_NO_FATAL_FAILURE(start());
+  Client& c = client();
+  ASSERT_TRUE(c.greeting()) << c.error();
+  ASSERT_TRUE(c.send_client_flags(wire::kClientFixedNewstyle | (1u << 5)));
+  EXPECT_TRUE(c.closed_by_server()) << c.error();
+
+  ServerOutcome out = finish();
+  EXPECT_FALSE(out.negotiated);
+  EXPECT_NE(out.negotiation.message().find("client flags 0x00000021"), std::string::npos)
+      << out.negotiation.message();
+  EXPECT_FALSE(out.transmission_returned);
+}
+
 TEST_F(SessionTest, AbortEndsTheSessionWithoutTransmission) {
   ASSERT_NO_FATAL_FAILURE(start());
   Client& c = client();
@@ -627,6 +643,33 @@ TEST_F(SessionTest, OutOfRangeRequestsAreRefusedAndTheSessionContinues) {
   ASSERT_NO_FATAL_FAILURE(expect_reads_match(Model()));
   ASSERT_NO_FATAL_FAILURE(disconnect());
   EXPECT_TRUE(SameBytes(finish().contents, Model().all()));
+}
+
+// proto.md: a flag not valid for its command, or not advertised (DF,
+// FAST_ZERO), or undefined is refused with EINVAL, and nothing is done;
+// FUA is valid on every command. The session goes on.
+TEST_F(SessionTest, CommandFlagsNotValidForTheCommandAreRefused) {
+  ASSERT_NO_FATAL_FAILURE(connect());
+  Client& c = client();
+  const uint16_t kDf = 1 << 2, kFastZero = 1 << 4;
+  Model m;
+  EXPECT_TRUE(Failed(c.call(wire::kCmdRead, 0, 4096, wire::kCmdFlagNoHole), c, wire::kEinval));
+  EXPECT_TRUE(Failed(c.call(wire::kCmdRead, 0, 4096, kDf), c, wire::kEinval)) << "DF is not advertised";
+  EXPECT_TRUE(Failed(c.write(0, pattern(0, 4096, 1), wire::kCmdFlagReqOne), c, wire::kEinval));
+  EXPECT_TRUE(Failed(c.call(wire::kCmdWriteZeroes, 0, 4096, kFastZero), c, wire::kEinval))
+      << "FAST_ZERO is not advertised";
+  EXPECT_TRUE(Failed(c.call(wire::kCmdFlush, 0, 0, 1 << 15), c, wire::kEinval)) << "undefined bit";
+  ASSERT_NO_FATAL_FAILURE(expect_reads_match(m)) << "the refused write wrote nothing";
+  // The valid combinations are served.
+  const Bytes data = pattern(8192, 4096, 2);
+  EXPECT_TRUE(Ok(c.write(8192, data, wire::kCmdFlagFua), c));
+  m.write(8192, data);
+  EXPECT_TRUE(Ok(c.call(wire::kCmdRead, 8192, 4096, wire::kCmdFlagFua), c)) << "FUA is valid on any command";
+  EXPECT_TRUE(Ok(c.call(wire::kCmdWriteZeroes, 65536, 4096, wire::kCmdFlagNoHole), c));
+  EXPECT_TRUE(Ok(c.call(wire::kCmdBlockStatus, 0, kSize, wire::kCmdFlagReqOne), c));
+  ASSERT_NO_FATAL_FAILURE(expect_reads_match(m));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+  EXPECT_TRUE(SameBytes(finish().contents, m.all()));
 }
 
 // Queues writes, reads and a flush, then `last` (a request header sent as
