@@ -124,12 +124,23 @@ uint32_t Session::validate(const Request& req) const {
   bool writes = req.type == kCmdWrite || req.type == kCmdTrim || req.type == kCmdWriteZeroes;
   if (writes && exp_.read_only) return kEperm;
   if (req.type == kCmdBlockStatus && !negotiated_.base_allocation) return kEinval;
+  // A block-status reply describes a non-empty range: refuse a zero length,
+  // as qemu-nbd does ("need non-zero length").
+  if (req.type == kCmdBlockStatus && req.length == 0) return kEinval;
   return 0;
 }
 
 // One OFFSET_DATA chunk (or a simple reply) carrying the whole range: the
 // data is read straight into the reply buffer behind the header.
 Task<Status> Session::do_read(const Request& req) {
+  if (req.length == 0 && negotiated_.structured_replies) {
+    // An OFFSET_DATA chunk carries at least one byte (proto.md): a
+    // zero-length read gets the final chunk alone.
+    std::byte done[ChunkHeader::kSize];
+    ChunkHeader{kReplyFlagDone, kReplyTypeNone, req.handle, 0}.store(done);
+    co_await send_reply(done, sizeof done);
+    co_return ok_status();
+  }
   size_t header = negotiated_.structured_replies ? ChunkHeader::kSize + 8 : SimpleReply::kSize;
   std::vector<std::byte> buf(header + req.length);
   UQ_CO_TRY(co_await exp_.disk->read(req.offset, std::span(buf).subspan(header)));

@@ -672,6 +672,22 @@ TEST_F(SessionTest, CommandFlagsNotValidForTheCommandAreRefused) {
   EXPECT_TRUE(SameBytes(finish().contents, m.all()));
 }
 
+// Zero-length requests (proto.md leaves them to the server): a READ is
+// answered with a valid reply carrying no data (an OFFSET_DATA chunk must
+// carry at least one byte), BLOCK_STATUS is refused with EINVAL as qemu-nbd
+// does (its reply must describe a non-empty range), and the session goes on.
+TEST_F(SessionTest, ZeroLengthReadsAndBlockStatusGetValidReplies) {
+  ASSERT_NO_FATAL_FAILURE(connect());
+  Client& c = client();
+  auto read = c.read(4096, 0);
+  ASSERT_TRUE(Ok(read, c));
+  EXPECT_TRUE(read->data.empty());
+  EXPECT_TRUE(Failed(c.call(wire::kCmdBlockStatus, 0, 0), c, wire::kEinval));
+  EXPECT_TRUE(Ok(c.call(wire::kCmdFlush, 0, 0), c));
+  ASSERT_NO_FATAL_FAILURE(expect_reads_match(Model()));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
 // Queues writes, reads and a flush, then `last` (a request header sent as
 // is); every queued request must be answered before the server closes the
 // connection, and every write must be on the disk afterwards.
