@@ -230,7 +230,7 @@ Task<Result<Negotiated>> Negotiation::run() {
 uint16_t Export::transmission_flags() const {
   // CAN_MULTI_CONN: every connection shares one Disk, so a flush on any of
   // them covers the writes completed on all of them.
-  uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagCanMultiConn;
+  uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagCanMultiConn | kFlagSendCache;
   if (read_only) return flags | kFlagReadOnly;
   return flags | kFlagSendTrim | kFlagSendWriteZeroes;
 }

@@ -28,6 +28,7 @@ constexpr uint16_t kFlagSendFua = 1 << 3;
 constexpr uint16_t kFlagSendTrim = 1 << 5;
 constexpr uint16_t kFlagSendWriteZeroes = 1 << 6;
 constexpr uint16_t kFlagCanMultiConn = 1 << 8;
+constexpr uint16_t kFlagSendCache = 1 << 10;
 
 // Options.
 constexpr uint32_t kOptExportName = 1;

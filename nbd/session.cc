@@ -51,6 +51,7 @@ class Session {
   Task<Status> do_read(const Request& req);
   Task<Status> do_block_status(const Request& req);
   Task<Status> execute(const Request& req, const std::vector<std::byte>& payload);
+  Task<Status> prefetch(const Request& req);
   // Sends `len` bytes under the send lock; a failed send shuts the socket
   // down so the reader loop ends too.
   Task<void> send_reply(const std::byte* data, size_t len);
@@ -114,7 +115,7 @@ uint32_t Session::validate(const Request& req) const {
   if (req.type == kCmdBlockStatus) allowed |= kCmdFlagReqOne;
   if (req.flags & ~allowed) return kEinval;
   if (req.length > kMaxPayload && req.type != kCmdTrim && req.type != kCmdWriteZeroes &&
-      req.type != kCmdBlockStatus) {
+      req.type != kCmdBlockStatus && req.type != kCmdCache) {
     return kEinval;
   }
   uint64_t size = exp_.disk->size();
@@ -196,6 +197,21 @@ Task<Status> Session::do_block_status(const Request& req) {
   co_return ok_status();
 }
 
+// NBD_CMD_CACHE: reads the range through the disk and drops the data, so
+// that its L2 slices are in the L2 cache and its data in the host's page
+// cache for the reads that follow (qemu-nbd reads with BDRV_REQ_PREFETCH).
+// One bounded scratch buffer per request, whatever the length.
+Task<Status> Session::prefetch(const Request& req) {
+  constexpr uint64_t kChunk = 1 << 20;
+  std::vector<std::byte> scratch(std::min<uint64_t>(req.length, kChunk));
+  for (uint64_t done = 0; done < req.length;) {
+    const uint64_t n = std::min<uint64_t>(req.length - done, kChunk);
+    UQ_CO_TRY(co_await exp_.disk->read(req.offset + done, std::span(scratch).first(n)));
+    done += n;
+  }
+  co_return ok_status();
+}
+
 // Runs a validated request. Returns an error to be sent as the reply; on
 // success the reply has been sent (or the socket is broken).
 Task<Status> Session::execute(const Request& req, const std::vector<std::byte>& payload) {
@@ -214,8 +230,10 @@ Task<Status> Session::execute(const Request& req, const std::vector<std::byte>& 
     case kCmdTrim:
       UQ_CO_TRY(co_await disk.discard(req.offset, req.length));
       break;
+    case kCmdCache:
+      UQ_CO_TRY(co_await prefetch(req));
+      break;
     case kCmdFlush:
-    case kCmdCache:  // advisory; nothing to prefetch into
       break;
     default:
       co_return Error(EINVAL, "unknown command");

@@ -285,7 +285,8 @@ TEST_F(SessionTest, GoAdvertisesTheExportAndEntersTransmission) {
   EXPECT_EQ(info.size, kSize);
   EXPECT_TRUE(info.flags & wire::kFlagHasFlags);
   EXPECT_FALSE(info.flags & wire::kFlagReadOnly);
-  for (uint16_t f : {wire::kFlagSendFlush, wire::kFlagSendFua, wire::kFlagSendTrim, wire::kFlagSendWriteZeroes}) {
+  for (uint16_t f : {wire::kFlagSendFlush, wire::kFlagSendFua, wire::kFlagSendTrim, wire::kFlagSendWriteZeroes,
+                     wire::kFlagSendCache}) {
     EXPECT_TRUE(info.flags & f) << "transmission flags " << info.flags << " lack " << f;
   }
   if (info.block_sizes) {
@@ -667,6 +668,23 @@ TEST_F(SessionTest, CommandFlagsNotValidForTheCommandAreRefused) {
   EXPECT_TRUE(Ok(c.call(wire::kCmdRead, 8192, 4096, wire::kCmdFlagFua), c)) << "FUA is valid on any command";
   EXPECT_TRUE(Ok(c.call(wire::kCmdWriteZeroes, 65536, 4096, wire::kCmdFlagNoHole), c));
   EXPECT_TRUE(Ok(c.call(wire::kCmdBlockStatus, 0, kSize, wire::kCmdFlagReqOne), c));
+  ASSERT_NO_FATAL_FAILURE(expect_reads_match(m));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+  EXPECT_TRUE(SameBytes(finish().contents, m.all()));
+}
+
+// NBD_CMD_CACHE (advertised): served for any in-range length (with or
+// without FUA), refused past the end like a READ, and changes nothing.
+TEST_F(SessionTest, CacheIsServedInRangeAndChangesNothing) {
+  ASSERT_NO_FATAL_FAILURE(connect());
+  Client& c = client();
+  Model m;
+  const Bytes data = pattern(kCluster, 3 * kCluster, 9);
+  ASSERT_TRUE(Ok(c.write(kCluster, data), c));
+  m.write(kCluster, data);
+  EXPECT_TRUE(Ok(c.call(wire::kCmdCache, 0, kSize), c));
+  EXPECT_TRUE(Ok(c.call(wire::kCmdCache, kCluster + 100, 5000, wire::kCmdFlagFua), c));
+  EXPECT_TRUE(Failed(c.call(wire::kCmdCache, kSize - 512, 1024), c, wire::kEinval));
   ASSERT_NO_FATAL_FAILURE(expect_reads_match(m));
   ASSERT_NO_FATAL_FAILURE(disconnect());
   EXPECT_TRUE(SameBytes(finish().contents, m.all()));

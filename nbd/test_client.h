@@ -64,6 +64,7 @@ constexpr uint16_t kFlagSendFlush = 1 << 2;
 constexpr uint16_t kFlagSendFua = 1 << 3;
 constexpr uint16_t kFlagSendTrim = 1 << 5;
 constexpr uint16_t kFlagSendWriteZeroes = 1 << 6;
+constexpr uint16_t kFlagSendCache = 1 << 10;
 // Requests.
 constexpr uint32_t kRequestMagic = 0x25609513u;
 constexpr uint16_t kCmdRead = 0;
@@ -71,6 +72,7 @@ constexpr uint16_t kCmdWrite = 1;
 constexpr uint16_t kCmdDisc = 2;
 constexpr uint16_t kCmdFlush = 3;
 constexpr uint16_t kCmdTrim = 4;
+constexpr uint16_t kCmdCache = 5;
 constexpr uint16_t kCmdWriteZeroes = 6;
 constexpr uint16_t kCmdBlockStatus = 7;
 constexpr uint16_t kCmdFlagFua = 1 << 0;
