@@ -88,7 +88,7 @@ Task<Status> Negotiation::info_or_go(uint32_t option, const std::vector<std::byt
   std::vector<std::byte> info(12);
   store_be16(info.data(), kInfoExport);
   store_be64(info.data() + 2, exp_.disk->size());
-  store_be16(info.data() + 10, exp_.transmission_flags());
+  store_be16(info.data() + 10, exp_.transmission_flags(result_.structured_replies));
   UQ_CO_TRY(co_await reply(option, kRepInfo, info));
   std::vector<std::byte> sizes(14);
   store_be16(sizes.data(), kInfoBlockSize);
@@ -136,7 +136,7 @@ Task<Status> Negotiation::meta_context(uint32_t option, const std::vector<std::b
 Task<Status> Negotiation::export_name_reply() {
   std::vector<std::byte> buf(10 + (no_zeroes_ ? 0 : 124));
   store_be64(buf.data(), exp_.disk->size());
-  store_be16(buf.data() + 8, exp_.transmission_flags());
+  store_be16(buf.data() + 8, exp_.transmission_flags(result_.structured_replies));
   co_return co_await send_all(fd_, buf.data(), buf.size());
 }
 
@@ -227,10 +227,12 @@ Task<Result<Negotiated>> Negotiation::run() {
 
 }  // namespace
 
-uint16_t Export::transmission_flags() const {
+uint16_t Export::transmission_flags(bool structured_replies) const {
   // CAN_MULTI_CONN: every connection shares one Disk, so a flush on any of
-  // them covers the writes completed on all of them.
+  // them covers the writes completed on all of them. SEND_DF: a READ is
+  // always answered in one chunk (Session::do_read), so DF costs nothing.
   uint16_t flags = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagCanMultiConn | kFlagSendCache;
+  if (structured_replies) flags |= kFlagSendDf;
   if (read_only) return flags | kFlagReadOnly;
   return flags | kFlagSendTrim | kFlagSendWriteZeroes;
 }

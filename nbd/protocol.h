@@ -27,6 +27,7 @@ constexpr uint16_t kFlagSendFlush = 1 << 2;
 constexpr uint16_t kFlagSendFua = 1 << 3;
 constexpr uint16_t kFlagSendTrim = 1 << 5;
 constexpr uint16_t kFlagSendWriteZeroes = 1 << 6;
+constexpr uint16_t kFlagSendDf = 1 << 7;
 constexpr uint16_t kFlagCanMultiConn = 1 << 8;
 constexpr uint16_t kFlagSendCache = 1 << 10;
 
@@ -69,6 +70,7 @@ enum Command : uint16_t {
 };
 constexpr uint16_t kCmdFlagFua = 1 << 0;
 constexpr uint16_t kCmdFlagNoHole = 1 << 1;
+constexpr uint16_t kCmdFlagDf = 1 << 2;
 constexpr uint16_t kCmdFlagReqOne = 1 << 3;
 
 constexpr uint16_t kReplyFlagDone = 1 << 0;

@@ -107,11 +107,14 @@ Task<void> Session::reply_ok(const Request& req) {
 uint32_t Session::validate(const Request& req) const {
   // Command flags (proto.md, "Request message" and each flag's text): FUA is
   // valid on every command (SEND_FUA is advertised); NO_HOLE only on
-  // WRITE_ZEROES; REQ_ONE only on BLOCK_STATUS. DF and FAST_ZERO are not
-  // advertised and no other bit is defined: a request carrying one is
-  // refused with EINVAL rather than served with the flag ignored.
+  // WRITE_ZEROES; DF only on READ, once structured replies are negotiated
+  // (SEND_DF is advertised then; do_read always answers in one chunk);
+  // REQ_ONE only on BLOCK_STATUS. FAST_ZERO is not advertised and no other
+  // bit is defined: a request carrying one is refused with EINVAL rather
+  // than served with the flag ignored.
   uint16_t allowed = kCmdFlagFua;
   if (req.type == kCmdWriteZeroes) allowed |= kCmdFlagNoHole;
+  if (req.type == kCmdRead && negotiated_.structured_replies) allowed |= kCmdFlagDf;
   if (req.type == kCmdBlockStatus) allowed |= kCmdFlagReqOne;
   if (req.flags & ~allowed) return kEinval;
   if (req.length > kMaxPayload && req.type != kCmdTrim && req.type != kCmdWriteZeroes &&

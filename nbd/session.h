@@ -16,7 +16,9 @@ struct Export {
   std::string name;
   Disk* disk = nullptr;
   bool read_only = false;
-  uint16_t transmission_flags() const;
+  // The flags sent with the export; DF only once structured replies are
+  // negotiated (proto.md).
+  uint16_t transmission_flags(bool structured_replies) const;
 };
 
 // What the handshake agreed on.

@@ -286,7 +286,7 @@ TEST_F(SessionTest, GoAdvertisesTheExportAndEntersTransmission) {
   EXPECT_TRUE(info.flags & wire::kFlagHasFlags);
   EXPECT_FALSE(info.flags & wire::kFlagReadOnly);
   for (uint16_t f : {wire::kFlagSendFlush, wire::kFlagSendFua, wire::kFlagSendTrim, wire::kFlagSendWriteZeroes,
-                     wire::kFlagSendCache}) {
+                     wire::kFlagSendCache, wire::kFlagSendDf}) {
     EXPECT_TRUE(info.flags & f) << "transmission flags " << info.flags << " lack " << f;
   }
   if (info.block_sizes) {
@@ -414,6 +414,7 @@ TEST_F(SessionTest, ExportNameWithSimpleRepliesOverARawFile) {
   ASSERT_TRUE(c.recv(8 + 2 + 124, &reply)) << c.error();
   EXPECT_EQ(load_be64(reply.data()), kSize);
   EXPECT_TRUE(load_be16(reply.data() + 8) & wire::kFlagHasFlags);
+  EXPECT_FALSE(load_be16(reply.data() + 8) & wire::kFlagSendDf) << "DF needs structured replies";
   EXPECT_TRUE(std::all_of(reply.begin() + 10, reply.end(), [](uint8_t b) { return b == 0; }));
 
   Model m;
@@ -421,6 +422,7 @@ TEST_F(SessionTest, ExportNameWithSimpleRepliesOverARawFile) {
   ASSERT_TRUE(Ok(c.write(1000, data), c));
   m.write(1000, data);
   EXPECT_TRUE(Failed(c.read(kSize - 100, 200), c, wire::kEinval));
+  EXPECT_TRUE(Failed(c.call(wire::kCmdRead, 0, 4096, wire::kCmdFlagDf), c, wire::kEinval)) << "DF not advertised";
   ASSERT_NO_FATAL_FAILURE(expect_reads_match(m));
   ASSERT_NO_FATAL_FAILURE(disconnect());
   ServerOutcome out = finish();
@@ -646,16 +648,16 @@ TEST_F(SessionTest, OutOfRangeRequestsAreRefusedAndTheSessionContinues) {
   EXPECT_TRUE(SameBytes(finish().contents, Model().all()));
 }
 
-// proto.md: a flag not valid for its command, or not advertised (DF,
-// FAST_ZERO), or undefined is refused with EINVAL, and nothing is done;
-// FUA is valid on every command. The session goes on.
+// proto.md: a flag not valid for its command, or not advertised
+// (FAST_ZERO), or undefined is refused with EINVAL, and nothing is done;
+// FUA is valid on every command, DF on READ. The session goes on.
 TEST_F(SessionTest, CommandFlagsNotValidForTheCommandAreRefused) {
   ASSERT_NO_FATAL_FAILURE(connect());
   Client& c = client();
-  const uint16_t kDf = 1 << 2, kFastZero = 1 << 4;
+  const uint16_t kFastZero = 1 << 4;
   Model m;
   EXPECT_TRUE(Failed(c.call(wire::kCmdRead, 0, 4096, wire::kCmdFlagNoHole), c, wire::kEinval));
-  EXPECT_TRUE(Failed(c.call(wire::kCmdRead, 0, 4096, kDf), c, wire::kEinval)) << "DF is not advertised";
+  EXPECT_TRUE(Failed(c.write(0, pattern(0, 4096, 1), wire::kCmdFlagDf), c, wire::kEinval)) << "DF is for READ";
   EXPECT_TRUE(Failed(c.write(0, pattern(0, 4096, 1), wire::kCmdFlagReqOne), c, wire::kEinval));
   EXPECT_TRUE(Failed(c.call(wire::kCmdWriteZeroes, 0, 4096, kFastZero), c, wire::kEinval))
       << "FAST_ZERO is not advertised";
@@ -666,6 +668,9 @@ TEST_F(SessionTest, CommandFlagsNotValidForTheCommandAreRefused) {
   EXPECT_TRUE(Ok(c.write(8192, data, wire::kCmdFlagFua), c));
   m.write(8192, data);
   EXPECT_TRUE(Ok(c.call(wire::kCmdRead, 8192, 4096, wire::kCmdFlagFua), c)) << "FUA is valid on any command";
+  auto whole = c.call(wire::kCmdRead, 0, 3 * 8192, wire::kCmdFlagDf);
+  ASSERT_TRUE(Ok(whole, c)) << "DF: one chunk";
+  EXPECT_TRUE(SameBytes(whole->data, m.read(0, 3 * 8192)));
   EXPECT_TRUE(Ok(c.call(wire::kCmdWriteZeroes, 65536, 4096, wire::kCmdFlagNoHole), c));
   EXPECT_TRUE(Ok(c.call(wire::kCmdBlockStatus, 0, kSize, wire::kCmdFlagReqOne), c));
   ASSERT_NO_FATAL_FAILURE(expect_reads_match(m));

@@ -64,6 +64,7 @@ constexpr uint16_t kFlagSendFlush = 1 << 2;
 constexpr uint16_t kFlagSendFua = 1 << 3;
 constexpr uint16_t kFlagSendTrim = 1 << 5;
 constexpr uint16_t kFlagSendWriteZeroes = 1 << 6;
+constexpr uint16_t kFlagSendDf = 1 << 7;
 constexpr uint16_t kFlagSendCache = 1 << 10;
 // Requests.
 constexpr uint32_t kRequestMagic = 0x25609513u;
@@ -77,6 +78,7 @@ constexpr uint16_t kCmdWriteZeroes = 6;
 constexpr uint16_t kCmdBlockStatus = 7;
 constexpr uint16_t kCmdFlagFua = 1 << 0;
 constexpr uint16_t kCmdFlagNoHole = 1 << 1;
+constexpr uint16_t kCmdFlagDf = 1 << 2;
 constexpr uint16_t kCmdFlagReqOne = 1 << 3;
 // Replies.
 constexpr uint32_t kSimpleReplyMagic = 0x67446698u;
