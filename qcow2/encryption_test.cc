@@ -6,9 +6,7 @@
 #include "qcow2/encryption.h"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,13 +32,8 @@ class ImageEncryptionTest : public ::testing::Test {
     auto reactor = uring::Reactor::create();
     ASSERT_TRUE(reactor.ok());
     reactor_ = std::move(reactor).value();
-    const char* dir = std::getenv("TEST_TMPDIR");
-    path_ = std::string(dir && *dir ? dir : "/tmp") + "/encryption_test." + std::to_string(::getpid());
   }
-  void TearDown() override {
-    file_.reset();
-    ::unlink(path_.c_str());
-  }
+  void TearDown() override { file_.reset(); }
   template <class T>
   T run(Task<T> task) {
     return sync_wait(*reactor_, std::move(task));
@@ -70,7 +63,8 @@ class ImageEncryptionTest : public ::testing::Test {
   }
 
   std::unique_ptr<uring::Reactor> reactor_;
-  std::string path_;
+  testing::TempDir dir_{"encryption_test"};
+  const std::string path_ = dir_.file("luks.qcow2");
   std::unique_ptr<RawFile> file_;
 };
 
