@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 
+#include "block/dirty_bitmap.h"
 #include "engine/result.h"
 #include "engine/task.h"
 
@@ -58,6 +59,13 @@ class Disk {
   virtual Task<Status> close() = 0;
   // Bytes the image occupies on the host (qemu-img's "disk size").
   virtual Result<uint64_t> allocated_bytes() const = 0;
+  // The persistent dirty bitmap `name` of this layer, ready to read (NBD's
+  // qemu:dirty-bitmap:NAME, convert --bitmaps, bitmap --merge): ENOENT if
+  // there is none, EINVAL if it is inconsistent (left in use by a crash).
+  // The pointer stays valid until the bitmap is removed or the disk closed.
+  virtual Result<const DirtyBitmap*> dirty_bitmap(const std::string& name) const {
+    return Error(ENOENT, filename() + ": no bitmap '" + name + "'");
+  }
 };
 
 }  // namespace uqcow
