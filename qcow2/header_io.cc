@@ -101,4 +101,10 @@ Task<Status> write_header_fields(BlockDevice& file, HeaderFieldValue first, Head
   return write_encoded(file, encode_fields(both));
 }
 
+Task<Status> write_header(BlockDevice& file, const Header& h) {
+  UQ_CO_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, serialize_header(h));
+  co_return co_await file.co_write(
+      0, std::span<const std::byte>(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()));
+}
+
 }  // namespace uqcow::qcow2

@@ -1,8 +1,9 @@
 // Reading the header from an image file, and the one writer of header
 // fields in place.
 //
-// Outside image creation (which writes the whole first cluster), every
-// header update goes through write_header_fields(): it writes one run of
+// Outside image creation and changes of the extensions (which write the
+// whole first cluster: write_header), every header field update goes
+// through write_header_fields(): it writes one run of
 // adjacent fields, named by their offsets in header.h, in one write. Fields
 // that must change together (an L1 table's size and offset, the refcount
 // table's offset and size, the snapshot count and table offset) are adjacent
@@ -39,6 +40,12 @@ struct HeaderFieldValue {
 // update once the write (and whatever flush its ordering needs) succeeded.
 Task<Status> write_header_fields(BlockDevice& file, HeaderFieldValue first);
 Task<Status> write_header_fields(BlockDevice& file, HeaderFieldValue first, HeaderFieldValue second);
+
+// Rewrites the whole first cluster from `h` (header, extensions, backing
+// file name), as QEMU's qcow2_update_header: what a change of the
+// extensions needs (the bitmaps extension). No flush. Not atomic: callers
+// order it so that either header is valid (see bitmaps.h).
+Task<Status> write_header(BlockDevice& file, const Header& h);
 
 // The width in bytes of a field writable in place, 0 for the others.
 uint32_t header_field_width(HeaderOffset field);

@@ -137,6 +137,7 @@ Task<Status> Qcow2Image::load(BackingOpener& open_backing) {
   UQ_CO_TRY(create_components());
   UQ_CO_TRY(co_await map_->load_l1(header_.l1_table_offset, header_.l1_size));
   UQ_CO_TRY(co_await snapshots_->load());
+  UQ_CO_TRY(co_await bitmaps_->load(size_));
   if (!options_.snapshot.empty()) UQ_CO_TRY(co_await select_snapshot(options_.snapshot));
 
   // Backing file.
@@ -175,6 +176,7 @@ Status Qcow2Image::create_components() {
   snapshot_refs_.emplace(geo_, *file_, data_file_ != file_.get(), *map_, *refcounts_, reporter_);
   l1_resize_.emplace(*file_, header_, geo_, *map_, *refcounts_, *overlap_, reporter_);
   freed_.emplace(geo_, *file_, *data_file_, requests_, *refcounts_, map_->l2_cache(), reporter_);
+  bitmaps_.emplace(*file_, header_, geo_, options_.read_only ? nullptr : &*refcounts_, *overlap_);
   return Status();
 }
 
@@ -208,14 +210,7 @@ Task<Status> Qcow2Image::prepare_read_write() {
   UQ_CO_TRY(co_await build_metadata_regions());
   map_->l2_cache().set_write_check(&overlap_->l2_cache_check());
   refcounts_->cache().set_write_check(&overlap_->refcount_cache_check());
-  // Autoclear bits this implementation does not maintain (bitmaps) must be
-  // cleared when the image is opened for writing (docs/interop/qcow2.txt).
-  uint64_t autoclear = header_.autoclear_features & kAutoclearDataFileRaw;
-  if (header_.version >= 3 && autoclear != header_.autoclear_features) {
-    header_.autoclear_features = autoclear;
-    UQ_CO_TRY(co_await write_header_fields(*file_, {kOffAutoclear, autoclear}));
-    UQ_CO_TRY(co_await file_->co_flush());
-  }
+  UQ_CO_TRY(co_await prepare_bitmaps());
   co_return Status();
 }
 
@@ -441,7 +436,14 @@ Task<Status> Qcow2Image::close() {
   closing_ = true;
   if (clean_sleep_) (void)co_await uring::TimeoutRemoveOp(clean_sleep_);
   co_await background_.join();
-  Status status = co_await flush();
+  Status status;
+  if (!options_.read_only && bitmaps_ && !reporter_.marked_corrupt()) {
+    // The bitmaps go back with IN_USE cleared (a marked-corrupt image keeps
+    // them in use: inconsistent, as QEMU leaves them).
+    auto guard = co_await lock_.scoped_lock();
+    status = co_await bitmaps_->store(/*closing=*/true);
+  }
+  if (Status f = co_await flush(); status.ok()) status = f;
   if (status.ok() && marked_dirty_ && !reporter_.marked_corrupt()) {
     // Everything is on disk: the refcounts are consistent again.
     status = co_await write_header_incompatible(header_.incompatible_features & ~kIncompatDirty);

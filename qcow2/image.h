@@ -47,6 +47,7 @@
 #include "engine/co_mutex.h"
 #include "engine/in_flight.h"
 #include "engine/task_group.h"
+#include "qcow2/bitmaps.h"
 #include "qcow2/mapping_writer.h"
 #include "qcow2/metadata_walk.h"
 #include "qcow2/cache.h"
@@ -108,6 +109,7 @@ class Qcow2Image final : public Disk {
   Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t max_len) override;
   Task<Status> close() override;
   Result<uint64_t> allocated_bytes() const override;
+  Result<const DirtyBitmap*> dirty_bitmap(const std::string& name) const override;
 
   // Writes whole clusters compressed (qemu-io write -c, convert -c). Only
   // unallocated clusters can be written this way (EIO otherwise, as QEMU);
@@ -149,6 +151,18 @@ class Qcow2Image final : public Disk {
   Task<Status> snapshot_apply(const std::string& id_or_name);
   // Removes the snapshot and frees what only it referenced.
   Task<Status> snapshot_delete(const std::string& id_or_name);
+
+  // --- Persistent dirty bitmaps (bitmaps.h; bitmap_ops.cc) -------------------
+  // qemu-img bitmap's actions. Each changes the bitmaps in memory at once
+  // (writes that follow are tracked accordingly); the image file gets them
+  // at close, as with QEMU. EROFS on a read-only open; ENOENT, EEXIST,
+  // EINVAL (constraints, inconsistent bitmap) as PersistentBitmaps says.
+  std::vector<BitmapInfo> bitmap_list() const;
+  Status bitmap_add(const std::string& name, uint64_t granularity, bool enabled);
+  Status bitmap_remove(const std::string& name);
+  Status bitmap_clear(const std::string& name);
+  Status bitmap_set_enabled(const std::string& name, bool enabled);
+  Status bitmap_merge(const std::string& name, const DirtyBitmap& src);
 
   // Consistency check of the overlap-check bookkeeping (overlap.cc): OK if
   // the regions kept in memory are the ones a fresh walk of the image's
@@ -213,6 +227,15 @@ class Qcow2Image final : public Disk {
   // guest + out.size()) now, zeros past the end of the disk.
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
   Task<Status> mark_dirty_for_lazy_refcounts();
+  // Every guest-visible change (write, write-zeroes, discard, compressed
+  // write) marks the enabled dirty bitmaps: no I/O, no allocation.
+  void track_change(uint64_t offset, uint64_t len) {
+    if (bitmaps_ && bitmaps_->tracking()) bitmaps_->mark_dirty(offset, len);
+  }
+  // Read-write opens: the bitmaps extension as this implementation keeps
+  // it (dropped if a program without bitmap support wrote the image), and
+  // IN_USE set on disk before any write.
+  Task<Status> prepare_bitmaps();
   Task<Status> write_header_incompatible(uint64_t bits);
   // The locked protocol around MappingWriter::zero_clusters: waits for the
   // allocations in flight on the range, then changes its entries; zeros
@@ -271,6 +294,8 @@ class Qcow2Image final : public Disk {
   std::optional<SnapshotTable> snapshots_;
   std::optional<SnapshotRefcounts> snapshot_refs_;
   std::optional<L1Resize> l1_resize_;
+  // Persistent dirty bitmaps; set up by load().
+  std::optional<PersistentBitmaps> bitmaps_;
   std::optional<AllocationsInFlight> inflight_;  // set up by load() (needs the cluster size)
   // Allocating writes; set up by prepare_read_write() (read-only opens
   // never change the mapping).

@@ -44,6 +44,9 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   DrainedSection drained(requests_);
   // Snapshots record their own disk size from v3 on; QEMU refuses v2.
   if (!snapshots_->list().empty() && !v3_) co_return Error(ENOTSUP, "Can't resize a v2 image which has snapshots");
+  // Bitmaps follow the disk's size; an inconsistent one cannot (QEMU's
+  // qcow2_truncate_bitmaps_check).
+  UQ_CO_TRY(bitmaps_->check_resize());
   const uint64_t old_size = size_;
   if (new_size < old_size) UQ_CO_TRY(co_await drop_tail(new_size));
   const bool data_file = header_.has_data_file();
@@ -108,6 +111,7 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   header_.size = new_size;
   size_ = new_size;
   rollback.committed = true;
+  bitmaps_->resize(new_size);
   if (data_file && new_size < old_size) UQ_CO_TRY(data_file_->truncate(new_size));
   co_return Status();
 }

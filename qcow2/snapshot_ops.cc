@@ -155,6 +155,9 @@ Task<Status> Qcow2Image::snapshot_apply(const std::string& key) {
   DrainedSection drained(requests_);
   const Snapshot* found = snapshots_->find(key);
   if (!found) co_return Error(ENOENT, "snapshot '" + key + "' not found");
+  // The bitmaps could not say what the snapshot's contents changed:
+  // QEMU's bdrv_snapshot_goto refuses as well.
+  if (!bitmaps_->empty()) co_return Error(EBUSY, "Device has active dirty bitmaps");
   const Snapshot sn = *found;
   if (sn.disk_size != size_) UQ_CO_TRY(co_await resize_exclusive(sn.disk_size, /*zero_new_area=*/false));
   auto guard = co_await lock_.scoped_lock();
