@@ -24,13 +24,6 @@ namespace {
 
 constexpr uint64_t kReftableReservedMask = 0x1ff;           // QEMU's REFT_RESERVED_MASK
 constexpr uint64_t kSubclusterAllocMask = 0xffffffffull;    // QCOW_L2_BITMAP_ALL_ALLOC
-// Bitmap directory and tables (docs/interop/qcow2.txt, "Bitmaps").
-constexpr uint64_t kMaxBitmapDirectoryBytes = 64ull << 20;
-constexpr uint32_t kBitmapDirEntryBytes = 24;
-constexpr uint32_t kMaxBitmapNameBytes = 1023;
-constexpr uint64_t kBitmapEntryOffsetMask = 0x00fffffffffffe00ull;
-constexpr uint64_t kBitmapEntryReservedMask = 0xff000000000001feull;
-constexpr uint64_t kBitmapEntryAllOnes = 1;
 
 std::span<std::byte> as_bytes(std::vector<uint8_t>& v) {
   return {reinterpret_cast<std::byte*>(v.data()), v.size()};
@@ -356,42 +349,26 @@ Task<Status> ReferenceWalk::walk_snapshots() {
 // and the clusters the tables point at. Bitmaps only count while the
 // autoclear bit says they are consistent (QEMU ignores them otherwise).
 Task<Status> ReferenceWalk::walk_bitmaps() {
-  const auto& ext = img_.header.bitmaps;
-  if (!ext || !(img_.header.autoclear_features & kAutoclearBitmaps) || ext->nb_bitmaps == 0) {
-    co_return Status();
-  }
-  inc(ext->directory_offset, ext->directory_size);
-  auto bad = [&](const std::string& what) -> Status {
-    note(res_, "ERROR bitmap directory: %s", what.c_str());
+  auto entries = co_await check_internal::load_bitmap_directory(img_);
+  if (!entries.ok()) {
+    note(res_, "ERROR bitmap directory: %s", entries.error().message().c_str());
     ++res_.corruptions;
-    return Error(EINVAL, "bitmap directory: " + what);
-  };
-  if (ext->directory_size > kMaxBitmapDirectoryBytes || ext->directory_offset > img_.file_length ||
-      ext->directory_size > img_.file_length - ext->directory_offset) {
-    co_return bad("directory_size " + std::to_string(ext->directory_size) + " at offset " +
-                  std::to_string(ext->directory_offset) + " runs past the end of the file");
+    co_return std::move(entries).error();
   }
-  std::vector<uint8_t> dir(ext->directory_size);
-  UQ_CO_TRY(co_await img_.file.co_read(ext->directory_offset, as_bytes(dir)));
-  size_t pos = 0;
-  for (uint32_t n = 0; n < ext->nb_bitmaps; ++n) {
-    if (dir.size() - pos < kBitmapDirEntryBytes) co_return bad("nb_bitmaps is larger than the directory");
-    const uint8_t* d = &dir[pos];
-    const uint64_t table_offset = load_be64(d);
-    const uint32_t table_size = load_be32(d + 8);
-    const uint32_t name_size = load_be16(d + 18);
-    const uint32_t extra_size = load_be32(d + 20);
-    const uint64_t entry_bytes = (uint64_t{kBitmapDirEntryBytes} + extra_size + name_size + 7) & ~uint64_t{7};
-    if (name_size > kMaxBitmapNameBytes || entry_bytes > dir.size() - pos) {
-      co_return bad("entry " + std::to_string(n) + " runs past the directory");
+  if (entries->empty()) co_return Status();
+  inc(img_.header.bitmaps->directory_offset, img_.header.bitmaps->directory_size);
+  for (const auto& e : *entries) {
+    // Counted like any other (QEMU counts it and says nothing); only a
+    // removal makes such a bitmap go (-r all does that here).
+    if (e.in_use()) note(res_, "Bitmap '%s' is inconsistent: it was left in use", e.name.c_str());
+    if (uint64_t{e.table_size} * 8 > img_.file_length) {
+      note(res_, "ERROR bitmap '%s': bitmap_table_size %u runs past the end of the file", e.name.c_str(),
+           e.table_size);
+      ++res_.corruptions;
+      co_return Error(EINVAL, "bitmap '" + e.name + "': bitmap_table_size runs past the end of the file");
     }
-    if (table_size == 0 || table_offset == 0 || img_.geo.offset_into_cluster(table_offset) ||
-        uint64_t{table_size} * 8 > img_.file_length) {
-      co_return bad("entry " + std::to_string(n) + ": invalid bitmap_table_offset/size");
-    }
-    pos += entry_bytes;
-    inc(table_offset, uint64_t{table_size} * 8);
-    UQ_CO_TRY(co_await walk_bitmap_table(table_offset, table_size));
+    inc(e.table_offset, uint64_t{e.table_size} * 8);
+    UQ_CO_TRY(co_await walk_bitmap_table(e.table_offset, e.table_size));
   }
   co_return Status();
 }
@@ -406,9 +383,8 @@ Task<Status> ReferenceWalk::walk_bitmap_table(uint64_t table_offset, uint32_t en
   }
   for (uint32_t i = 0; i < entries; ++i) {
     const uint64_t entry = load_be64(&table[uint64_t{i} * 8]);
-    const uint64_t offset = entry & kBitmapEntryOffsetMask;
-    if ((entry & kBitmapEntryReservedMask) ||
-        (offset && ((entry & kBitmapEntryAllOnes) || img_.geo.offset_into_cluster(offset)))) {
+    const uint64_t offset = entry & kBitmapTableOffsetMask;
+    if (!bitmap_table_entry_problem(entry, img_.cluster_size()).empty()) {
       note(res_, "ERROR bitmap table entry %u at 0x%" PRIx64 " is invalid: 0x%" PRIx64, i,
            table_offset, entry);
       ++res_.corruptions;
@@ -716,6 +692,7 @@ Task<Result<CheckResult>> recheck(BlockDevice& file, BlockDevice* data_file, Che
 Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode) {
   UQ_CO_ASSIGN_OR_RETURN(auto img, co_await check_internal::load_image(file, data_file));
   CheckResult res;
+  if (mode == RepairMode::kAll) UQ_CO_TRY(co_await check_internal::remove_inconsistent_bitmaps(img, res));
   res.stopped = co_await check_refcounts(img, res, mode);
   if (mode == RepairMode::kNone || !res.stopped.ok()) co_return res;
 

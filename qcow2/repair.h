@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "qcow2/bitmap_directory.h"
 #include "qcow2/check.h"
 #include "qcow2/format.h"
 #include "qcow2/header.h"
@@ -151,5 +152,15 @@ Task<Status> rebuild_refcount_structure(CheckedImage& img, RefcountArray& refs);
 
 // Clears `bits` in the v3 header's incompatible_features (dirty, corrupt).
 Task<Status> clear_incompatible_bits(CheckedImage& img, uint64_t bits);
+
+// --- Persistent bitmaps (check_bitmaps.cc) --------------------------------
+// The bitmap directory, validated as QEMU's bitmap_list_load: no entries
+// when the autoclear bit says the bitmaps are to be ignored; EINVAL naming
+// the field otherwise.
+Task<Result<std::vector<BitmapDirEntry>>> load_bitmap_directory(CheckedImage& img);
+// -r all: drops the bitmaps a crash left in use (inconsistent) from the
+// directory and the header; their clusters become leaks for the refcount
+// pass to free.
+Task<Status> remove_inconsistent_bitmaps(CheckedImage& img, CheckResult& res);
 
 }  // namespace uqcow::qcow2::check_internal
