@@ -689,10 +689,13 @@ Task<Result<CheckResult>> recheck(BlockDevice& file, BlockDevice* data_file, Che
 
 }  // namespace
 
-Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode) {
+Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode,
+                                      bool remove_inconsistent_bitmaps) {
   UQ_CO_ASSIGN_OR_RETURN(auto img, co_await check_internal::load_image(file, data_file));
   CheckResult res;
-  if (mode == RepairMode::kAll) UQ_CO_TRY(co_await check_internal::remove_inconsistent_bitmaps(img, res));
+  if (mode == RepairMode::kAll && remove_inconsistent_bitmaps) {
+    UQ_CO_TRY(co_await check_internal::remove_inconsistent_bitmaps(img, res));
+  }
   res.stopped = co_await check_refcounts(img, res, mode);
   if (mode == RepairMode::kNone || !res.stopped.ok()) co_return res;
 

@@ -68,6 +68,12 @@ enum class RepairMode { kNone, kLeaks, kAll };
 // in the CheckResult, and a check that stopped early has `stopped` set. After
 // a successful repair (no check errors and no corruptions left) the dirty and
 // corrupt bits are cleared, as qemu-img does.
-Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode);
+//
+// `remove_inconsistent_bitmaps` (uqcow check -r all): persistent bitmaps a
+// crash left in use are dropped before the refcount pass, which then frees
+// their clusters as leaks. The repair of a dirty lazy-refcounts image at open
+// leaves them: the image being opened has already loaded its bitmaps.
+Task<Result<CheckResult>> check_image(BlockDevice& file, BlockDevice* data_file, RepairMode mode,
+                                      bool remove_inconsistent_bitmaps = false);
 
 }  // namespace uqcow::qcow2

@@ -131,7 +131,7 @@ Task<Result<CheckResult>> open_and_check(const std::string& path, RepairMode mod
     if (!df.ok()) co_return std::move(df).error().with_context("Could not open external data file");
     data_file = std::move(df).value();
   }
-  co_return co_await qcow2::check_image(*file, data_file.get(), mode);
+  co_return co_await qcow2::check_image(*file, data_file.get(), mode, /*remove_inconsistent_bitmaps=*/mode == RepairMode::kAll);
 }
 
 // The exit code and output once the check has run.

@@ -36,6 +36,7 @@ struct SeedReport {
   uint64_t completions = 0;  // device requests completed
   uint64_t decisions = 0;    // completions picked among >= 2 eligible requests
   bool crashed = false;
+  bool bitmap = false;       // a dirty bitmap tracked the seed's ops (checked per batch)
   CrashStats crash_stats;
   bool crash_copied_window = false;  // OFLAG_COPIED errors of a snapshot op, repaired
   uint64_t order_hash = 0;   // the scheduler's completion order (determinism)

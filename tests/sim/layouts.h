@@ -66,5 +66,6 @@ std::vector<std::string> qemu_image_args(const Layout& layout, const std::string
 // image's name, as on disk).
 inline constexpr const char* kImageName = "sim/disk.qcow2";
 inline constexpr const char* kBackingName = "sim/base.qcow2";
+inline constexpr const char* kBitmapName = "sim";
 
 }  // namespace uqcow::sim

@@ -199,6 +199,7 @@ bool SeedRun::check_batch() {
   if (!check_snapshots(history)) return false;
   if (!check_metadata(storage_, false, "after the batch (image open, flushed)")) return false;
   if (options_.slow && !check_with_qemu(storage_->bytes(), false)) return false;
+  if (must_dirty_ && !check_bitmap()) return false;
   if (crash_.taken && !check_crash()) return false;
   disk.resize(max_size_, 0);
   model_ = std::make_shared<const std::vector<uint8_t>>(std::move(disk));
@@ -340,6 +341,28 @@ bool SeedRun::check_metadata(std::shared_ptr<SimStorage> file, bool strict, cons
   return fail("check_image " + when + (strict ? " (strict: no leaks either)" : " (leaks allowed)"), summarize(r));
 }
 
+bool SeedRun::check_bitmap() {
+  auto bm = image_->dirty_bitmap(kBitmapName);
+  if (!bm.ok()) return fail("the bitmap is gone", bm.error().message());
+  const DirtyBitmap& got = **bm;
+  if (got.size() != must_dirty_->size()) {
+    return fail("bitmap size", std::to_string(got.size()) + " bytes, the disk has " + std::to_string(must_dirty_->size()));
+  }
+  const uint64_t g = got.granularity();
+  for (uint64_t off = 0; off < got.size(); off += g) {
+    const bool dirty = got.dirty_at(off), must = must_dirty_->dirty_at(off), may = may_dirty_->dirty_at(off);
+    if (must && !dirty) {
+      return fail("the bitmap missed a write", "granule at " + std::to_string(off) + " (" + std::to_string(g) +
+                                                   " bytes) is clean, but an op that changed it completed");
+    }
+    if (dirty && !may) {
+      return fail("the bitmap marks what nothing touched",
+                  "granule at " + std::to_string(off) + " (" + std::to_string(g) + " bytes) is dirty");
+    }
+  }
+  return true;
+}
+
 bool SeedRun::check_crash() {
   // Every byte must hold its value as of the last guest flush completed
   // before the crash (the batch start counts as one: the previous batch
@@ -362,6 +385,16 @@ bool SeedRun::check_crash() {
   if (!img) return hang("opening the crash image");
   if (!img->ok()) return fail("the crash image does not open read-write", img->error().message());
   const uint64_t size = (**img)->size();
+  if (must_dirty_) {
+    // IN_USE was on disk (synced) before the batches began: a crash image
+    // may never present the bitmap as usable.
+    auto bm = (**img)->dirty_bitmap(kBitmapName);
+    if (bm.ok() || bm.error().code() != EINVAL) {
+      (void)wait((**img)->close());
+      return fail("after the crash the bitmap is not inconsistent",
+                  bm.ok() ? "it loads as a usable bitmap" : bm.error().message());
+    }
+  }
   auto bytes = read_disk(***img, "the crash image");
   if (bytes && size < batch_start_size_ && !check_grown_back(***img, *bytes)) return false;
   auto closed = wait((**img)->close());
@@ -386,6 +419,12 @@ bool SeedRun::check_grown_back(qcow2::Qcow2Image& image, const std::vector<uint8
   // The crash image has a shrink's new size: growing it back to the old one
   // must show zeros past the new end, whatever the dropped clusters held
   // (and whatever a backing file holds there), and leave the rest alone.
+  // The crash left the bitmap inconsistent, which blocks a resize (as in
+  // QEMU): it goes first, as a user would remove it.
+  if (must_dirty_) {
+    Status removed = image.bitmap_remove(kBitmapName);
+    if (!removed.ok()) return fail("removing the crash image's inconsistent bitmap", removed.message());
+  }
   auto grown = wait(image.resize(batch_start_size_));
   if (!grown) return hang("growing the shrunk crash image");
   if (!grown->ok()) return fail("the shrunk crash image does not grow back", grown->message());
@@ -413,6 +452,8 @@ bool SeedRun::finish() {
   if (!img) return hang("reopening the image");
   if (!img->ok()) return fail("the image does not reopen", img->error().message());
   image_ = std::move(*img).value();
+  // What close stored is what the bitmap must (and may) hold.
+  if (must_dirty_ && !check_bitmap()) return false;
   auto bytes = read_disk(*image_, "the reopened disk");
   if (!bytes) return false;
   std::string diff = first_difference(*bytes, std::span(model_->data(), size_));

@@ -42,6 +42,12 @@ SeedReport run_seed(const Layout& layout, const LayoutImages& images, uint64_t s
   return SeedRun(layout, images, seed, options).run();
 }
 
+// Bitmap seeds: their own stream, so that other seeds keep their workload.
+std::optional<uint64_t> bitmap_granularity_for(const Layout& layout, uint64_t seed_stream) {
+  if (layout.v2 || seed_stream % 2 != 0) return std::nullopt;
+  return uint64_t{512} << ((seed_stream >> 8) % 13);  // 512 B .. 2 MiB
+}
+
 SeedRun::SeedRun(const Layout& layout, const LayoutImages& images, uint64_t seed, const SeedOptions& options)
     : layout_(layout),
       images_(images),
@@ -50,7 +56,8 @@ SeedRun::SeedRun(const Layout& layout, const LayoutImages& images, uint64_t seed
       rng_(stream(layout, seed, 1)),
       crash_rng_(stream(layout, seed, 2)),
       scheduler_(stream(layout, seed, 3), delays_for(stream(layout, seed, 4))),
-      workload_(layout, rng_) {
+      workload_(layout, rng_),
+      bitmap_granularity_(bitmap_granularity_for(layout, stream(layout, seed, 5))) {
   size_ = layout.size;
   // Room to grow: resize never passes this (a multiple of 512, as
   // encryption needs).
@@ -102,6 +109,7 @@ SeedReport SeedRun::run() {
     fail("open", opened->error().message());
   } else {
     image_ = std::move(*opened).value();
+    if (bitmap_granularity_) add_bitmap();
     const uint64_t crash_batch = options_.crash ? below(options_.batches) : options_.batches;
     for (uint64_t b = 0; b < options_.batches && !report_.failed; ++b) run_batch(b, b == crash_batch);
     if (!report_.failed) finish();
@@ -124,6 +132,7 @@ bool SeedRun::run_batch(uint64_t index, bool crash_here) {
   batch_start_size_ = size_;
   state_.max_size = max_size_;
   state_.min_size = min_size_;
+  state_.bitmaps = bitmap_granularity_.has_value();
   shrink_to_ = kNever;
   for (const auto& [name, snap] : snapshots_) state_.snapshots[name] = snap.size;
   const uint64_t n = 6 + below(kMaxOpsPerBatch - 5);
@@ -180,6 +189,7 @@ Task<void> SeedRun::run_op(Op& op) {
   // Ops issued from now on use the new size. Until then they use the old
   // one: after a shrink, those that no longer fit are refused (execute).
   if (op.kind == OpKind::kResize && op.status.ok()) state_.size = op.new_size;
+  if (must_dirty_) track_bitmap(op);
 }
 
 Task<Status> SeedRun::execute(Op& op) {
@@ -192,6 +202,7 @@ Task<Status> SeedRun::execute(Op& op) {
   if (!s.ok() && s.code() == EINVAL && resize_overlapped && op.offset + op.length > shrink_to_ &&
       s.message().find("beyond the end of the disk") != std::string::npos) {
     op.no_op = true;
+    op.refused_past_end = true;
     co_return Status();
   }
   co_return s;
@@ -241,6 +252,55 @@ Task<Status> SeedRun::perform(Op& op) {
       co_return co_await img.resize(op.new_size);
   }
   co_return Error(EINVAL, "unknown op");
+}
+
+bool SeedRun::add_bitmap() {
+  Status added = image_->bitmap_add(kBitmapName, *bitmap_granularity_, true);
+  if (!added.ok()) return fail("bitmap add", added.message());
+  auto closed = wait(image_->close());
+  if (!closed) return hang("closing after adding the bitmap");
+  if (!closed->ok()) return fail("closing after adding the bitmap", closed->message());
+  image_.reset();
+  auto opened = wait(open_image(storage_, layout_.open_options(false)));
+  if (!opened) return hang("reopening after adding the bitmap");
+  if (!opened->ok()) return fail("reopening after adding the bitmap", opened->error().message());
+  image_ = std::move(*opened).value();
+  auto bm = image_->dirty_bitmap(kBitmapName);
+  if (!bm.ok()) return fail("the stored bitmap does not load", bm.error().message());
+  if ((*bm)->dirty_granules() != 0) return fail("a new bitmap is not clean after a reopen", "");
+  must_dirty_.emplace(**bm);
+  may_dirty_.emplace(**bm);
+  report_.bitmap = true;
+  return true;
+}
+
+void SeedRun::track_bitmap(const Op& op) {
+  // The models follow the disk's size as the image's bitmap does (resize
+  // resizes it at its end; ops admitted after it mark against the new size).
+  const uint64_t size = image_->size();
+  if (must_dirty_->size() != size) {
+    const uint64_t old = must_dirty_->size();
+    must_dirty_->resize(size);
+    may_dirty_->resize(size);
+    // A resize zeroes around the old or new end: what it touches may be
+    // marked (down to the granule holding the smaller end).
+    const uint64_t from = std::min(old, size) / *bitmap_granularity_ * *bitmap_granularity_;
+    may_dirty_->set(from, std::max(old, size) - from);
+  }
+  switch (op.kind) {
+    case OpKind::kWrite:
+    case OpKind::kWriteZeroes:
+    case OpKind::kDiscard:
+    case OpKind::kCompressed:
+      may_dirty_->set(op.offset, op.length);
+      // A compressed write refused over an allocated cluster (or as not
+      // whole clusters) was marked, as QEMU marks a failed write; a request
+      // refused past a shrunk end never started.
+      if (op.status.ok() && !op.refused_past_end) must_dirty_->set(op.offset, op.length);
+      break;
+    default:
+      break;
+  }
 }
 
 void SeedRun::take_crash() {

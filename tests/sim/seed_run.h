@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "block/dirty_bitmap.h"
 #include "engine/ready_queue.h"
 #include "engine/task.h"
 #include "engine/task_group.h"
@@ -62,6 +63,15 @@ class SeedRun {
   bool check_metadata(std::shared_ptr<SimStorage> file, bool strict, const std::string& when,
                       bool copied_window_possible = false);
   bool check_crash();
+  // ---- the dirty bitmap of bitmap seeds ---------------------------------------
+  // Adds it, then closes and reopens the image so that it is on disk (and
+  // in use) before the first batch.
+  bool add_bitmap();
+  // What an op's completion (or a resize) tells about the bitmap.
+  void track_bitmap(const Op& op);
+  // After a batch: every granule an op with an effect touched is dirty, and
+  // no granule is dirty that no modifying op (or resize) touched.
+  bool check_bitmap();
   bool check_grown_back(qcow2::Qcow2Image& image, const std::vector<uint8_t>& bytes);
   // "" when the bytes of a disk opened at a snapshot of `size` bytes are
   // what may lie past that size; else the first that is not.
@@ -90,6 +100,12 @@ class SeedRun {
   // unallocated reads as.
   std::shared_ptr<const std::vector<uint8_t>> backing_content_;
   std::map<std::string, Snapshot> snapshots_;
+  // Bitmap seeds (half the seeds of layouts that can store bitmaps): one
+  // enabled bitmap kBitmapName; `must_dirty_` holds what it must have
+  // marked, `may_dirty_` what it may have (every modifying op, effect or
+  // not, and the ranges resizes touched).
+  std::optional<uint64_t> bitmap_granularity_;
+  std::optional<DirtyBitmap> must_dirty_, may_dirty_;
   uint64_t clock_ = 0;  // the driver's logical clock (op ticks)
   uint64_t next_op_ = 1;
   bool hung_ = false;

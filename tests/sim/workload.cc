@@ -189,6 +189,8 @@ Op Workload::next(uint64_t id, WorkloadState& st) {
         st.snapshot_names_used.insert(op.snapshot);
         return op;
       case OpKind::kSnapshotApply:
+        if (st.bitmaps) continue;
+        [[fallthrough]];
       case OpKind::kSnapshotDelete: {
         // One op per snapshot and batch; apply only a snapshot of the
         // current size (applying a smaller one would shrink the disk) and

@@ -47,6 +47,7 @@ struct Op {
   // Refused with no effect: a compressed write to an allocated cluster, or a
   // request admitted after a resize that its range no longer fits.
   bool no_op = false;
+  bool refused_past_end = false;  // no_op: refused whole past a shrunk end (never started)
   bool resize_in_flight = false;  // a resize was in flight when this op was issued
   uint64_t resizes_before = 0;    // resizes issued before this op
 
@@ -62,6 +63,7 @@ struct WorkloadState {
   std::set<std::string> snapshot_names_used; // touched by an op of this batch
   bool resize_in_batch = false;
   bool apply_in_batch = false;
+  bool bitmaps = false;                      // a dirty bitmap exists: no snapshot_apply (refused, as QEMU)
   uint64_t max_size = 0;                     // resize never grows past this
   uint64_t min_size = 0;                     // nor shrinks below this
 };
