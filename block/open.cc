@@ -95,13 +95,13 @@ Status apply_open_option(OpenOptions& o, const std::string& key, const std::stri
   if (key == "l2-cache-size") return size(o.l2_cache_size);
   if (key == "l2-cache-entry-size") return size(o.l2_cache_entry_size);
   if (key == "refcount-cache-size") return size(o.refcount_cache_size);
-  if (key == "cache-clean-interval") {
+  if (key == "cache-clean-interval" || key == "bitmap-store-interval") {
     char* end = nullptr;
     unsigned long long v = std::strtoull(value.c_str(), &end, 10);
     if (value.empty() || *end != '\0') {
-      return Error(EINVAL, "cache-clean-interval: '" + value + "' is not a number of seconds");
+      return Error(EINVAL, key + ": '" + value + "' is not a number of seconds");
     }
-    o.cache_clean_interval = v;
+    (key == "cache-clean-interval" ? o.cache_clean_interval : o.bitmap_store_interval) = v;
     return Status();
   }
   if (key == "lazy-refcounts") {

@@ -32,6 +32,11 @@ struct OpenOptions {
   std::optional<uint64_t> l2_cache_entry_size;  // bytes
   std::optional<uint64_t> refcount_cache_size;  // bytes
   uint64_t cache_clean_interval = 600;          // seconds; 0 disables
+  // Persistent dirty bitmaps: a guest flush stores them (IN_USE cleared, so
+  // a crash after it finds them consistent) when this many seconds have
+  // passed since they were last stored; the first write after a store sets
+  // IN_USE again. 0: at every flush. Not QEMU's: it stores only at close.
+  uint64_t bitmap_store_interval = 10;
   std::optional<bool> lazy_refcounts;
   // QEMU's overlap-check template (default cached) and its per-kind
   // overlap-check.<kind>=on|off overrides, as bit masks over QEMU's

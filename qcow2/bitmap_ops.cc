@@ -33,6 +33,13 @@ Task<Status> Qcow2Image::prepare_bitmaps() {
   co_return co_await bitmaps_->mark_in_use();
 }
 
+Task<Status> Qcow2Image::set_bitmaps_in_use() {
+  auto guard = co_await lock_.scoped_lock();
+  // Another writer may have done it while we waited.
+  if (bitmaps_->ready_for_writes()) co_return Status();
+  co_return co_await bitmaps_->mark_in_use();
+}
+
 Result<const DirtyBitmap*> Qcow2Image::dirty_bitmap(const std::string& name) const {
   if (!bitmaps_) return Error(ENOENT, filename() + ": no bitmap '" + name + "'");
   return bitmaps_->find(name);

@@ -1,6 +1,7 @@
 #include "qcow2/bitmaps.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "block/endian.h"
 #include "qcow2/header_io.h"
@@ -20,6 +21,12 @@ Status within_file(const BlockDevice& file, uint64_t offset, uint64_t bytes, con
     return Error(EINVAL, field + " " + hex(offset) + " (+" + std::to_string(bytes) + " bytes) lies beyond the end of the file");
   }
   return Status();
+}
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
 }
 
 }  // namespace
@@ -105,12 +112,21 @@ Task<Status> PersistentBitmaps::load_data(Bitmap& b) {
   co_return Status();
 }
 
+bool PersistentBitmaps::has_consistent() const {
+  for (const auto& b : bitmaps_) {
+    if (!b->inconsistent) return true;
+  }
+  return false;
+}
+
 Task<Status> PersistentBitmaps::mark_in_use() {
-  bool any = false;
-  for (const auto& b : bitmaps_) any |= !b->inconsistent;
-  if (!any || !header_.bitmaps) co_return Status();
+  last_store_ns_ = now_ns();
+  if (!has_consistent()) co_return Status();
+  // The directory on disk is not the one in memory (bitmaps added or
+  // removed since the last store): a new one, with IN_USE set.
+  if (!header_.bitmaps || directory_changed_ || !dropped_.empty()) co_return co_await store(/*clear_in_use=*/false);
   const BitmapsExtension ext = *header_.bitmaps;
-  auto entries = directory_entries(/*closing=*/false);
+  auto entries = directory_entries(/*clear_in_use=*/false);
   UQ_CO_ASSIGN_OR_RETURN(std::vector<uint8_t> dir, serialize_bitmap_directory(entries));
   if (dir.size() != ext.directory_size) {
     co_return Error(EINVAL, "bitmap directory: rewriting it gives " + std::to_string(dir.size()) +
@@ -138,7 +154,7 @@ Task<Status> PersistentBitmaps::mark_in_use() {
 // ---------------------------------------------------------------------------
 // Storing.
 
-std::vector<BitmapDirEntry> PersistentBitmaps::directory_entries(bool closing) const {
+std::vector<BitmapDirEntry> PersistentBitmaps::directory_entries(bool clear_in_use) const {
   std::vector<BitmapDirEntry> out;
   for (const auto& b : bitmaps_) {
     BitmapDirEntry e;
@@ -148,7 +164,7 @@ std::vector<BitmapDirEntry> PersistentBitmaps::directory_entries(bool closing) c
     e.table_size = b->table_size;
     // An inconsistent bitmap keeps IN_USE; a consistent one has it while
     // the image is open read-write.
-    e.flags = (b->enabled ? kBitmapAuto : 0) | (b->inconsistent || !closing ? kBitmapInUse : 0);
+    e.flags = (b->enabled ? kBitmapAuto : 0) | (b->inconsistent || !clear_in_use ? kBitmapInUse : 0);
     out.push_back(std::move(e));
   }
   return out;
@@ -225,11 +241,23 @@ Task<Status> PersistentBitmaps::write_header_extension(std::optional<BitmapsExte
   co_return Status();
 }
 
-Task<Status> PersistentBitmaps::store(bool closing) {
+Task<Status> PersistentBitmaps::store_on_flush(uint64_t interval_seconds) {
+  if (!refcounts_ || !in_use_on_disk_) co_return Status();
+  if (now_ns() - last_store_ns_ < interval_seconds * 1000000000ull) co_return Status();
+  co_return co_await store(/*clear_in_use=*/true);
+}
+
+Task<Status> PersistentBitmaps::store(bool clear_in_use) {
   if (!refcounts_) co_return Status();  // read-only: nothing changes on disk
-  bool dirty = directory_changed_ || !dropped_.empty() || (closing && in_use_on_disk_);
+  bool dirty = directory_changed_ || !dropped_.empty() || (clear_in_use == in_use_on_disk_);
   for (const auto& b : bitmaps_) dirty |= b->bits && b->changed;
   if (!dirty) co_return Status();
+  // From here on a writer must set IN_USE again (and wait for the lock we
+  // hold) before it marks: what it marks may miss the bits stored below.
+  // A failed store leaves it false: the next writer rewrites IN_USE, which
+  // the old directory still has, harmlessly.
+  if (clear_in_use) in_use_on_disk_ = false;
+  last_store_ns_ = now_ns();
 
   // 1. Changed bitmaps go to fresh clusters; the old tables stay valid (the
   // header still points at the old directory) until step 3.
@@ -248,7 +276,7 @@ Task<Status> PersistentBitmaps::store(bool closing) {
     fresh.emplace_back(b.get(), *t);
   }
   // 2. The new directory, in fresh clusters.
-  std::vector<BitmapDirEntry> entries = directory_entries(closing);
+  std::vector<BitmapDirEntry> entries = directory_entries(clear_in_use);
   for (size_t i = 0, f = 0; i < bitmaps_.size(); ++i) {
     if (f < fresh.size() && fresh[f].first == bitmaps_[i].get()) {
       entries[i].table_offset = fresh[f].second.offset;
@@ -292,7 +320,7 @@ Task<Status> PersistentBitmaps::store(bool closing) {
     b->changed = false;
   }
   directory_changed_ = false;
-  in_use_on_disk_ = !closing && !bitmaps_.empty();
+  in_use_on_disk_ = !clear_in_use && has_consistent();
   std::vector<Table> to_free = std::move(dropped_);
   dropped_.clear();
   to_free.insert(to_free.end(), replaced.begin(), replaced.end());
@@ -327,7 +355,7 @@ std::vector<BitmapInfo> PersistentBitmaps::list() const {
   for (const auto& b : bitmaps_) {
     out.push_back(BitmapInfo{.name = b->name,
                              .granularity = uint64_t{1} << b->granularity_bits,
-                             .in_use = b->inconsistent || in_use_on_disk_,
+                             .in_use = b->inconsistent || in_use_on_disk_,  // as on disk
                              .enabled = b->enabled,
                              .inconsistent = b->inconsistent});
   }

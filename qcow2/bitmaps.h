@@ -15,12 +15,23 @@
 //   sets its range in each enabled bitmap (memory only).
 // - store(): writes every changed bitmap to fresh clusters, then a new
 //   directory, then the header that points at it, and only then frees what
-//   the old directory referenced; IN_USE is cleared when the image is
-//   closing. A crash at any point leaves the old or the new directory
-//   complete (at most leaked clusters).
+//   the old directory referenced. A crash at any point leaves the old or the
+//   new directory complete (at most leaked clusters). At close, and at a
+//   guest flush (bitmap-store-interval), IN_USE is cleared: a crash then
+//   finds the bitmaps consistent.
+//
+// The invariant that makes a consistent bitmap on disk trustworthy: no
+// write, write-zeroes, discard or compressed write changes the disk while
+// an enabled bitmap's stored state lacks it and its IN_USE flag is clear on
+// disk. Writers check ready_for_writes() and mark_dirty() with no suspension
+// in between; store() makes ready_for_writes() false before it serialises
+// anything, so a writer arriving during a store waits (for the metadata
+// lock) and sets IN_USE again (mark_in_use) before it marks and writes. A
+// writer that marked before the store began is in the stored bits, even if
+// its data reaches the disk later.
 //
 // Every member that touches the disk runs with the image's metadata lock
-// held and no request in flight (open, close, the bitmap operations, resize).
+// held (open, close, flush, the write path's mark_in_use, resize).
 #pragma once
 
 #include <cstdint>
@@ -61,14 +72,21 @@ class PersistentBitmaps {
   // bitmap) for a damaged directory or bitmap table; the image does not
   // open then, as in QEMU.
   Task<Status> load(uint64_t disk_size);
-  // Read-write opens: sets IN_USE on disk on every consistent bitmap (the
-  // directory rewritten in place, bracketed by clearing and setting the
-  // autoclear bit, each step synced: QEMU's
-  // update_ext_header_and_dir_in_place).
+  // Sets IN_USE on disk on every consistent bitmap (read-write opens, and
+  // the first write or resize after a store that cleared it): the directory
+  // rewritten in place, bracketed by clearing and setting the autoclear bit,
+  // each step synced (QEMU's update_ext_header_and_dir_in_place); when the
+  // set of bitmaps changed since the last store, a store with IN_USE set.
   Task<Status> mark_in_use();
+  bool in_use_on_disk() const { return in_use_on_disk_; }
 
   // True when some bitmap tracks writes.
   bool tracking() const { return !enabled_.empty(); }
+  // A write may mark and proceed (see the invariant above); else it must
+  // have mark_in_use() done first.
+  bool ready_for_writes() const { return enabled_.empty() || in_use_on_disk_; }
+  // The disk's size may change (a stored table covers the old size only).
+  bool ready_for_resize() const { return in_use_on_disk_ || !has_consistent(); }
   // Marks [offset, offset + len) in every enabled bitmap. No allocation, no
   // I/O: the write path calls it for every request.
   void mark_dirty(uint64_t offset, uint64_t len) {
@@ -78,10 +96,13 @@ class PersistentBitmaps {
     }
   }
 
-  // Writes back what changed (see the top). `closing` clears IN_USE on the
-  // consistent bitmaps; otherwise it stays set (the image is still open).
-  // Nothing to do, nothing written, when nothing changed and not closing.
-  Task<Status> store(bool closing);
+  // Writes back what changed (see the top). `clear_in_use` (close, flush)
+  // clears IN_USE on the consistent bitmaps; otherwise it stays set.
+  // Nothing is written when nothing changed and IN_USE is as asked.
+  Task<Status> store(bool clear_in_use);
+  // A guest flush: store(true) when IN_USE is set and at least `interval`
+  // seconds passed since the last store or mark_in_use().
+  Task<Status> store_on_flush(uint64_t interval_seconds);
 
   std::vector<BitmapInfo> list() const;
   bool empty() const { return bitmaps_.empty(); }
@@ -121,6 +142,7 @@ class PersistentBitmaps {
   };
 
   Bitmap* lookup(const std::string& name) const;
+  bool has_consistent() const;
   void refresh_enabled();
   Task<Status> load_data(Bitmap& b);
   Task<Result<std::vector<uint64_t>>> read_table(uint64_t offset, uint32_t entries);
@@ -128,7 +150,7 @@ class PersistentBitmaps {
   Task<Result<Table>> write_bitmap(const Bitmap& b);
   // Frees a table's data clusters and the table.
   Task<Status> free_table(Table t);
-  std::vector<BitmapDirEntry> directory_entries(bool closing) const;
+  std::vector<BitmapDirEntry> directory_entries(bool clear_in_use) const;
   // Points the header at `dir` (or drops the extension for no bitmaps),
   // autoclear bit set; syncs before and after.
   Task<Status> write_header_extension(std::optional<BitmapsExtension> ext);
@@ -144,6 +166,7 @@ class PersistentBitmaps {
   std::vector<Table> dropped_;                    // on disk, no longer referenced after store()
   bool directory_changed_ = false;                // names, flags or the set changed
   bool in_use_on_disk_ = false;                   // mark_in_use() done, not yet cleared
+  uint64_t last_store_ns_ = 0;                    // steady clock: open, or the last store
 };
 
 }  // namespace uqcow::qcow2

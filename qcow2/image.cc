@@ -389,6 +389,9 @@ Task<Status> Qcow2Image::flush() {
   // (No caches yet: an open that failed part-way is being closed.)
   if (options_.read_only || closed_ || !map_ || !refcounts_) co_return Status();
   auto guard = co_await lock_.scoped_lock();
+  // The bitmaps first (bitmap-store-interval): their store syncs what it
+  // wrote itself, and the frees it leaves reach the disk below.
+  if (bitmaps_) UQ_CO_TRY(co_await bitmaps_->store_on_flush(options_.bitmap_store_interval));
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);

@@ -228,7 +228,13 @@ class Qcow2Image final : public Disk {
   Task<Status> read_cow(uint64_t guest, std::span<std::byte> out);
   Task<Status> mark_dirty_for_lazy_refcounts();
   // Every guest-visible change (write, write-zeroes, discard, compressed
-  // write) marks the enabled dirty bitmaps: no I/O, no allocation.
+  // write) marks the enabled dirty bitmaps: no I/O, no allocation, once
+  // bitmaps_ready() (bitmaps.h's invariant). Callers loop
+  //   while (!bitmaps_ready()) co_await set_bitmaps_in_use();
+  //   track_change(...);
+  // with no suspension between the last check and the mark.
+  bool bitmaps_ready() const { return !bitmaps_ || bitmaps_->ready_for_writes(); }
+  Task<Status> set_bitmaps_in_use();
   void track_change(uint64_t offset, uint64_t len) {
     if (bitmaps_ && bitmaps_->tracking()) bitmaps_->mark_dirty(offset, len);
   }

@@ -47,6 +47,12 @@ Task<Status> Qcow2Image::resize_exclusive(uint64_t new_size, bool zero_new_area)
   // Bitmaps follow the disk's size; an inconsistent one cannot (QEMU's
   // qcow2_truncate_bitmaps_check).
   UQ_CO_TRY(bitmaps_->check_resize());
+  if (!bitmaps_->ready_for_resize()) {
+    // A stored bitmap's table covers the old size only: IN_USE first, or a
+    // crash would leave a consistent bitmap of the wrong size.
+    auto guard = co_await lock_.scoped_lock();
+    UQ_CO_TRY(co_await bitmaps_->mark_in_use());
+  }
   const uint64_t old_size = size_;
   if (new_size < old_size) UQ_CO_TRY(co_await drop_tail(new_size));
   const bool data_file = header_.has_data_file();

@@ -34,6 +34,7 @@ Task<Status> Qcow2Image::write_range(uint64_t offset, std::span<const std::byte>
     ticket.emplace(requests_);
   }
   UQ_CO_TRY(check_writable(offset, buf.size()));
+  while (!bitmaps_ready()) [[unlikely]] UQ_CO_TRY(co_await set_bitmaps_in_use());
   track_change(offset, buf.size());
   if (encrypted() && ((offset | buf.size()) & (crypto::kSectorSize - 1))) {
     co_return co_await write_unaligned(offset, buf);

@@ -35,6 +35,7 @@ Task<Status> Qcow2Image::write_zeroes(uint64_t offset, uint64_t len, bool may_un
 
 Task<Status> Qcow2Image::write_zeroes_range(uint64_t offset, uint64_t len, bool may_unmap) {
   UQ_CO_TRY(check_writable(offset, len));
+  while (!bitmaps_ready()) [[unlikely]] UQ_CO_TRY(co_await set_bitmaps_in_use());
   track_change(offset, len);
   file_->debug_event(BlkDebugEvent::kPwritevZero);
   if (len == 0) co_return Status();
@@ -54,6 +55,7 @@ Task<Status> Qcow2Image::discard(uint64_t offset, uint64_t len) {
   if (!requests_.admitting()) [[unlikely]] co_await requests_.wait_admitted();
   InFlightTracker::Ticket ticket(requests_);
   UQ_CO_TRY(check_writable(offset, len));
+  while (!bitmaps_ready()) [[unlikely]] UQ_CO_TRY(co_await set_bitmaps_in_use());
   track_change(offset, len);  // as QEMU: the whole range, even what is not discarded
   // A compat=0.10 image has no zero flag: a discarded cluster would show the
   // backing file's data, so with a backing file nothing is discarded (QEMU).
@@ -105,6 +107,7 @@ Task<Status> Qcow2Image::write_compressed(uint64_t offset, std::span<const std::
   InFlightTracker::Ticket ticket(requests_);
   const uint64_t cs = geo_.cluster_size;
   UQ_CO_TRY(check_writable(offset, buf.size()));
+  while (!bitmaps_ready()) [[unlikely]] UQ_CO_TRY(co_await set_bitmaps_in_use());
   track_change(offset, buf.size());
   if (header_.crypt_method != CryptMethod::kNone) {
     co_return Error(ENOTSUP, "compressed writes are not allowed in encrypted images");

@@ -164,6 +164,39 @@ TEST_F(BitmapEngineTest, ACrashLeavesTheBitmapInUseAndCheckRepairAllRemovesIt) {
   EXPECT_EQ(info.find("bitmaps"), std::string::npos) << info;
 }
 
+// bitmap-store-interval=0: a flush stores the bitmaps with IN_USE cleared,
+// and the next write sets it again before its data can reach the disk. The
+// file copied at each point is what a crash there would leave.
+TEST_F(BitmapEngineTest, AFlushStoresTheBitmapAndTheNextWriteSetsInUseFirst) {
+  const std::string p = qemu_image();
+  OpenOptions o = rw();
+  o.bitmap_store_interval = 0;
+  auto d = SyncDisk::open(p, o);
+  ASSERT_TRUE(d.ok()) << d.error().message();
+  auto& q = qcow2_of(**d);
+  std::vector<uint8_t> data(4096, 9);
+  auto bytes = std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.data()), data.size());
+  ASSERT_TRUE((*d)->run(q.write(20 << 20, bytes)).ok());
+  ASSERT_TRUE((*d)->run(q.flush()).ok());
+  sh({"cp", p, img("after_flush.qcow2")});
+  ASSERT_TRUE((*d)->run(q.write(30 << 20, bytes)).ok());
+  sh({"cp", p, img("after_write.qcow2")});
+  ASSERT_TRUE((*d)->run(q.discard(0, 1 << 20)).ok());
+  ASSERT_TRUE((*d)->run(q.flush()).ok());
+  sh({"cp", p, img("after_discard_flush.qcow2")});
+  ASSERT_TRUE((*d)->close().ok());
+  // Stored clean at the flush: consistent, with the write.
+  EXPECT_EQ(info_json(img("after_flush.qcow2")).find("\"in-use\""), std::string::npos);
+  EXPECT_EQ(qemu_extents(img("after_flush.qcow2"), "b0"),
+            (Extents{{0, 1 << 20}, {5 << 20, 65536}, {20 << 20, 65536}}));
+  expect_check_clean(img("after_flush.qcow2"));
+  // A write after it: in use on disk before its data was written.
+  EXPECT_NE(info_json(img("after_write.qcow2")).find("\"in-use\""), std::string::npos);
+  EXPECT_EQ(qemu_extents(img("after_discard_flush.qcow2"), "b0"),
+            (Extents{{0, 1 << 20}, {5 << 20, 65536}, {20 << 20, 65536}, {30 << 20, 65536}}));
+  expect_check_clean(p);
+}
+
 TEST_F(BitmapEngineTest, AddedAndRemovedBitmapsAreWhatQemuSees) {
   const std::string p = qemu_image();
   {

@@ -37,6 +37,7 @@ struct SeedReport {
   uint64_t decisions = 0;    // completions picked among >= 2 eligible requests
   bool crashed = false;
   bool bitmap = false;       // a dirty bitmap tracked the seed's ops (checked per batch)
+  uint64_t crash_bitmaps_consistent = 0;  // crash images whose bitmap was stored clean
   CrashStats crash_stats;
   bool crash_copied_window = false;  // OFLAG_COPIED errors of a snapshot op, repaired
   uint64_t order_hash = 0;   // the scheduler's completion order (determinism)

@@ -151,6 +151,9 @@ OpenOptions Layout::open_options(bool read_only) const {
   OpenOptions o;
   o.read_only = read_only;
   o.cache_clean_interval = 0;  // the clean timer needs io_uring
+  // Bitmap seeds: every guest flush stores the bitmap (IN_USE cleared), so
+  // crash images also show stored, consistent bitmaps.
+  o.bitmap_store_interval = 0;
   o.l2_cache_size = l2_cache_size;
   o.l2_cache_entry_size = l2_cache_entry_size;
   o.refcount_cache_size = refcount_cache_size;

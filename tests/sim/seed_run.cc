@@ -133,6 +133,14 @@ bool SeedRun::run_batch(uint64_t index, bool crash_here) {
   state_.max_size = max_size_;
   state_.min_size = min_size_;
   state_.bitmaps = bitmap_granularity_.has_value();
+  if (must_dirty_) {
+    // A backup tool clears its bitmap after each backup: every batch starts
+    // clean, so that clean granules stay plentiful for the checks.
+    Status cleared = image_->bitmap_clear(kBitmapName);
+    if (!cleared.ok()) return fail("bitmap clear", cleared.message());
+    must_dirty_->clear();
+    may_dirty_->clear();
+  }
   shrink_to_ = kNever;
   for (const auto& [name, snap] : snapshots_) state_.snapshots[name] = snap.size;
   const uint64_t n = 6 + below(kMaxOpsPerBatch - 5);

@@ -72,6 +72,9 @@ class SeedRun {
   // After a batch: every granule an op with an effect touched is dirty, and
   // no granule is dirty that no modifying op (or resize) touched.
   bool check_bitmap();
+  // A crash image's bitmap: inconsistent, or consistent and never calling
+  // clean a granule that changed after it was stored.
+  bool check_crash_bitmap(qcow2::Qcow2Image& image, const History& history, const std::vector<uint8_t>& bytes);
   bool check_grown_back(qcow2::Qcow2Image& image, const std::vector<uint8_t>& bytes);
   // "" when the bytes of a disk opened at a snapshot of `size` bytes are
   // what may lie past that size; else the first that is not.

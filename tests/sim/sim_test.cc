@@ -103,7 +103,7 @@ TEST_P(SimTest, SeedsOverLayout) {
   options.max_depth = env_number("UQCOW_SIM_MAX_DEPTH").value_or(options.max_depth);
   options.batches = std::max<uint64_t>(1, env_number("UQCOW_SIM_BATCHES").value_or(options.batches));
 
-  uint64_t ops = 0, decisions = 0, completions = 0, crashes = 0, torn = 0, copied = 0, bitmaps = 0;
+  uint64_t ops = 0, decisions = 0, completions = 0, crashes = 0, torn = 0, copied = 0, bitmaps = 0, consistent = 0;
   std::vector<uint64_t> failed;
   for (uint64_t seed : seeds) {
     options.crash = seed % 3 == 2;
@@ -115,6 +115,7 @@ TEST_P(SimTest, SeedsOverLayout) {
     torn += r.crash_stats.torn;
     copied += r.crash_copied_window;
     bitmaps += r.bitmap;
+    consistent += r.crash_bitmaps_consistent;
     Totals& t = totals();
     ++t.seeds;
     t.failed += r.failed;
@@ -133,12 +134,12 @@ TEST_P(SimTest, SeedsOverLayout) {
   std::string failed_list;
   for (uint64_t s : failed) failed_list += " " + std::to_string(s);
   std::printf("sim %s (%s seeds): %zu seeds, %zu failed%s%s; %llu ops, %llu device requests, %llu scheduler decisions; "
-              "%llu crash images (%llu torn writes, %llu in a snapshot's OFLAG_COPIED window); %llu with a dirty bitmap\n",
+              "%llu crash images (%llu torn writes, %llu in a snapshot's OFLAG_COPIED window); %llu with a dirty bitmap (%llu crash images found it stored clean)\n",
               layout.name.c_str(), GetParam().part % 2 ? "odd" : "even", seeds.size(), failed.size(), failed.empty() ? "" : ":", failed_list.c_str(),
               static_cast<unsigned long long>(ops), static_cast<unsigned long long>(completions),
               static_cast<unsigned long long>(decisions), static_cast<unsigned long long>(crashes),
               static_cast<unsigned long long>(torn), static_cast<unsigned long long>(copied),
-              static_cast<unsigned long long>(bitmaps));
+              static_cast<unsigned long long>(bitmaps), static_cast<unsigned long long>(consistent));
 }
 
 // A seed replays exactly: the same ops, the same completion order, the same
