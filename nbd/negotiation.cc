@@ -119,6 +119,7 @@ Status parse_meta_queries(const std::vector<std::byte>& data, bool list, const O
                              std::to_string(kMaxStringSize));
   }
   if (!in.str(name_len, name)) return Error(EINVAL, "export name length exceeds the option's data");
+  if (name->find('\0') != std::string::npos) return Error(EINVAL, "export name: embedded NUL");
   if (!in.u32(&n_queries)) return Error(EINVAL, "number of queries missing");
   if (n_queries > in.remaining() / 4) {  // each query takes at least its length field
     return Error(EINVAL, "number of queries " + std::to_string(n_queries) + " exceeds the option's data");
@@ -130,10 +131,11 @@ Status parse_meta_queries(const std::vector<std::byte>& data, bool list, const O
     if (!in.u32(&len) || !in.str(len, &query)) {
       return Error(EINVAL, "query " + std::to_string(i) + ": length exceeds the option's data");
     }
+    if (len > kMaxStringSize) continue;
     if (query.find('\0') != std::string::npos) {
       return Error(EINVAL, "query " + std::to_string(i) + ": embedded NUL");
     }
-    if (len <= kMaxStringSize) match_query(query, list, offered, *selected);
+    match_query(query, list, offered, *selected);
   }
   if (!in.at_end()) return Error(EINVAL, "data after the last query");
   return ok_status();
@@ -155,8 +157,8 @@ Task<Status> Negotiation::meta_context(uint32_t option, const std::vector<std::b
   if (!list && !result_.structured_replies) {
     co_return co_await reply_error(option, kRepErrInvalid, "structured replies not negotiated");
   }
-  // A SET replaces the selection even when it fails, as qemu-nbd's does
-  // (proto.md: after an error the client may assume no context selected).
+  // A SET replaces the previous selection (proto.md); qemu-nbd drops the
+  // old one before parsing, so a SET that fails leaves none, here too.
   if (!list) result_.contexts = {};
   std::string name;
   MetaContexts selected;

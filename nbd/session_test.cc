@@ -1072,6 +1072,7 @@ TEST_F(SessionTest, MalformedMetaContextQueriesAreRefusedNamingTheField) {
       {Bytes{0, 0}, "export name length missing"},
       {cat({be32(4097), Bytes(4097, 'x'), be32(0)}), "export name length 4097 exceeds 4096"},
       {cat({be32(100), Bytes{'d', 'i', 's', 'k'}}), "export name length exceeds"},
+      {cat({be32(4), Bytes{'d', 0, 's', 'k'}, be32(0)}), "export name: embedded NUL"},
       {disk, "number of queries missing"},
       {cat({disk, be32(0x40000000), be32(1), Bytes{'x'}}), "number of queries 1073741824 exceeds"},
       {cat({disk, be32(5), be32(15), base}), "number of queries 5 exceeds"},
