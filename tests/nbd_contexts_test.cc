@@ -211,6 +211,24 @@ TEST_F(NbdContextsTest, DirtyBitmapsEqualQemuNbd) {
       << describe(maps.at(0));
 }
 
+// -B finds a bitmap down the backing chain, as qemu-nbd does; past the end
+// of the shorter backing file it reads as clean.
+TEST_F(NbdContextsTest, BitmapOfABackingFileEqualsQemuNbd) {
+  ImageBuilder b(dir_.path());
+  b.create("base.qcow2", "qcow2", "cluster_size=65536", 16 * M);
+  b.run({"qemu-img", "bitmap", "--add", "base.qcow2", "bb"});
+  b.write("base.qcow2", "qcow2", {P(1 * M, 64 * K, 0x11), P(15 * M, 1 * M, 0x12)});
+  b.create("top.qcow2", "qcow2", "cluster_size=65536", 32 * M, "base.qcow2", "qcow2");
+  b.write("top.qcow2", "qcow2", {P(2 * M, 64 * K, 0x21)});
+  ASSERT_TRUE(b.ok()) << b.error() << "\n" << b.script();
+  std::vector<Extents> maps;
+  ASSERT_NO_FATAL_FAILURE(
+      expect_same_as_qemu_nbd({"-B", "bb"}, dir_.file("top.qcow2"), {"qemu:dirty-bitmap:bb"}, &maps));
+  EXPECT_EQ(maps.at(0), (Extents{{0, 1 * M, 0}, {1 * M, 64 * K, 1}, {1 * M + 64 * K, 14 * M - 64 * K, 0},
+                                 {15 * M, 1 * M, 1}, {16 * M, 16 * M, 0}}))
+      << describe(maps.at(0));
+}
+
 // Writes through `uqcow serve -B` mark the bitmap, and the map grows by the
 // written granules; after the server closed the image, qemu-nbd reads the
 // same bitmap from it.
