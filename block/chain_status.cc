@@ -60,7 +60,40 @@ Task<Result<bool>> detect_metadata_preallocation(const qcow2::Qcow2Image& img) {
   co_return count >= threshold;
 }
 
+// One layer's status with the Disk contract checked: a caller looping on
+// the result would otherwise spin forever (length 0) or run past its range.
+Task<Result<BlockStatus>> checked_status(Disk& layer, uint64_t offset, uint64_t len) {
+  UQ_CO_ASSIGN_OR_RETURN(BlockStatus st, co_await layer.block_status(offset, len));
+  if (st.length == 0 || st.length > len) {
+    co_return Error(EIO, layer.filename() + ": block status at offset " + std::to_string(offset) +
+                             " returned " + std::to_string(st.length) + " bytes for a request of " +
+                             std::to_string(len));
+  }
+  co_return st;
+}
+
 }  // namespace
+
+Task<Result<AllocationDepth>> allocation_depth(Disk& top, uint64_t offset, uint64_t max_len) {
+  AllocationDepth result{.length = max_len, .depth = 1};
+  Disk* layer = &top;
+  for (;;) {
+    UQ_CO_ASSIGN_OR_RETURN(BlockStatus st, co_await checked_status(*layer, offset, result.length));
+    // Invariant: every layer above `layer` leaves [offset, offset + length)
+    // unallocated, and length only shrinks as the walk goes down.
+    result.length = st.length;
+    if (st.kind != BlockStatus::Kind::kUnallocated) co_return result;
+    Disk* backing = layer->backing();
+    if (!backing) {
+      result.depth = 0;
+      co_return result;
+    }
+    ++result.depth;
+    if (offset >= backing->size()) co_return result;  // zeros synthesised in `backing`
+    result.length = std::min(result.length, backing->size() - offset);
+    layer = backing;
+  }
+}
 
 Task<Result<bool>> ChainStatusReader::metadata_preallocated(Disk& layer) {
   auto it = preallocated_.find(&layer);
@@ -110,7 +143,7 @@ Result<bool> ChainStatusReader::host_file_zero(const std::string& file, uint64_t
 Task<Result<BlockStatus>> ChainStatusReader::layer_status(Disk& layer, uint64_t offset,
                                                           uint64_t max_len, bool& host_zero) {
   host_zero = false;
-  auto st = co_await layer.block_status(offset, max_len);
+  auto st = co_await checked_status(layer, offset, max_len);
   if (!st.ok()) co_return st;
   if (st->kind == BlockStatus::Kind::kData && st->has_offset && st->file) {
     auto preallocated = co_await metadata_preallocated(layer);
@@ -133,13 +166,6 @@ Task<Result<ChainStatus>> ChainStatusReader::status(uint64_t offset, uint64_t ma
   for (;;) {
     bool host_zero = false;
     UQ_CO_ASSIGN_OR_RETURN(BlockStatus st, co_await layer_status(*layer, offset, len, host_zero));
-    // The Disk contract promises progress; a caller looping on status()
-    // would otherwise spin forever.
-    if (st.length == 0 || st.length > len) {
-      co_return Error(EIO, layer->filename() + ": block status at offset " + std::to_string(offset) +
-                               " returned " + std::to_string(st.length) + " bytes for a request of " +
-                               std::to_string(len));
-    }
     len = st.length;
     if (st.kind != BlockStatus::Kind::kUnallocated) {
       cs.allocated = true;

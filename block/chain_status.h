@@ -41,6 +41,22 @@ struct ChainStatus {
   bool past_backing_end = false;
 };
 
+// Which layer of the chain allocates a range, as QEMU's
+// bdrv_is_allocated_above(top, NULL, false, ...) reports it for qemu-nbd's
+// qemu:allocation-depth: 0 no layer does (the range reads as zeros), 1 the
+// top image, 2 its backing file, and so on. A range past the end of a
+// shorter backing file counts as allocated in that backing file (QEMU
+// synthesises its zeros there). Allocated means data or zeros recorded in
+// the layer (want_zero off: no host-file refinement).
+struct AllocationDepth {
+  uint64_t length = 0;  // bytes from the queried offset at this depth
+  uint32_t depth = 0;
+};
+
+// Needs offset < top.size() and max_len > 0; the result's length is in
+// (0, max_len]. EIO if a layer's block_status breaks the Disk contract.
+Task<Result<AllocationDepth>> allocation_depth(Disk& top, uint64_t offset, uint64_t max_len);
+
 class ChainStatusReader {
  public:
   explicit ChainStatusReader(Disk& top) : top_(top) {}

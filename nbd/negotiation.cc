@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nbd/protocol.h"
@@ -27,6 +28,7 @@ class OptionData {
     return true;
   }
   bool at_end() const { return pos_ == d_.size(); }
+  size_t remaining() const { return d_.size() - pos_; }
 
  private:
   bool take(size_t n) {
@@ -53,6 +55,7 @@ class Negotiation {
   // INFO and GO; sets *go_done when GO succeeded.
   Task<Status> info_or_go(uint32_t option, const std::vector<std::byte>& data, bool* go_done);
   Task<Status> meta_context(uint32_t option, const std::vector<std::byte>& data);
+  Task<Status> meta_context_reply(uint32_t option, uint32_t id, std::string_view name);
   Task<Status> export_name_reply();
   Task<Status> greet();
   Task<Status> list(const std::vector<std::byte>& data);
@@ -101,33 +104,77 @@ Task<Status> Negotiation::info_or_go(uint32_t option, const std::vector<std::byt
   co_return ok_status();
 }
 
-// SET_META_CONTEXT selects, LIST_META_CONTEXT only lists; "base:" lists every
-// context of the namespace, and an empty query list lists them all.
-Task<Status> Negotiation::meta_context(uint32_t option, const std::vector<std::byte>& data) {
-  bool set = option == kOptSetMetaContext;
-  if (set && !result_.structured_replies) {
-    co_return co_await reply_error(option, kRepErrInvalid, "structured replies not negotiated");
-  }
+// The data of LIST_META_CONTEXT / SET_META_CONTEXT: export name, number of
+// queries, queries. Every length and count comes from the client and is
+// checked against the option's data (itself bounded by kMaxOptionLength)
+// before it is used; EINVAL names the field. Queries longer than
+// kMaxStringSize are skipped, as qemu-nbd skips them.
+Status parse_meta_queries(const std::vector<std::byte>& data, bool list, const OfferedContexts& offered,
+                          std::string* name, MetaContexts* selected) {
   OptionData in(data);
   uint32_t name_len = 0, n_queries = 0;
-  std::string name;
-  bool ok = in.u32(&name_len) && in.str(name_len, &name) && in.u32(&n_queries);
-  bool match = !set && n_queries == 0;
-  for (uint32_t i = 0; ok && i < n_queries; ++i) {
+  if (!in.u32(&name_len)) return Error(EINVAL, "export name length missing");
+  if (name_len > kMaxStringSize) {
+    return Error(EINVAL, "export name length " + std::to_string(name_len) + " exceeds " +
+                             std::to_string(kMaxStringSize));
+  }
+  if (!in.str(name_len, name)) return Error(EINVAL, "export name length exceeds the option's data");
+  if (name->find('\0') != std::string::npos) return Error(EINVAL, "export name: embedded NUL");
+  if (!in.u32(&n_queries)) return Error(EINVAL, "number of queries missing");
+  if (n_queries > in.remaining() / 4) {  // each query takes at least its length field
+    return Error(EINVAL, "number of queries " + std::to_string(n_queries) + " exceeds the option's data");
+  }
+  if (list && n_queries == 0) *selected = all_contexts(offered);
+  std::string query;
+  for (uint32_t i = 0; i < n_queries; ++i) {
     uint32_t len = 0;
-    std::string query;
-    ok = in.u32(&len) && in.str(len, &query);
-    if (query == kBaseAllocation || (!set && query == "base:")) match = true;
+    if (!in.u32(&len) || !in.str(len, &query)) {
+      return Error(EINVAL, "query " + std::to_string(i) + ": length exceeds the option's data");
+    }
+    if (len > kMaxStringSize) continue;
+    if (query.find('\0') != std::string::npos) {
+      return Error(EINVAL, "query " + std::to_string(i) + ": embedded NUL");
+    }
+    match_query(query, list, offered, *selected);
   }
-  if (!ok || !in.at_end()) co_return co_await reply_error(option, kRepErrInvalid, "malformed option");
+  if (!in.at_end()) return Error(EINVAL, "data after the last query");
+  return ok_status();
+}
+
+// One NBD_REP_META_CONTEXT: id (0 on LIST, where ids mean nothing) and name.
+Task<Status> Negotiation::meta_context_reply(uint32_t option, uint32_t id, std::string_view name) {
+  std::vector<std::byte> ctx(4 + name.size());
+  store_be32(ctx.data(), option == kOptListMetaContext ? 0 : id);
+  std::memcpy(ctx.data() + 4, name.data(), name.size());
+  co_return co_await reply(option, kRepMetaContext, ctx);
+}
+
+// LIST_META_CONTEXT lists, SET_META_CONTEXT selects (qemu-nbd 7.2's
+// nbd_negotiate_meta_queries): one META_CONTEXT reply per context, in
+// MetaContexts order, then ACK.
+Task<Status> Negotiation::meta_context(uint32_t option, const std::vector<std::byte>& data) {
+  const bool list = option == kOptListMetaContext;
+  if (!list && !result_.structured_replies) {
+    co_return co_await reply_error(option, kRepErrInvalid, "structured replies not negotiated");
+  }
+  // A SET replaces the previous selection (proto.md); qemu-nbd drops the
+  // old one before parsing, so a SET that fails leaves none, here too.
+  if (!list) result_.contexts = {};
+  std::string name;
+  MetaContexts selected;
+  Status parsed = parse_meta_queries(data, list, exp_.contexts, &name, &selected);
+  if (!parsed.ok()) co_return co_await reply_error(option, kRepErrInvalid, parsed.message());
   if (name != exp_.name) co_return co_await reply_error(option, kRepErrUnknown, "no such export");
-  if (set) result_.base_allocation = match;
-  if (match) {
-    std::vector<std::byte> ctx(4 + std::strlen(kBaseAllocation));
-    store_be32(ctx.data(), kBaseAllocationId);
-    std::memcpy(ctx.data() + 4, kBaseAllocation, std::strlen(kBaseAllocation));
-    UQ_CO_TRY(co_await reply(option, kRepMetaContext, ctx));
+  if (selected.base_allocation) UQ_CO_TRY(co_await meta_context_reply(option, kBaseAllocationId, kBaseAllocation));
+  if (selected.allocation_depth) {
+    UQ_CO_TRY(co_await meta_context_reply(option, kAllocationDepthId, kAllocationDepth));
   }
+  for (size_t i = 0; i < exp_.contexts.bitmaps.size(); ++i) {
+    if (!selected.bitmap(i)) continue;
+    const std::string context = kDirtyBitmapPrefix + exp_.contexts.bitmaps[i].name;
+    UQ_CO_TRY(co_await meta_context_reply(option, kDirtyBitmapId + static_cast<uint32_t>(i), context));
+  }
+  if (!list) result_.contexts = std::move(selected);
   co_return co_await reply(option, kRepAck);
 }
 

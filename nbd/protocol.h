@@ -79,17 +79,30 @@ constexpr uint16_t kReplyTypeOffsetData = 1;
 constexpr uint16_t kReplyTypeBlockStatus = 5;
 constexpr uint16_t kReplyTypeError = 0x8001;
 
+// base:allocation states.
 constexpr uint32_t kStateHole = 1 << 0;
 constexpr uint32_t kStateZero = 1 << 1;
+// qemu:dirty-bitmap:NAME state (qemu's NBD_STATE_DIRTY); qemu:allocation-depth
+// descriptors carry the depth itself.
+constexpr uint32_t kStateDirty = 1 << 0;
 
 // NBD error numbers (the protocol's own, equal to Linux's for these).
 constexpr uint32_t kEperm = 1, kEio = 5, kEnomem = 12, kEinval = 22, kEnospc = 28,
                    kEoverflow = 75, kEnotsup = 95, kEshutdown = 108;
 uint32_t to_nbd_error(int errno_value);
 
-// The only meta context this server knows, and the id it hands out for it.
+// Metadata contexts, and the ids SET_META_CONTEXT hands out for them (qemu-
+// nbd's: the bitmap exported i-th gets kDirtyBitmapId + i; LIST answers id 0).
 constexpr char kBaseAllocation[] = "base:allocation";
-constexpr uint32_t kBaseAllocationId = 1;
+constexpr char kAllocationDepth[] = "qemu:allocation-depth";
+constexpr char kDirtyBitmapPrefix[] = "qemu:dirty-bitmap:";
+constexpr uint32_t kBaseAllocationId = 0;
+constexpr uint32_t kAllocationDepthId = 1;
+constexpr uint32_t kDirtyBitmapId = 2;
+
+// Longest string (export name, context query or name) the server reads
+// (proto.md and qemu's NBD_MAX_STRING_SIZE).
+constexpr uint32_t kMaxStringSize = 4096;
 
 // Block sizes advertised with NBD_INFO_BLOCK_SIZE; kMaxPayload also bounds
 // every request's length.

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "block/chain_status.h"
 #include "engine/co_mutex.h"
 #include "engine/co_queue.h"
 #include "engine/task_group.h"
+#include "nbd/block_status.h"
 #include "nbd/protocol.h"
 #include "nbd/session.h"
 #include "nbd/socket.h"
@@ -37,13 +37,11 @@ namespace {
 // Requests in flight per client: the reader stops receiving at this count,
 // so one client can hold at most this many payload buffers.
 constexpr size_t kMaxInFlight = 64;
-// Extents per BLOCK_STATUS reply (bounds the reply and the time spent).
-constexpr size_t kMaxExtents = 1024;
 
 class Session {
  public:
   Session(int fd, const Export& exp, Negotiated n)
-      : fd_(fd), exp_(exp), negotiated_(n), chain_status_(*exp.disk) {}
+      : fd_(fd), exp_(exp), negotiated_(n), block_status_(exp) {}
   Task<void> run();
 
  private:
@@ -63,7 +61,7 @@ class Session {
   int fd_;
   const Export& exp_;
   Negotiated negotiated_;
-  ChainStatusReader chain_status_;  // BLOCK_STATUS through the backing chain
+  BlockStatusResponder block_status_;
   CoMutex send_mutex_;
   TaskGroup requests_;
   CoQueue slot_freed_;
@@ -127,7 +125,7 @@ uint32_t Session::validate(const Request& req) const {
   }
   bool writes = req.type == kCmdWrite || req.type == kCmdTrim || req.type == kCmdWriteZeroes;
   if (writes && exp_.read_only) return kEperm;
-  if (req.type == kCmdBlockStatus && !negotiated_.base_allocation) return kEinval;
+  if (req.type == kCmdBlockStatus && negotiated_.contexts.count() == 0) return kEinval;
   // A block-status reply describes a non-empty range: refuse a zero length,
   // as qemu-nbd does ("need non-zero length").
   if (req.type == kCmdBlockStatus && req.length == 0) return kEinval;
@@ -158,44 +156,9 @@ Task<Status> Session::do_read(const Request& req) {
   co_return ok_status();
 }
 
-// NBD_STATE_* of one range: data is data (also where a metadata-
-// preallocated layer's host file has a hole); zeros are a hole unless they
-// keep a host cluster; a range no layer allocates (or past the end of a
-// shorter backing file) is a hole.
-uint32_t nbd_state(const ChainStatus& st) {
-  if (!st.allocated) return kStateHole | kStateZero;
-  if (st.data) return 0;
-  return st.has_offset ? kStateZero : kStateHole | kStateZero;
-}
-
 Task<Status> Session::do_block_status(const Request& req) {
-  // Extents as (length, flags) pairs, adjacent equal flags merged; each
-  // length fits u32 because the request length does.
-  std::vector<std::pair<uint32_t, uint32_t>> extents;
-  uint64_t offset = req.offset, end = req.offset + req.length;
-  size_t limit = (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
-  while (offset < end) {
-    UQ_CO_ASSIGN_OR_RETURN(ChainStatus st, co_await chain_status_.status(offset, end - offset));
-    const uint64_t len = st.length;
-    const uint32_t flags = nbd_state(st);
-    if (!extents.empty() && extents.back().second == flags) {
-      extents.back().first += static_cast<uint32_t>(len);
-    } else if (extents.size() == limit) {
-      break;
-    } else {
-      extents.emplace_back(static_cast<uint32_t>(len), flags);
-    }
-    offset += len;
-  }
-  uint32_t payload = static_cast<uint32_t>(4 + 8 * extents.size());
-  std::vector<std::byte> buf(ChunkHeader::kSize + payload);
-  ChunkHeader{kReplyFlagDone, kReplyTypeBlockStatus, req.handle, payload}.store(buf.data());
-  std::byte* p = buf.data() + ChunkHeader::kSize;
-  store_be32(p, kBaseAllocationId);
-  for (size_t i = 0; i < extents.size(); ++i) {
-    store_be32(p + 4 + 8 * i, extents[i].first);
-    store_be32(p + 8 + 8 * i, extents[i].second);
-  }
+  std::vector<std::byte> buf;
+  UQ_CO_TRY(co_await block_status_.build(req, negotiated_.contexts, buf));
   co_await send_reply(buf.data(), buf.size());
   co_return ok_status();
 }

@@ -8,14 +8,17 @@
 #include "block/disk.h"
 #include "engine/result.h"
 #include "engine/task.h"
+#include "nbd/meta_context.h"
 
 namespace uqcow::nbd {
 
-// What the server exports: one Disk under one name.
+// What the server exports: one Disk under one name, and the metadata
+// contexts it offers besides base:allocation.
 struct Export {
   std::string name;
   Disk* disk = nullptr;
   bool read_only = false;
+  OfferedContexts contexts;
   // The flags sent with the export; DF only once structured replies are
   // negotiated (proto.md).
   uint16_t transmission_flags(bool structured_replies) const;
@@ -24,7 +27,9 @@ struct Export {
 // What the handshake agreed on.
 struct Negotiated {
   bool structured_replies = false;
-  bool base_allocation = false;  // NBD_CMD_BLOCK_STATUS may be used
+  // The last SET_META_CONTEXT's selection; NBD_CMD_BLOCK_STATUS may be used
+  // when it is not empty, and answers one chunk per context in it.
+  MetaContexts contexts;
 };
 
 // Runs the option haggling on `fd` until NBD_OPT_GO / NBD_OPT_EXPORT_NAME

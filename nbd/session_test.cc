@@ -47,15 +47,33 @@ constexpr char kExportName[] = "disk";
 
 // ---- the server side -------------------------------------------------------
 
+// A dirty bitmap the fake disk keeps, dirty over `dirty` (offset, length)
+// ranges when the session starts.
+struct FakeBitmap {
+  std::string name;
+  std::vector<std::pair<uint64_t, uint64_t>> dirty;
+  bool inconsistent = false;  // dirty_bitmap() refuses it with EINVAL
+};
+
 struct ServerConfig {
   std::string path;
   bool qcow2 = true;  // else a raw file
   bool read_only = false;
+  // A qcow2 image over a backing file of kBackingSize bytes whose clusters
+  // kBackingData hold data (the top image holds none).
+  bool backing = false;
+  bool allocation_depth = false;          // serve -A
+  std::vector<FakeBitmap> bitmaps;         // the disk's (a FakeBitmapDisk around the image)
+  std::vector<std::string> export_bitmaps; // serve -B, in export order
 };
+
+constexpr uint64_t kBackingSize = kSize / 2;
+constexpr uint64_t kBackingData[] = {1, 3};
 
 // What the server side did, for the test to check after the session.
 struct ServerOutcome {
   Status setup;       // creating and opening the image
+  Status exported;    // find_export_bitmap()'s error, when it failed
   Status negotiation; // negotiate()'s error, when it failed
   std::optional<Negotiated> negotiated;
   bool transmission_returned = false;
@@ -63,11 +81,27 @@ struct ServerOutcome {
   Status closed;
 };
 
+// The backing file of ServerConfig::backing, written through its own Disk.
+Task<Status> create_backing_file(const std::string& path) {
+  const qcow2::CreateOptions options{.size = kBackingSize};
+  UQ_CO_TRY(co_await qcow2::create_image(path, options));
+  const OpenOptions open{.read_only = false, .format = "qcow2"};
+  UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, open));
+  std::vector<std::byte> data(kCluster, std::byte{0x5a});
+  for (uint64_t cluster : kBackingData) UQ_CO_TRY(co_await disk->write(cluster * kCluster, data));
+  co_return co_await disk->close();
+}
+
 Task<Status> create_image_file(const ServerConfig& config) {
   if (config.qcow2) {
     // A named variable, not a temporary inside the co_await expression:
     // GCC 12 destroys such a temporary wrongly (free(): invalid pointer).
-    const qcow2::CreateOptions options{.size = kSize};
+    qcow2::CreateOptions options{.size = kSize};
+    if (config.backing) {
+      UQ_CO_TRY(co_await create_backing_file(config.path + ".base"));
+      options.backing_file = config.path + ".base";
+      options.backing_format = "qcow2";
+    }
     co_return co_await qcow2::create_image(config.path, options);
   }
   FileDesc fd(::open(config.path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
@@ -75,28 +109,105 @@ Task<Status> create_image_file(const ServerConfig& config) {
   co_return ok_status();
 }
 
+// A Disk that forwards everything to a real one and keeps dirty bitmaps the
+// test fills, standing in for a format's persistent bitmaps: dirty_bitmap()
+// finds them by name (EINVAL for an inconsistent one, ENOENT for others),
+// and every write, zero write and discard marks each consistent one, as an
+// enabled persistent bitmap is marked.
+class FakeBitmapDisk : public Disk {
+ public:
+  FakeBitmapDisk(std::unique_ptr<Disk> inner, const std::vector<FakeBitmap>& bitmaps) : inner_(std::move(inner)) {
+    for (const FakeBitmap& b : bitmaps) {
+      auto bitmap = DirtyBitmap::create(inner_->size(), kCluster);
+      for (auto [offset, len] : b.dirty) bitmap->set(offset, len);
+      bitmaps_.emplace(b.name, Entry{std::move(*bitmap), b.inconsistent});
+    }
+  }
+  uint64_t size() const override { return inner_->size(); }
+  bool read_only() const override { return inner_->read_only(); }
+  std::string format_name() const override { return inner_->format_name(); }
+  const std::string& filename() const override { return inner_->filename(); }
+  Disk* backing() const override { return inner_->backing(); }
+  Task<Status> read(uint64_t offset, std::span<std::byte> buf) override { return inner_->read(offset, buf); }
+  Task<Status> write(uint64_t offset, std::span<const std::byte> buf) override {
+    UQ_CO_TRY(co_await inner_->write(offset, buf));
+    mark(offset, buf.size());
+    co_return ok_status();
+  }
+  Task<Status> write_zeroes(uint64_t offset, uint64_t len, bool may_unmap) override {
+    UQ_CO_TRY(co_await inner_->write_zeroes(offset, len, may_unmap));
+    mark(offset, len);
+    co_return ok_status();
+  }
+  Task<Status> discard(uint64_t offset, uint64_t len) override {
+    UQ_CO_TRY(co_await inner_->discard(offset, len));
+    mark(offset, len);
+    co_return ok_status();
+  }
+  Task<Status> flush() override { return inner_->flush(); }
+  Task<Result<BlockStatus>> block_status(uint64_t offset, uint64_t max_len) override {
+    return inner_->block_status(offset, max_len);
+  }
+  Task<Status> close() override { return inner_->close(); }
+  Result<uint64_t> allocated_bytes() const override { return inner_->allocated_bytes(); }
+  Result<const DirtyBitmap*> dirty_bitmap(const std::string& name) const override {
+    auto it = bitmaps_.find(name);
+    if (it == bitmaps_.end()) return Error(ENOENT, "fake: no bitmap " + name);
+    if (it->second.inconsistent) return Error(EINVAL, "fake: bitmap " + name + " is in use");
+    return &it->second.bitmap;
+  }
+
+ private:
+  struct Entry {
+    DirtyBitmap bitmap;
+    bool inconsistent;
+  };
+  void mark(uint64_t offset, uint64_t len) {
+    for (auto& [name, e] : bitmaps_) {
+      if (!e.inconsistent) e.bitmap.set(offset, len);
+    }
+  }
+  std::unique_ptr<Disk> inner_;
+  std::map<std::string, Entry> bitmaps_;
+};
+
+// The export as `uqcow serve` builds it: -A, and each -B bitmap looked up.
+Status build_export(const ServerConfig& config, Export& exp) {
+  exp.contexts.allocation_depth = config.allocation_depth;
+  for (const std::string& name : config.export_bitmaps) {
+    UQ_ASSIGN_OR_RETURN(ExportedBitmap b, find_export_bitmap(*exp.disk, name));
+    exp.contexts.bitmaps.push_back(std::move(b));
+  }
+  return ok_status();
+}
+
 Task<void> serve_one(int fd, ServerConfig config, ServerOutcome* out) {
   out->setup = co_await create_image_file(config);
   if (!out->setup.ok()) co_return;
   const OpenOptions options{.read_only = config.read_only, .format = config.qcow2 ? "qcow2" : "raw"};
-  auto disk = co_await open_disk(config.path, options);
-  if (!disk.ok()) {
-    out->setup = std::move(disk).error();
+  auto opened = co_await open_disk(config.path, options);
+  if (!opened.ok()) {
+    out->setup = std::move(opened).error();
     co_return;
   }
-  Export exp{kExportName, disk->get(), config.read_only};
-  auto negotiated = co_await negotiate(fd, exp);
-  if (negotiated.ok()) {
-    out->negotiated = *negotiated;
-    co_await serve_transmission(fd, exp, *negotiated);
-    out->transmission_returned = true;
-  } else {
-    out->negotiation = std::move(negotiated).error();
+  std::unique_ptr<Disk> disk = std::move(*opened);
+  if (!config.bitmaps.empty()) disk = std::make_unique<FakeBitmapDisk>(std::move(disk), config.bitmaps);
+  Export exp{kExportName, disk.get(), config.read_only};
+  out->exported = build_export(config, exp);
+  if (out->exported.ok()) {
+    auto negotiated = co_await negotiate(fd, exp);
+    if (negotiated.ok()) {
+      out->negotiated = *negotiated;
+      co_await serve_transmission(fd, exp, *negotiated);
+      out->transmission_returned = true;
+    } else {
+      out->negotiation = std::move(negotiated).error();
+    }
   }
   out->contents.resize(kSize);
-  Status read = co_await (*disk)->read(0, std::as_writable_bytes(std::span(out->contents)));
+  Status read = co_await disk->read(0, std::as_writable_bytes(std::span(out->contents)));
   if (!read.ok()) out->contents.clear();
-  out->closed = co_await (*disk)->close();
+  out->closed = co_await disk->close();
 }
 
 // The server side of one connection, on its own thread and reactor. It owns
@@ -208,16 +319,40 @@ class SessionTest : public ::testing::Test {
   void TearDown() override {
     if (server_) finish();
     ::unlink((dir_ + "/image").c_str());
+    ::unlink((dir_ + "/image.base").c_str());
     ::rmdir(dir_.c_str());
   }
 
   // Starts the server on a fresh image; client() is the other end.
   void start(bool qcow2 = true, bool read_only = false) {
+    ServerConfig config;
+    config.qcow2 = qcow2;
+    config.read_only = read_only;
+    start(std::move(config));
+  }
+  // The same with any configuration; its path is set here.
+  void start(ServerConfig config) {
     int fds[2];
     ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0) << std::strerror(errno);
     client_fd_.reset(fds[1]);
     client_ = std::make_unique<Client>(fds[1]);
-    server_ = std::make_unique<ServerThread>(FileDesc(fds[0]), ServerConfig{dir_ + "/image", qcow2, read_only});
+    config.path = dir_ + "/image";
+    server_ = std::make_unique<ServerThread>(FileDesc(fds[0]), std::move(config));
+  }
+  // start(config), the greeting and FIXED_NEWSTYLE | NO_ZEROES: the client
+  // is haggling.
+  void start_haggling(ServerConfig config) {
+    ASSERT_NO_FATAL_FAILURE(start(std::move(config)));
+    ASSERT_TRUE(client().greeting()) << client().error();
+    ASSERT_TRUE(client().send_client_flags(wire::kClientFixedNewstyle | wire::kClientNoZeroes));
+  }
+  // GO for the export, which must be accepted.
+  void go() {
+    ExportInfo info;
+    auto refused = client().go(kExportName, &info);
+    ASSERT_TRUE(refused) << client().error();
+    ASSERT_EQ(*refused, 0u);
+    info_ = info;
   }
   // start() and the usual handshake (structured replies, base:allocation, GO).
   void connect(bool read_only = false) {
@@ -309,7 +444,7 @@ TEST_F(SessionTest, GoAdvertisesTheExportAndEntersTransmission) {
   ServerOutcome out = finish();
   ASSERT_TRUE(out.negotiated) << out.negotiation.message();
   EXPECT_TRUE(out.negotiated->structured_replies);
-  EXPECT_TRUE(out.negotiated->base_allocation);
+  EXPECT_TRUE(out.negotiated->contexts.base_allocation);
   EXPECT_TRUE(out.transmission_returned);
 }
 
@@ -347,7 +482,7 @@ TEST_F(SessionTest, UnknownOptionsAreRefusedAndTheHandshakeGoesOn) {
 
   ServerOutcome out = finish();
   ASSERT_TRUE(out.negotiated);
-  EXPECT_FALSE(out.negotiated->base_allocation);
+  EXPECT_FALSE(out.negotiated->contexts.base_allocation);
   EXPECT_TRUE(out.transmission_returned);
 }
 
@@ -709,6 +844,364 @@ TEST_F(SessionTest, ZeroLengthReadsAndBlockStatusGetValidReplies) {
   EXPECT_TRUE(Ok(c.call(wire::kCmdFlush, 0, 0), c));
   ASSERT_NO_FATAL_FAILURE(expect_reads_match(Model()));
   ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
+// ---- metadata contexts -------------------------------------------------------
+
+using testing::Extents;
+using testing::MetaContextReply;
+
+// The context names of a LIST/SET answer, in reply order.
+std::vector<std::string> names(const MetaContextReply& r) {
+  std::vector<std::string> out;
+  for (const auto& [id, name] : r.contexts) out.push_back(name);
+  return out;
+}
+using Names = std::vector<std::string>;
+
+// Runs of kCluster bytes, one value per cluster, merged where equal: what a
+// context's BLOCK_STATUS extents must be.
+Extents cluster_runs(const std::vector<uint32_t>& per_cluster) {
+  Extents runs;
+  for (uint32_t v : per_cluster) {
+    if (!runs.empty() && runs.back().second == v) {
+      runs.back().first += kCluster;
+    } else {
+      runs.emplace_back(kCluster, v);
+    }
+  }
+  return runs;
+}
+
+// The extents of `context` over [offset, end), adjacent equal ones merged,
+// from BLOCK_STATUS requests that each start where that context's chunk of
+// the last reply ended.
+std::optional<Extents> context_runs(Client& c, uint32_t context, uint64_t offset = 0, uint64_t end = kSize) {
+  Extents runs;
+  while (offset < end) {
+    auto r = c.call(wire::kCmdBlockStatus, offset, static_cast<uint32_t>(end - offset));
+    EXPECT_TRUE(Ok(r, c)) << "BLOCK_STATUS at " << offset;
+    if (!r || r->error != 0) return std::nullopt;
+    auto chunk = std::find_if(r->chunks.begin(), r->chunks.end(),
+                              [&](const testing::StatusChunk& ch) { return ch.context == context; });
+    if (chunk == r->chunks.end()) {
+      ADD_FAILURE() << "no chunk for context " << context << " at " << offset;
+      return std::nullopt;
+    }
+    for (auto [len, flags] : chunk->extents) {
+      if (!runs.empty() && runs.back().second == flags) {
+        runs.back().first += len;
+      } else {
+        runs.emplace_back(len, flags);
+      }
+      offset += len;
+    }
+  }
+  return runs;
+}
+
+// The id the last SET gave `name`.
+uint32_t id_of(const Client& c, const std::string& name) {
+  auto it = c.selected_contexts().find(name);
+  EXPECT_NE(it, c.selected_contexts().end()) << name << " is not selected";
+  return it == c.selected_contexts().end() ? UINT32_MAX : it->second;
+}
+
+ServerConfig all_contexts_config() {
+  ServerConfig config;
+  config.allocation_depth = true;
+  config.bitmaps = {{"b0", {{2 * kCluster, 2 * kCluster}, {10 * kCluster + 100, 1}}}, {"b1", {{0, 1}}}};
+  config.export_bitmaps = {"b1", "b0"};
+  return config;
+}
+
+// LIST_META_CONTEXT as qemu-nbd 7.2 answers it: no query lists everything,
+// an empty leaf ("base:", "qemu:", "qemu:dirty-bitmap:") lists what lies
+// under it, unknown namespaces and names list nothing, the replies come in
+// the server's order with id 0, and nothing is selected.
+TEST_F(SessionTest, ListMetaContextMatchesQueriesAsQemuNbd) {
+  ASSERT_NO_FATAL_FAILURE(start_haggling(all_contexts_config()));
+  Client& c = client();
+  // LIST needs no structured replies (SET does).
+  auto list = [&](const std::vector<std::string>& queries) -> Names {
+    auto r = c.meta_contexts(wire::kOptListMetaContext, kExportName, queries);
+    EXPECT_TRUE(r) << c.error();
+    if (!r) return {"<no reply>"};
+    EXPECT_EQ(r->error, 0u) << r->message;
+    for (const auto& [id, name] : r->contexts) EXPECT_EQ(id, 0u) << name << ": LIST answers id 0";
+    return names(*r);
+  };
+  const std::string b0 = "qemu:dirty-bitmap:b0", b1 = "qemu:dirty-bitmap:b1";
+  EXPECT_EQ(list({}), (Names{"base:allocation", "qemu:allocation-depth", b1, b0}));
+  EXPECT_EQ(list({"base:"}), (Names{"base:allocation"}));
+  EXPECT_EQ(list({"qemu:"}), (Names{"qemu:allocation-depth", b1, b0}));
+  EXPECT_EQ(list({"qemu:dirty-bitmap:"}), (Names{b1, b0}));
+  EXPECT_EQ(list({b0, "other:allocation", "base:allocation", "qemu:nothing", "base:nothing", "qemu:dirty-bitmap:b2",
+                  "qemu:allocation-depth", "base:allocation", "qemu", ""}),
+            (Names{"base:allocation", "qemu:allocation-depth", b0}));
+  EXPECT_EQ(list({"nothing:", "qemu:dirty-bitmap:B0"}), Names{});
+
+  auto unknown = c.meta_contexts(wire::kOptListMetaContext, "no-such-export", {});
+  ASSERT_TRUE(unknown) << c.error();
+  EXPECT_EQ(unknown->error, wire::kRepErrUnknown);
+  auto early = c.meta_contexts(wire::kOptSetMetaContext, kExportName, {"base:allocation"});
+  ASSERT_TRUE(early) << c.error();
+  EXPECT_EQ(early->error, wire::kRepErrInvalid) << "SET before STRUCTURED_REPLY";
+
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  ASSERT_NO_FATAL_FAILURE(go());
+  EXPECT_TRUE(Failed(c.call(wire::kCmdBlockStatus, 0, 4096), c, wire::kEinval)) << "LIST selects nothing";
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+  ServerOutcome out = finish();
+  ASSERT_TRUE(out.negotiated);
+  EXPECT_EQ(out.negotiated->contexts.count(), 0u);
+}
+
+// Without -A or -B only base:allocation exists.
+TEST_F(SessionTest, ContextsNotOfferedAreNeitherListedNorSelected) {
+  ASSERT_NO_FATAL_FAILURE(start_haggling(ServerConfig{}));
+  Client& c = client();
+  auto all = c.meta_contexts(wire::kOptListMetaContext, kExportName, {});
+  ASSERT_TRUE(all) << c.error();
+  EXPECT_EQ(names(*all), Names{"base:allocation"});
+  auto qemu = c.meta_contexts(wire::kOptListMetaContext, kExportName, {"qemu:", "qemu:allocation-depth"});
+  ASSERT_TRUE(qemu) << c.error();
+  EXPECT_EQ(names(*qemu), Names{});
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  auto set = c.meta_contexts(wire::kOptSetMetaContext, kExportName, {"qemu:allocation-depth"});
+  ASSERT_TRUE(set) << c.error();
+  EXPECT_EQ(set->error, 0u);
+  EXPECT_EQ(names(*set), Names{});
+  ASSERT_NO_FATAL_FAILURE(go());
+  EXPECT_TRUE(Failed(c.call(wire::kCmdBlockStatus, 0, 4096), c, wire::kEinval));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
+// SET selects several contexts at once, each with its own id, and replaces
+// the previous selection; an empty leaf selects nothing on SET. BLOCK_STATUS
+// then answers one chunk per selected context in the server's order, the
+// last one DONE (the client checks the ids, one chunk per context, and one
+// descriptor each with REQ_ONE).
+TEST_F(SessionTest, SetMetaContextSelectsSeveralContextsOneChunkEach) {
+  ASSERT_NO_FATAL_FAILURE(start_haggling(all_contexts_config()));
+  Client& c = client();
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  auto first = c.meta_contexts(wire::kOptSetMetaContext, kExportName, {"qemu:dirty-bitmap:b1", "base:allocation"});
+  ASSERT_TRUE(first) << c.error();
+  EXPECT_EQ(names(*first), (Names{"base:allocation", "qemu:dirty-bitmap:b1"}));
+  auto second = c.meta_contexts(wire::kOptSetMetaContext, kExportName,
+                                {"qemu:", "qemu:dirty-bitmap:", "base:", "qemu:dirty-bitmap:b0", "x-vendor:thing",
+                                 "qemu:allocation-depth", "base:allocation"});
+  ASSERT_TRUE(second) << c.error();
+  ASSERT_EQ(names(*second), (Names{"base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"}));
+  std::vector<uint32_t> ids;
+  for (const auto& [id, name] : second->contexts) ids.push_back(id);
+  ASSERT_NO_FATAL_FAILURE(go());
+
+  auto all = c.call(wire::kCmdBlockStatus, 0, kSize);
+  ASSERT_TRUE(Ok(all, c));
+  std::vector<uint32_t> order;
+  for (const auto& chunk : all->chunks) order.push_back(chunk.context);
+  EXPECT_EQ(order, ids);
+  EXPECT_EQ(all->chunks.at(0).extents, (Extents{{kSize, wire::kStateHole | wire::kStateZero}}));
+  EXPECT_EQ(all->chunks.at(1).extents, (Extents{{kSize, 0}})) << "a fresh image without a backing file";
+  EXPECT_EQ(all->chunks.at(2).extents, (Extents{{2 * kCluster, 0}, {2 * kCluster, wire::kStateDirty},
+                                                {6 * kCluster, 0}, {kCluster, wire::kStateDirty},
+                                                {5 * kCluster, 0}}));
+  auto one = c.call(wire::kCmdBlockStatus, kCluster / 2, 3 * kCluster, wire::kCmdFlagReqOne);
+  ASSERT_TRUE(Ok(one, c));
+  ASSERT_EQ(one->chunks.size(), 3u);
+  EXPECT_EQ(one->chunks[0].extents, (Extents{{3 * kCluster, wire::kStateHole | wire::kStateZero}}));
+  EXPECT_EQ(one->chunks[1].extents, (Extents{{3 * kCluster, 0}}));
+  EXPECT_EQ(one->chunks[2].extents, (Extents{{3 * kCluster / 2, 0}})) << "REQ_ONE: the first run only";
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+  ServerOutcome out = finish();
+  ASSERT_TRUE(out.negotiated);
+  EXPECT_EQ(out.negotiated->contexts.count(), 3u);
+  EXPECT_TRUE(out.negotiated->contexts.bitmap(1)) << "b0 is exported second";
+  EXPECT_FALSE(out.negotiated->contexts.bitmap(0)) << "b1 was replaced";
+}
+
+// A SET that fails leaves no context selected (qemu-nbd drops the old
+// selection first), and so does one that matches nothing.
+TEST_F(SessionTest, AFailedOrEmptySetLeavesNoContextSelected) {
+  for (bool malformed : {true, false}) {
+    SCOPED_TRACE(malformed ? "malformed SET" : "SET matching nothing");
+    ASSERT_NO_FATAL_FAILURE(start_haggling(all_contexts_config()));
+    Client& c = client();
+    ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+    ASSERT_TRUE(c.select_base_allocation(kExportName)) << c.error();
+    if (malformed) {
+      ASSERT_TRUE(c.send_option(wire::kOptSetMetaContext, Bytes{0, 0, 0, 4, 'd', 'i'}));
+    } else {
+      Bytes d{0, 0, 0, 4, 'd', 'i', 's', 'k', 0, 0, 0, 1, 0, 0, 0, 6, 'n', 'o', 'p', 'e', ':', 'x'};
+      ASSERT_TRUE(c.send_option(wire::kOptSetMetaContext, d));
+    }
+    auto r = c.meta_context_replies(wire::kOptSetMetaContext);
+    ASSERT_TRUE(r) << c.error();
+    EXPECT_EQ(r->error, malformed ? wire::kRepErrInvalid : 0u) << r->message;
+    EXPECT_TRUE(r->contexts.empty());
+    ASSERT_NO_FATAL_FAILURE(go());
+    EXPECT_TRUE(Failed(c.call(wire::kCmdBlockStatus, 0, 4096), c, wire::kEinval));
+    ASSERT_NO_FATAL_FAILURE(disconnect());
+    ServerOutcome out = finish();
+    ASSERT_TRUE(out.negotiated);
+    EXPECT_EQ(out.negotiated->contexts.count(), 0u);
+  }
+}
+
+// Lengths and counts in the option are the client's: each is checked
+// against the option's data, refused with NBD_REP_ERR_INVALID naming the
+// field, and the handshake goes on. A query over 4096 bytes is skipped
+// (qemu-nbd's NBD_MAX_STRING_SIZE), not refused.
+TEST_F(SessionTest, MalformedMetaContextQueriesAreRefusedNamingTheField) {
+  ASSERT_NO_FATAL_FAILURE(start_haggling(ServerConfig{}));
+  Client& c = client();
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  auto be32 = [](uint32_t v) { return Bytes{uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)}; };
+  auto cat = [](std::initializer_list<Bytes> parts) {
+    Bytes out;
+    for (const Bytes& p : parts) out.insert(out.end(), p.begin(), p.end());
+    return out;
+  };
+  const Bytes disk = cat({be32(4), Bytes{'d', 'i', 's', 'k'}});
+  const Bytes base = {'b', 'a', 's', 'e', ':', 'a', 'l', 'l', 'o', 'c', 'a', 't', 'i', 'o', 'n'};
+  Bytes with_nul = base;
+  with_nul[5] = 0;
+  const std::pair<Bytes, std::string> cases[] = {
+      {Bytes{0, 0}, "export name length missing"},
+      {cat({be32(4097), Bytes(4097, 'x'), be32(0)}), "export name length 4097 exceeds 4096"},
+      {cat({be32(100), Bytes{'d', 'i', 's', 'k'}}), "export name length exceeds"},
+      {cat({be32(4), Bytes{'d', 0, 's', 'k'}, be32(0)}), "export name: embedded NUL"},
+      {disk, "number of queries missing"},
+      {cat({disk, be32(0x40000000), be32(1), Bytes{'x'}}), "number of queries 1073741824 exceeds"},
+      {cat({disk, be32(5), be32(15), base}), "number of queries 5 exceeds"},
+      {cat({disk, be32(2), be32(15), base}), "query 1: length exceeds"},
+      {cat({disk, be32(1), be32(100), base}), "query 0: length exceeds"},
+      {cat({disk, be32(2), be32(15), base, be32(15), with_nul}), "query 1: embedded NUL"},
+      {cat({disk, be32(1), be32(15), base, Bytes{0}}), "data after the last query"},
+  };
+  for (uint32_t option : {wire::kOptListMetaContext, wire::kOptSetMetaContext}) {
+    for (const auto& [data, message] : cases) {
+      ASSERT_TRUE(c.send_option(option, data)) << c.error();
+      auto r = c.meta_context_replies(option);
+      ASSERT_TRUE(r) << c.error();
+      EXPECT_EQ(r->error, wire::kRepErrInvalid) << "option " << option << ", want " << message;
+      EXPECT_NE(r->message.find(message), std::string::npos) << r->message << "; want " << message;
+    }
+  }
+  auto long_query = c.meta_contexts(wire::kOptListMetaContext, kExportName,
+                                    {std::string(5000, 'x'), "base:allocation", "base:" + std::string(4092, 'a')});
+  ASSERT_TRUE(long_query) << c.error();
+  EXPECT_EQ(names(*long_query), Names{"base:allocation"});
+  ASSERT_TRUE(c.select_base_allocation(kExportName)) << c.error();
+  ASSERT_NO_FATAL_FAILURE(go());
+  EXPECT_TRUE(Ok(c.call(wire::kCmdBlockStatus, 0, kSize), c));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
+// qemu:allocation-depth over a backing file of half the export's size that
+// holds clusters kBackingData: 0 where no layer allocates, 1 where the top
+// image does (data or zeros), 2 where the backing file does, and 2 past the
+// backing file's end (qemu synthesises its zeros there).
+TEST_F(SessionTest, AllocationDepthThroughABackingChain) {
+  ServerConfig config;
+  config.backing = true;
+  config.allocation_depth = true;
+  ASSERT_NO_FATAL_FAILURE(start_haggling(config));
+  Client& c = client();
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  auto set = c.meta_contexts(wire::kOptSetMetaContext, kExportName, {"qemu:allocation-depth", "base:allocation"});
+  ASSERT_TRUE(set) << c.error();
+  ASSERT_EQ(names(*set), (Names{"base:allocation", "qemu:allocation-depth"}));
+  ASSERT_NO_FATAL_FAILURE(go());
+  ASSERT_TRUE(Ok(c.write(3 * kCluster, pattern(3 * kCluster, kCluster, 1)), c));
+  ASSERT_TRUE(Ok(c.write(5 * kCluster + 100, pattern(5 * kCluster + 100, 1000, 2)), c));
+  ASSERT_TRUE(Ok(c.call(wire::kCmdWriteZeroes, 9 * kCluster, kCluster), c));
+
+  // Per cluster: the layer the writes above and kBackingData put it in.
+  std::vector<uint32_t> want(kSize / kCluster, 0);
+  for (uint64_t cluster = kBackingSize / kCluster; cluster < want.size(); ++cluster) want[cluster] = 2;
+  for (uint64_t cluster : kBackingData) want[cluster] = 2;
+  for (uint64_t cluster : {3, 5, 9}) want[cluster] = 1;
+  const uint32_t depth = id_of(c, "qemu:allocation-depth");
+  auto runs = context_runs(c, depth);
+  ASSERT_TRUE(runs);
+  EXPECT_EQ(*runs, cluster_runs(want));
+
+  auto inside = context_runs(c, depth, kCluster + 5, 3 * kCluster + 5);
+  ASSERT_TRUE(inside);
+  EXPECT_EQ(*inside, (Extents{{kCluster - 5, 2}, {kCluster, 0}, {5, 1}}));
+  auto one = c.call(wire::kCmdBlockStatus, 3 * kCluster + 10, 4 * kCluster, wire::kCmdFlagReqOne);
+  ASSERT_TRUE(Ok(one, c));
+  ASSERT_EQ(one->chunks.size(), 2u);
+  EXPECT_EQ(one->chunks[1].extents, (Extents{{kCluster - 10, 1}}));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
+// qemu:dirty-bitmap:NAME over a fake disk's bitmaps: NBD_STATE_DIRTY where
+// the bitmap is dirty, granule by granule, and read live: a write through
+// the session marks the bitmap and the next BLOCK_STATUS shows it.
+TEST_F(SessionTest, DirtyBitmapContextReadsTheBitmapLive) {
+  ASSERT_NO_FATAL_FAILURE(start_haggling(all_contexts_config()));
+  Client& c = client();
+  ASSERT_TRUE(c.negotiate_structured_replies()) << c.error();
+  auto set = c.meta_contexts(wire::kOptSetMetaContext, kExportName, {"qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1"});
+  ASSERT_TRUE(set) << c.error();
+  ASSERT_EQ(names(*set), (Names{"qemu:dirty-bitmap:b1", "qemu:dirty-bitmap:b0"}));
+  ASSERT_NO_FATAL_FAILURE(go());
+  const uint32_t b0 = id_of(c, "qemu:dirty-bitmap:b0"), b1 = id_of(c, "qemu:dirty-bitmap:b1");
+  EXPECT_NE(b0, b1);
+
+  std::vector<uint32_t> want_b0(kSize / kCluster, 0), want_b1(kSize / kCluster, 0);
+  want_b0[2] = want_b0[3] = want_b0[10] = wire::kStateDirty;
+  want_b1[0] = wire::kStateDirty;
+  auto runs = context_runs(c, b0);
+  ASSERT_TRUE(runs);
+  EXPECT_EQ(*runs, cluster_runs(want_b0));
+  runs = context_runs(c, b1);
+  ASSERT_TRUE(runs);
+  EXPECT_EQ(*runs, cluster_runs(want_b1));
+  auto inside = context_runs(c, b0, 2 * kCluster + 7, 2 * kCluster + 107);
+  ASSERT_TRUE(inside);
+  EXPECT_EQ(*inside, (Extents{{100, wire::kStateDirty}}));
+  auto one = c.call(wire::kCmdBlockStatus, kCluster + 1, 4 * kCluster, wire::kCmdFlagReqOne);
+  ASSERT_TRUE(Ok(one, c));
+  ASSERT_EQ(one->chunks.size(), 2u);
+  EXPECT_EQ(one->chunks[0].extents, (Extents{{4 * kCluster, 0}})) << "b1";
+  EXPECT_EQ(one->chunks[1].extents, (Extents{{kCluster - 1, 0}})) << "b0";
+
+  ASSERT_TRUE(Ok(c.write(6 * kCluster + 5, pattern(6 * kCluster + 5, 10, 3)), c));
+  ASSERT_TRUE(Ok(c.call(wire::kCmdWriteZeroes, 15 * kCluster, kCluster), c));
+  want_b0[6] = want_b0[15] = want_b1[6] = want_b1[15] = wire::kStateDirty;
+  runs = context_runs(c, b0);
+  ASSERT_TRUE(runs);
+  EXPECT_EQ(*runs, cluster_runs(want_b0));
+  runs = context_runs(c, b1);
+  ASSERT_TRUE(runs);
+  EXPECT_EQ(*runs, cluster_runs(want_b1));
+  ASSERT_NO_FATAL_FAILURE(disconnect());
+}
+
+// `serve -B NAME` looks the bitmap up before serving; a missing or an
+// inconsistent one stops it with qemu-nbd's message, and no client is
+// served.
+TEST_F(SessionTest, ExportingAMissingOrInconsistentBitmapFailsWithQemuNbdsMessage) {
+  const std::pair<std::string, std::pair<int, std::string>> cases[] = {
+      {"missing", {ENOENT, "Bitmap 'missing' is not found"}},
+      {"bad", {EINVAL, "Bitmap 'bad' is inconsistent and cannot be used"}},
+  };
+  for (const auto& [name, want] : cases) {
+    ServerConfig config;
+    config.bitmaps = {{"good", {}}, {"bad", {}, /*inconsistent=*/true}};
+    config.export_bitmaps = {"good", name};
+    ASSERT_NO_FATAL_FAILURE(start(std::move(config)));
+    EXPECT_FALSE(client().greeting()) << "no handshake without the export";
+    ServerOutcome out = finish();
+    EXPECT_EQ(out.exported.code(), want.first) << out.exported.message();
+    EXPECT_EQ(out.exported.message(), want.second);
+    EXPECT_FALSE(out.negotiated);
+  }
 }
 
 // Queues writes, reads and a flush, then `last` (a request header sent as

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <set>
 
 #include "block/endian.h"
 
@@ -175,28 +176,59 @@ bool Client::negotiate_structured_replies() {
 
 bool Client::select_base_allocation(const std::string& name) {
   const std::string query = "base:allocation";
+  auto r = meta_contexts(wire::kOptSetMetaContext, name, {query});
+  if (!r) return false;
+  if (r->error != 0) return fail("SET_META_CONTEXT base:allocation refused with " + hex(r->error));
+  if (r->contexts.size() != 1 || r->contexts[0].second != query) {
+    return fail("SET_META_CONTEXT base:allocation: not exactly base:allocation selected");
+  }
+  return true;
+}
+
+std::optional<MetaContextReply> Client::meta_contexts(uint32_t option, const std::string& name,
+                                                      const std::vector<std::string>& queries) {
   Bytes d;
   put32(d, static_cast<uint32_t>(name.size()));
   put_string(d, name);
-  put32(d, 1);
-  put32(d, static_cast<uint32_t>(query.size()));
-  put_string(d, query);
-  if (!send_option(wire::kOptSetMetaContext, d)) return false;
-  bool selected = false;
-  for (;;) {
-    auto r = option_reply(wire::kOptSetMetaContext);
-    if (!r) return false;
-    if (r->type == wire::kRepAck) break;
-    if (r->type != wire::kRepMetaContext) return fail("SET_META_CONTEXT: reply type " + hex(r->type));
-    if (r->data.size() < 4 || std::string(r->data.begin() + 4, r->data.end()) != query) {
-      return fail("SET_META_CONTEXT: a context other than base:allocation");
-    }
-    if (selected) return fail("SET_META_CONTEXT: base:allocation selected twice");
-    context_id_ = load_be32(r->data.data());
-    selected = true;
+  put32(d, static_cast<uint32_t>(queries.size()));
+  for (const std::string& q : queries) {
+    put32(d, static_cast<uint32_t>(q.size()));
+    put_string(d, q);
   }
-  if (!selected) return fail("SET_META_CONTEXT: base:allocation not selected");
-  return true;
+  if (!send_option(option, d)) return std::nullopt;
+  return meta_context_replies(option);
+}
+
+std::optional<MetaContextReply> Client::meta_context_replies(uint32_t option) {
+  const bool set = option == wire::kOptSetMetaContext;
+  if (set) selected_.clear();
+  MetaContextReply out;
+  std::map<std::string, uint32_t> selected;
+  std::set<uint32_t> ids;
+  for (;;) {
+    auto r = option_reply(option);
+    if (!r) return std::nullopt;
+    if (r->type & wire::kRepErrBit) {
+      if (!out.contexts.empty()) return fail_none("META_CONTEXT replies before an error reply");
+      out.error = r->type;
+      out.message.assign(r->data.begin(), r->data.end());
+      return out;
+    }
+    if (r->type == wire::kRepAck) {
+      if (!r->data.empty()) return fail_none("META_CONTEXT: ACK with data");
+      break;
+    }
+    if (r->type != wire::kRepMetaContext) return fail_none("META_CONTEXT: reply type " + hex(r->type));
+    if (r->data.size() < 5) return fail_none("META_CONTEXT reply without a context name");
+    const uint32_t id = load_be32(r->data.data());
+    std::string context(r->data.begin() + 4, r->data.end());
+    if (set && (!ids.insert(id).second || !selected.emplace(context, id).second)) {
+      return fail_none("SET_META_CONTEXT selected id " + std::to_string(id) + " (" + context + ") twice");
+    }
+    out.contexts.emplace_back(id, std::move(context));
+  }
+  if (set) selected_ = std::move(selected);
+  return out;
 }
 
 std::optional<ExportInfo> Client::handshake(const std::string& name) {
@@ -338,26 +370,8 @@ bool Client::chunk_data(uint16_t type, const Bytes& payload, Pending& p) {
       }
       return true;
     }
-    case wire::kReplyBlockStatus: {
-      if (p.type != wire::kCmdBlockStatus) return fail("a BLOCK_STATUS chunk for another command");
-      if (n < 12 || (n - 4) % 8 != 0) return fail("a BLOCK_STATUS chunk of the wrong length");
-      if (p.status_seen) return fail("two BLOCK_STATUS chunks for one context");
-      p.status_seen = true;
-      p.reply.context = load_be32(payload.data());
-      if (p.reply.context != context_id_) return fail("BLOCK_STATUS for a context never selected");
-      uint64_t sum = 0;
-      for (size_t at = 4; at < n; at += 8) {
-        uint32_t len = load_be32(payload.data() + at);
-        if (len == 0) return fail("a BLOCK_STATUS descriptor of length 0");
-        sum += len;
-        p.reply.extents.emplace_back(len, load_be32(payload.data() + at + 4));
-      }
-      if (sum > p.length) return fail("BLOCK_STATUS descriptors longer than the request");
-      if ((p.flags & wire::kCmdFlagReqOne) && p.reply.extents.size() != 1) {
-        return fail("BLOCK_STATUS with REQ_ONE gave more than one descriptor");
-      }
-      return true;
-    }
+    case wire::kReplyBlockStatus:
+      return status_chunk(payload, p);
     case wire::kReplyError:
     case wire::kReplyErrorOffset: {
       const size_t fixed = type == wire::kReplyError ? 6 : 14;
@@ -378,14 +392,48 @@ bool Client::chunk_data(uint16_t type, const Bytes& payload, Pending& p) {
   }
 }
 
+// One BLOCK_STATUS chunk: for a context the last SET selected, at most one
+// per context, descriptors of non-zero length covering at most the request,
+// exactly one with REQ_ONE.
+bool Client::status_chunk(const Bytes& payload, Pending& p) {
+  const size_t n = payload.size();
+  if (p.type != wire::kCmdBlockStatus) return fail("a BLOCK_STATUS chunk for another command");
+  if (n < 12 || (n - 4) % 8 != 0) return fail("a BLOCK_STATUS chunk of the wrong length");
+  StatusChunk chunk{load_be32(payload.data()), {}};
+  bool selected = false;
+  for (const auto& [name, id] : selected_) selected |= id == chunk.context;
+  if (!selected) return fail("BLOCK_STATUS for context id " + std::to_string(chunk.context) + ", never selected");
+  for (const StatusChunk& c : p.reply.chunks) {
+    if (c.context == chunk.context) return fail("two BLOCK_STATUS chunks for one context");
+  }
+  uint64_t sum = 0;
+  for (size_t at = 4; at < n; at += 8) {
+    uint32_t len = load_be32(payload.data() + at);
+    if (len == 0) return fail("a BLOCK_STATUS descriptor of length 0");
+    sum += len;
+    chunk.extents.emplace_back(len, load_be32(payload.data() + at + 4));
+  }
+  if (sum > p.length) return fail("BLOCK_STATUS descriptors longer than the request");
+  if ((p.flags & wire::kCmdFlagReqOne) && chunk.extents.size() != 1) {
+    return fail("BLOCK_STATUS with REQ_ONE gave more than one descriptor");
+  }
+  if (p.reply.chunks.empty()) {
+    p.reply.context = chunk.context;
+    p.reply.extents = chunk.extents;
+  }
+  p.reply.chunks.push_back(std::move(chunk));
+  return true;
+}
+
 bool Client::finish(uint64_t cookie, Pending& p) {
   if (p.reply.error == 0 && structured_ && p.type == wire::kCmdRead) {
     for (bool c : p.covered) {
       if (!c) return fail("READ reply done without covering the whole request");
     }
   }
-  if (p.reply.error == 0 && p.type == wire::kCmdBlockStatus && !p.status_seen) {
-    return fail("BLOCK_STATUS reply done without a BLOCK_STATUS chunk");
+  if (p.reply.error == 0 && p.type == wire::kCmdBlockStatus && p.reply.chunks.size() != selected_.size()) {
+    return fail("BLOCK_STATUS reply done with " + std::to_string(p.reply.chunks.size()) + " chunks for " +
+                std::to_string(selected_.size()) + " selected contexts");
   }
   done_.emplace(cookie, std::move(p.reply));
   pending_.erase(cookie);  // `p` is gone

@@ -45,6 +45,7 @@ constexpr uint32_t kOptAbort = 2;
 constexpr uint32_t kOptStartTls = 5;
 constexpr uint32_t kOptGo = 7;
 constexpr uint32_t kOptStructuredReply = 8;
+constexpr uint32_t kOptListMetaContext = 9;
 constexpr uint32_t kOptSetMetaContext = 10;
 // Option reply types; errors have bit 31 set.
 constexpr uint32_t kRepAck = 1;
@@ -53,6 +54,7 @@ constexpr uint32_t kRepMetaContext = 4;
 constexpr uint32_t kRepErrBit = 1u << 31;
 constexpr uint32_t kRepErrUnsup = kRepErrBit + 1;
 constexpr uint32_t kRepErrPolicy = kRepErrBit + 2;
+constexpr uint32_t kRepErrInvalid = kRepErrBit + 3;
 constexpr uint32_t kRepErrUnknown = kRepErrBit + 6;
 // NBD_INFO_* in NBD_REP_INFO replies.
 constexpr uint16_t kInfoExport = 0;
@@ -93,6 +95,8 @@ constexpr uint16_t kReplyErrorOffset = 0x8002;
 // base:allocation states.
 constexpr uint32_t kStateHole = 1 << 0;
 constexpr uint32_t kStateZero = 1 << 1;
+// qemu:dirty-bitmap:NAME state (qemu's docs/interop/nbd.txt).
+constexpr uint32_t kStateDirty = 1 << 0;
 // Errors.
 constexpr uint32_t kEperm = 1;
 constexpr uint32_t kEinval = 22;
@@ -113,13 +117,32 @@ struct ExportInfo {
   std::optional<std::array<uint32_t, 3>> block_sizes;
 };
 
+// The answer to LIST_META_CONTEXT or SET_META_CONTEXT.
+struct MetaContextReply {
+  uint32_t error = 0;  // 0, or the error reply's type (then no contexts)
+  std::string message;
+  std::vector<std::pair<uint32_t, std::string>> contexts;  // (id, name), in reply order
+};
+
+using Extents = std::vector<std::pair<uint32_t, uint32_t>>;  // (length, flags)
+
+// One NBD_REPLY_TYPE_BLOCK_STATUS chunk.
+struct StatusChunk {
+  uint32_t context = 0;
+  Extents extents;
+};
+
 // One request's complete reply.
 struct Reply {
   uint32_t error = 0;         // 0, or the NBD error (simple reply or error chunk)
   std::string message;        // an error chunk's message
   Bytes data;                 // READ: the bytes, reassembled
-  uint32_t context = 0;       // BLOCK_STATUS: the metadata context id
-  std::vector<std::pair<uint32_t, uint32_t>> extents;  // BLOCK_STATUS: (length, flags)
+  // BLOCK_STATUS: every chunk in arrival order (one per selected context),
+  // and the first one's context and extents again (with one context
+  // selected, the only chunk).
+  std::vector<StatusChunk> chunks;
+  uint32_t context = 0;
+  Extents extents;
   int messages = 0;           // simple replies or chunks it took
 };
 
@@ -151,13 +174,27 @@ class Client {
   // for checking BLOCK_STATUS replies.
   bool negotiate_structured_replies();
   bool select_base_allocation(const std::string& name);
+  // LIST_META_CONTEXT or SET_META_CONTEXT of `queries` on export `name`:
+  // the META_CONTEXT replies up to ACK, or the error reply. A SET forgets
+  // the contexts selected before (whatever its outcome: the server may
+  // drop them on an error) and, on success, selects those it replied;
+  // BLOCK_STATUS replies are then checked against them (one chunk each).
+  std::optional<MetaContextReply> meta_contexts(uint32_t option, const std::string& name,
+                                                const std::vector<std::string>& queries);
+  // The same for option data sent as is (send_option), malformed or not.
+  std::optional<MetaContextReply> meta_context_replies(uint32_t option);
+  // The ids selected by the last SET, by context name.
+  const std::map<std::string, uint32_t>& selected_contexts() const { return selected_; }
   // The usual handshake: greeting, FIXED_NEWSTYLE | NO_ZEROES,
   // STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO.
   std::optional<ExportInfo> handshake(const std::string& name);
   // Tells the client that the handshake ended (EXPORT_NAME) with or without
   // structured replies; GO and the helpers above do it themselves.
   void set_structured(bool on) { structured_ = on; }
-  uint32_t base_allocation_id() const { return context_id_; }
+  uint32_t base_allocation_id() const {
+    auto it = selected_.find("base:allocation");
+    return it == selected_.end() ? UINT32_MAX : it->second;
+  }
 
   // ---- transmission ----
   // Sends one request with a new cookie and returns the cookie. A WRITE
@@ -191,7 +228,6 @@ class Client {
     Reply reply;
     std::vector<bool> covered;  // READ with structured replies: bytes received
     bool errored = false;
-    bool status_seen = false;
   };
   // Record the first failure; return false or nullopt for the caller to
   // pass on.
@@ -203,12 +239,13 @@ class Client {
   bool receive_simple(uint64_t cookie, Pending& p);
   bool receive_chunk(uint16_t flags, uint16_t type, uint64_t cookie, uint32_t length, Pending& p);
   bool chunk_data(uint16_t type, const Bytes& payload, Pending& p);
+  bool status_chunk(const Bytes& payload, Pending& p);
   bool finish(uint64_t cookie, Pending& p);
 
   int fd_;
   std::string error_;
   bool structured_ = false;
-  uint32_t context_id_ = 0;
+  std::map<std::string, uint32_t> selected_;  // the last SET's contexts
   uint64_t next_cookie_ = 0xc0de000000000001ull;  // high bits set: a truncated cookie shows
   std::map<uint64_t, Pending> pending_;
   std::map<uint64_t, Reply> done_;

@@ -2,6 +2,8 @@
 // or a TCP port, until SIGTERM or SIGINT.
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "block/open.h"
 #include "nbd/server.h"
@@ -11,19 +13,40 @@ namespace uqcow::cli {
 namespace {
 
 constexpr char kUsage[] =
-    "uqcow serve [--socket PATH | --bind ADDR --port N] [--export NAME] [--read-only] [-t CACHE] FILE";
+    "uqcow serve [--socket PATH | --bind ADDR --port N] [--export NAME] [--read-only] [-A] [-B NAME]...\n"
+    "            [-t CACHE] FILE";
 constexpr char kDescription[] =
-    "Serves FILE over NBD (fixed newstyle, structured replies, base:allocation)\n"
-    "until SIGTERM or SIGINT; then answers the requests in flight, flushes and\n"
-    "closes the image. Without --socket it listens on TCP (default port 10809).";
+    "Serves FILE over NBD (fixed newstyle, structured replies) until SIGTERM or\n"
+    "SIGINT; then answers the requests in flight, flushes and closes the image.\n"
+    "Without --socket it listens on TCP (default port 10809).\n"
+    "Metadata contexts for NBD_CMD_BLOCK_STATUS, as qemu-nbd offers them:\n"
+    "base:allocation always; qemu:allocation-depth with -A (0 unallocated, 1 in\n"
+    "FILE, 2 in its backing file, ...); qemu:dirty-bitmap:NAME with -B NAME, the\n"
+    "persistent bitmap NAME of FILE or of a backing file (dirty = 1), read live:\n"
+    "writes through the server mark it. A bitmap that does not exist or is\n"
+    "inconsistent stops serve before it listens (exit 1).";
+
+// The contexts -A and -B offer. Like qemu-nbd, the bitmaps are exported in
+// the reverse order of the -B options (ids and META_CONTEXT replies follow
+// that order).
+Status offer_contexts(const Disk& disk, bool allocation_depth, const std::vector<std::string>& bitmaps,
+                      nbd::OfferedContexts& offered) {
+  offered.allocation_depth = allocation_depth;
+  for (auto name = bitmaps.rbegin(); name != bitmaps.rend(); ++name) {
+    UQ_ASSIGN_OR_RETURN(nbd::ExportedBitmap b, nbd::find_export_bitmap(disk, *name));
+    offered.bitmaps.push_back(std::move(b));
+  }
+  return Status();
+}
 
 Task<Status> serve(const std::string& path, OpenOptions options, nbd::Export exp,
-                   const nbd::ListenAddress& address) {
+                   const nbd::ListenAddress& address, bool allocation_depth,
+                   std::vector<std::string> bitmaps) {
   UQ_CO_ASSIGN_OR_RETURN(auto disk, co_await open_disk(path, options));
   exp.disk = disk.get();
   exp.read_only = options.read_only;
-  Status served;
-  {
+  Status served = offer_contexts(*disk, allocation_depth, bitmaps, exp.contexts);
+  if (served.ok()) {
     nbd::Server server(exp);
     served = server.listen(address);
     if (served.ok()) {
@@ -46,7 +69,10 @@ int cmd_serve(int argc, char** argv) {
       .option("--bind", "TCP address to listen on (default: all)", "ADDR")
       .option("-p,--port", "TCP port (default 10809)", "N")
       .option("-x,--export", "export name (default: empty)", "NAME")
-      .flag("-r,--read-only", "export read-only");
+      .flag("-r,--read-only", "export read-only")
+      .flag("-A,--allocation-depth", "offer the qemu:allocation-depth context")
+      .option("-B,--bitmap", "offer persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME (repeatable)",
+              "NAME");
   add_open_flags(args);
   Status parsed = args.parse(argc, argv);
   if (!parsed.ok()) return fail(parsed);
@@ -71,7 +97,7 @@ int cmd_serve(int argc, char** argv) {
   if (!o.ok()) return fail(o.error().message());
   nbd::Export exp;
   exp.name = args.get_or("-x", "");
-  Status s = run(serve(args.positional()[0], *o, exp, address));
+  Status s = run(serve(args.positional()[0], *o, exp, address, args.has("-A"), args.all("-B")));
   if (!s.ok()) return fail(s);
   return 0;
 }
