@@ -88,7 +88,7 @@ Status add(qcow2::Qcow2Image* img, const std::string& path, const BitmapRequest&
       return Error(EINVAL, "Granularity must be power of 2 and at least 512");
     }
   }
-  if (!img) return Error(ENOTSUP, "Can't store persistent bitmaps to '" + path + "': Operation not supported");
+  if (!img) return Error(ENOTSUP, "Can't store persistent bitmaps to " + path + ": Operation not supported");
   if (granularity == 0) {
     // bdrv_get_default_bitmap_granularity(): the cluster size within 4k..64k.
     granularity = std::clamp<uint64_t>(img->geometry().cluster_size, 4096, 65536);
