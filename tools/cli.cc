@@ -86,6 +86,7 @@ Status Args::parse(int argc, char** argv, int first) {
       return Error(EINVAL, "option '" + name + "' takes no value");
     }
     values_[spec->names.front()].push_back(value);
+    sequence_.emplace_back(spec->names.front(), value);
   }
   return Status();
 }

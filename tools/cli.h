@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "block/disk.h"
@@ -39,6 +40,9 @@ class Args {
   std::string get_or(const std::string& name, const std::string& fallback) const;
   const std::vector<std::string>& all(const std::string& name) const;
   const std::vector<std::string>& positional() const { return positional_; }
+  // Every option given, in command-line order, as (first declared name,
+  // value): for commands whose options are a sequence of actions.
+  const std::vector<std::pair<std::string, std::string>>& sequence() const { return sequence_; }
   // The option list for --help, one line per option.
   std::string help() const;
 
@@ -53,6 +57,7 @@ class Args {
   std::vector<Spec> specs_;
   std::map<std::string, std::vector<std::string>> values_;  // keyed by first name
   std::vector<std::string> positional_;
+  std::vector<std::pair<std::string, std::string>> sequence_;
   bool help_requested_ = false;
 };
 
@@ -120,5 +125,6 @@ int cmd_resize(int argc, char** argv);
 int cmd_snapshot(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
+int cmd_bitmap(int argc, char** argv);
 
 }  // namespace uqcow::cli

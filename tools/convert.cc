@@ -14,8 +14,17 @@
 // Several workers copy 2 MiB chunks concurrently to keep requests in flight.
 // Compression runs on the reactor thread, inside the library's
 // write_compressed().
+//
+// --bitmaps copies the source's persistent dirty bitmaps to a qcow2 target
+// as qemu-img 7.2 does: checked before the target is created (an
+// inconsistent one refuses the conversion unless --skip-broken-bitmaps),
+// created after the data is copied (so the copy's writes do not mark them),
+// with the source's granularity, enabled state and bits, in the source's
+// directory order, written when the target closes.
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,7 +41,8 @@ namespace uqcow::cli {
 namespace {
 
 constexpr char kUsage[] =
-    "uqcow convert [-U] [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p] SRC DST";
+    "uqcow convert [-U] [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-c] [-l SNAPSHOT] [-p]\n"
+    "              [--bitmaps [--skip-broken-bitmaps]] SRC DST";
 constexpr char kDescription[] =
     "Copies the guest-visible content of SRC (through its backing chain) to DST, which is\n"
     "created or truncated: a sparse raw file (-O raw, the default) or a qcow2 image without\n"
@@ -40,7 +50,8 @@ constexpr char kDescription[] =
     "compat, refcount_bits, lazy_refcounts, preallocation, compression_type, extended_l2,\n"
     "data_file, data_file_raw); the defaults are those of `uqcow create`. -c compresses the\n"
     "data clusters of a qcow2 DST. -l reads an internal snapshot of SRC instead of its\n"
-    "current state.";
+    "current state. --bitmaps copies the persistent dirty bitmaps of a qcow2 SRC to a\n"
+    "qcow2 DST (an inconsistent one is refused, or skipped with --skip-broken-bitmaps).";
 
 constexpr uint64_t kChunkBytes = 2ull << 20;  // a multiple of every cluster size
 constexpr int kWorkers = 8;
@@ -186,13 +197,67 @@ Task<Status> copy(Disk& src, Target& target, bool progress) {
   co_return Status();
 }
 
-Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress) {
+// --- --bitmaps ------------------------------------------------------------
+
+// What --bitmaps copies: the source's bitmaps in directory order.
+struct BitmapCopy {
+  std::vector<qcow2::BitmapInfo> bitmaps;
+  bool skip_broken = false;
+};
+
+// convert_check_bitmaps(): QEMU lists bitmaps newest first (its list takes
+// each loaded bitmap at its head), so the last inconsistent one is named.
+Result<BitmapCopy> plan_bitmaps(const Disk& src, bool skip_broken) {
+  const auto* img = dynamic_cast<const qcow2::Qcow2Image*>(&src);
+  if (!img) return Error(ENOTSUP, "Source lacks bitmap support");
+  BitmapCopy plan{img->bitmap_list(), skip_broken};
+  for (auto it = plan.bitmaps.rbegin(); it != plan.bitmaps.rend() && !skip_broken; ++it) {
+    if (it->inconsistent) {
+      return Error(EINVAL, "Cannot copy inconsistent bitmap '" + it->name +
+                               "'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it");
+    }
+  }
+  return plan;
+}
+
+// bdrv_supports_persistent_dirty_bitmap() on the opened target.
+Status check_bitmap_target(const Disk* dst, const char* format) {
+  const auto* img = dynamic_cast<const qcow2::Qcow2Image*>(dst);
+  if (!img || img->header().version < 3) {
+    return Error(ENOTSUP, std::string("Format driver '") + format + "' does not support bitmaps");
+  }
+  return Status();
+}
+
+// convert_copy_bitmaps(), into the open target before it closes. Skipped
+// bitmaps are announced in QEMU's (newest first) order.
+Status copy_bitmaps(const Disk& src, qcow2::Qcow2Image& dst, const BitmapCopy& plan) {
+  for (auto it = plan.bitmaps.rbegin(); it != plan.bitmaps.rend(); ++it) {
+    if (it->inconsistent) std::fprintf(stderr, "uqcow: warning: Skipping inconsistent bitmap '%s'\n", it->name.c_str());
+  }
+  for (const auto& b : plan.bitmaps) {
+    if (b.inconsistent) continue;
+    Status added = dst.bitmap_add(b.name, b.granularity, b.enabled);
+    if (!added.ok()) return Error(added.code(), "Failed to create bitmap " + b.name + ": " + added.message());
+    auto bits = src.dirty_bitmap(b.name);
+    Status merged = bits.ok() ? dst.bitmap_merge(b.name, **bits) : Status(bits.error());
+    if (!merged.ok()) {
+      (void)dst.bitmap_remove(b.name);
+      return Error(merged.code(), "Failed to populate bitmap " + b.name + ": " + merged.message());
+    }
+  }
+  return Status();
+}
+
+Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progress, const BitmapCopy* bitmaps) {
   UQ_CO_ASSIGN_OR_RETURN(
       auto dst, RawFile::open(dst_path, RawFileOptions{.read_only = false, .create = true, .lock = kCreateLockPerms}));
   // Truncating to 0 first drops whatever DST held: every byte not written
   // below must read as zero.
   UQ_CO_TRY(dst->truncate(0));
   UQ_CO_TRY(dst->truncate(src.size()));
+  // As qemu-img: the raw target exists by now, and cannot take bitmaps.
+  if (bitmaps) UQ_CO_TRY(check_bitmap_target(nullptr, "raw"));
   Target target;
   target.raw = dst.get();
   target.size = src.size();
@@ -201,7 +266,7 @@ Task<Status> convert_to_raw(Disk& src, const std::string& dst_path, bool progres
 }
 
 Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::CreateOptions create,
-                              bool compress, bool progress) {
+                              bool compress, bool progress, const BitmapCopy* bitmaps) {
   // qcow2 sizes are whole sectors; qemu-img rounds up the same way.
   create.size = (src.size() + 511) / 512 * 512;
   UQ_CO_TRY(co_await qcow2::create_image(dst_path, create));
@@ -210,6 +275,12 @@ Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::Cre
   options.format = "qcow2";
   options.passphrase = create.passphrase;  // an encrypted target (-o encrypt.format)
   UQ_CO_ASSIGN_OR_RETURN(auto dst, co_await open_disk(dst_path, options));
+  if (bitmaps) {
+    if (Status s = check_bitmap_target(dst.get(), "qcow2"); !s.ok()) {
+      (void)co_await dst->close();
+      co_return s;
+    }
+  }
   Target target;
   target.disk = dst.get();
   target.size = dst->size();
@@ -219,7 +290,10 @@ Task<Status> convert_to_qcow2(Disk& src, const std::string& dst_path, qcow2::Cre
     target.cluster_size = target.compressed->geometry().cluster_size;
   }
   Status copied = co_await copy(src, target, progress);
-  // close() flushes: the image is complete and clean once it returns.
+  if (copied.ok() && bitmaps) {
+    copied = copy_bitmaps(src, *dynamic_cast<qcow2::Qcow2Image*>(dst.get()), *bitmaps);
+  }
+  // close() flushes (and writes the bitmaps): the image is complete and clean once it returns.
   Status closed = co_await dst->close();
   if (!copied.ok()) co_return copied;
   co_return closed;
@@ -233,16 +307,27 @@ struct ConvertRequest {
   qcow2::CreateOptions create;
   bool compress = false;
   bool progress = false;
+  bool bitmaps = false;
+  bool skip_broken_bitmaps = false;
 };
 
 Task<int> convert_task(ConvertRequest req) {
   auto src = co_await open_disk(req.src_path, req.src_options);
   if (!src.ok()) co_return fail(src.error());
+  std::optional<BitmapCopy> bitmaps;
   Status copied;
-  if (req.qcow2) {
-    copied = co_await convert_to_qcow2(**src, req.dst_path, req.create, req.compress, req.progress);
+  if (req.bitmaps) {
+    auto plan = plan_bitmaps(**src, req.skip_broken_bitmaps);
+    if (plan.ok()) bitmaps = std::move(*plan);
+    else copied = std::move(plan).error();
+  }
+  const BitmapCopy* copy_plan = bitmaps ? &*bitmaps : nullptr;
+  if (!copied.ok()) {
+    // Refused before the target is created.
+  } else if (req.qcow2) {
+    copied = co_await convert_to_qcow2(**src, req.dst_path, req.create, req.compress, req.progress, copy_plan);
   } else {
-    copied = co_await convert_to_raw(**src, req.dst_path, req.progress);
+    copied = co_await convert_to_raw(**src, req.dst_path, req.progress, copy_plan);
   }
   Status closed = co_await (*src)->close();
   if (!copied.ok()) co_return fail(copied);
@@ -290,7 +375,9 @@ int cmd_convert(int argc, char** argv) {
       .option("-l,--snapshot", "convert an internal snapshot (ID, NAME, snapshot.id=ID or snapshot.name=NAME)",
               "SNAPSHOT")
       .flag("-p,--progress", "show progress on stderr (when it is a terminal)")
-      .option("--target-passphrase-file", "passphrase of an encrypted target (-o encrypt.format=luks)", "FILE");
+      .option("--target-passphrase-file", "passphrase of an encrypted target (-o encrypt.format=luks)", "FILE")
+      .flag("--bitmaps", "copy the persistent dirty bitmaps (qcow2 to qcow2)")
+      .flag("--skip-broken-bitmaps", "with --bitmaps: skip inconsistent bitmaps instead of failing");
   add_open_flags(args);
   if (Status s = args.parse(argc, argv); !s.ok()) return fail(s);
   if (args.help_requested()) {
@@ -298,6 +385,9 @@ int cmd_convert(int argc, char** argv) {
     return 0;
   }
   ConvertRequest req;
+  req.bitmaps = args.has("--bitmaps");
+  req.skip_broken_bitmaps = args.has("--skip-broken-bitmaps");
+  if (req.skip_broken_bitmaps && !req.bitmaps) return fail("Use of --skip-broken-bitmaps requires --bitmaps");
   const std::string out_format = args.get_or("-O", "raw");
   if (out_format != "raw" && out_format != "qcow2") {
     return fail("convert: output format '" + out_format + "' is not supported (raw, qcow2)");

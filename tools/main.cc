@@ -23,6 +23,7 @@ const Command kCommands[] = {
     {"io", uqcow::cli::cmd_io, "run qemu-io style commands against an image"},
     {"bench", uqcow::cli::cmd_bench, "benchmark random or sequential I/O on an image"},
     {"check", uqcow::cli::cmd_check, "check (and repair) an image's metadata"},
+    {"bitmap", uqcow::cli::cmd_bitmap, "add, remove, clear, enable, disable or merge persistent dirty bitmaps"},
     {"serve", uqcow::cli::cmd_serve, "export an image over NBD"},
 };
 
