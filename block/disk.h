@@ -64,7 +64,7 @@ class Disk {
   // there is none, EINVAL if it is inconsistent (left in use by a crash).
   // The pointer stays valid until the bitmap is removed or the disk closed.
   virtual Result<const DirtyBitmap*> dirty_bitmap(const std::string& name) const {
-    return Error(ENOENT, filename() + ": no bitmap '" + name + "'");
+    return Error(ENOENT, "Dirty bitmap '" + name + "' not found");
   }
 };
 

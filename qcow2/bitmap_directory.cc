@@ -37,7 +37,7 @@ Status check_bitmap_constraints(const std::string& name, uint64_t granularity, u
   if (bytes > kMaxBitmapDataBytes || bytes > uint64_t{kMaxBitmapTableEntries} * cluster_size) {
     return Error(EINVAL, "Too much space will be occupied by the bitmap. Use larger granularity");
   }
-  if (name.empty()) return Error(EINVAL, "Bitmap name must not be empty");
+  if (name.empty()) return Error(EINVAL, "Bitmap name cannot be empty");
   if (name.size() > kMaxBitmapNameBytes) return Error(EINVAL, "Name length exceeds maximum (1023 characters)");
   return Status();
 }

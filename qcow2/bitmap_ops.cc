@@ -41,7 +41,7 @@ Task<Status> Qcow2Image::set_bitmaps_in_use() {
 }
 
 Result<const DirtyBitmap*> Qcow2Image::dirty_bitmap(const std::string& name) const {
-  if (!bitmaps_) return Error(ENOENT, filename() + ": no bitmap '" + name + "'");
+  if (!bitmaps_) return Error(ENOENT, "Dirty bitmap '" + name + "' not found");
   return bitmaps_->find(name);
 }
 
@@ -80,6 +80,11 @@ Status Qcow2Image::bitmap_set_enabled(const std::string& name, bool enabled) {
 
 Status Qcow2Image::bitmap_merge(const std::string& name, const DirtyBitmap& src) {
   UQ_TRY(writable_bitmaps(options_.read_only, file_->name()));
+  // QEMU's bdrv_merge_dirty_bitmap refuses bitmaps of other disks' sizes.
+  if (src.size() != size_) {
+    return Error(EINVAL, "Bitmaps are of different sizes (destination size is " + std::to_string(size_) +
+                             ", source size is " + std::to_string(src.size()) + ") and can't be merged");
+  }
   return bitmaps_->merge(name, src);
 }
 
