@@ -288,8 +288,14 @@ Task<Status> PersistentBitmaps::store(bool clear_in_use) {
   uint64_t dir_offset = 0;
   if (!entries.empty()) {
     auto dir = serialize_bitmap_directory(entries);
-    auto off = dir.ok() ? co_await refcounts_->write_new_metadata(*dir, MetadataKind::kBitmapDirectory)
-                        : Result<uint64_t>(dir.error());
+    if (!dir.ok()) {
+      co_await undo_fresh();
+      co_return std::move(dir).error().with_context("storing the bitmap directory");
+    }
+    // Not inside `?:`: GCC 12 frees the result of a co_await in a
+    // conditional expression before it is used (a use-after-free of the
+    // error message when the directory write failed).
+    auto off = co_await refcounts_->write_new_metadata(*dir, MetadataKind::kBitmapDirectory);
     if (!off.ok()) {
       co_await undo_fresh();
       co_return std::move(off).error().with_context("storing the bitmap directory");

@@ -28,9 +28,28 @@
 // COPIED missing at refcount 1, which only costs a needless copy) and
 // `uqcow check -r all` then leaves them clean.
 //
-// 320 images run by default (2 layouts x 4 batches x 40); UQCOW_CRASH_IMAGES=N
-// runs N per layout for a longer run by hand, e.g. (about 10 minutes per
-// 1000 images and layout on 2 cores):
+// Persistent dirty bitmaps (issue 15): two more layouts start from an image
+// with two bitmaps made by qemu-img, b0 enabled (512-byte granules) and b1
+// disabled (64 KiB), both with bits set. A read-write open sets IN_USE on
+// disk before any write, and close stores them; so a crash image's bitmap
+// is either in use (unusable: dirty_bitmap() says EINVAL, qemu-img info
+// says in-use) or consistent, and then exactly what it was before the open
+// (a crash inside the open) or the whole workload marked (a crash after
+// close's header write): never consistent and missing a write that may
+// have reached the disk. A crash between open's clearing and setting of
+// the autoclear bit leaves the bitmaps ignored (QEMU ignores them too;
+// their clusters leak). Per image: uqcow and qemu-img info agree on that
+// state, uqcow check reports the same corruption and leak counts as
+// qemu-img check, `uqcow check -r all` leaves it clean for qemu-img (the
+// bitmaps in use removed), and after `qemu-img check -r all` (which keeps
+// them) uqcow check finds it clean too (these two on every other image). A
+// quarter of these crash points fall inside the open and a quarter inside
+// the close.
+//
+// 320 images run by default for the plain and lazy-refcount layouts (2
+// layouts x 4 batches x 40), 32 with bitmaps (2 layouts x 1 batch x 16);
+// UQCOW_CRASH_IMAGES=N runs N per layout for a longer run by hand, e.g.
+// (about 10 minutes per 1000 images and layout on 2 cores):
 //   bazel test //tests:crash_replay_test --test_env=UQCOW_CRASH_IMAGES=5000
 //       --test_timeout=7200 --test_output=all  (one command line)
 #include <gtest/gtest.h>
@@ -46,9 +65,11 @@
 #include <string>
 #include <vector>
 
+#include "block/endian.h"
 #include "engine/sync_wait.h"
 #include "fault/recording_device.h"
 #include "qcow2/image.h"
+#include "tests/bitmap_oracle.h"
 #include "tests/testutil.h"
 #include "uring/raw_file.h"
 #include "uring/reactor.h"
@@ -60,6 +81,37 @@ constexpr uint64_t kDiskSize = 8ull << 20;
 constexpr uint64_t kSector = 512;
 constexpr int kBatches = 4;            // tests per layout (run on separate shards)
 constexpr int kDefaultImagesPerBatch = 40;
+constexpr int kBitmapBatches = 1;  // the same with bitmaps, fewer images (each runs more processes)
+constexpr int kDefaultBitmapImagesPerBatch = 16;
+
+enum class Layout { kPlain, kLazy, kBitmaps, kLazyBitmaps };
+bool lazy_layout(Layout l) { return l == Layout::kLazy || l == Layout::kLazyBitmaps; }
+bool bitmap_layout(Layout l) { return l == Layout::kBitmaps || l == Layout::kLazyBitmaps; }
+const char* layout_name(Layout l) {
+  switch (l) {
+    case Layout::kPlain: return "plain";
+    case Layout::kLazy: return "lazy";
+    case Layout::kBitmaps: return "bitmaps";
+    case Layout::kLazyBitmaps: return "lazy_bitmaps";
+  }
+  return "?";
+}
+
+// The bitmaps of the bitmap layouts, and what qemu-io marked in them before
+// the workload: b0 saw both zero writes, b1 was disabled after the first.
+struct StartingBitmap {
+  const char* name;
+  uint64_t granularity;
+  bool enabled;  // when the workload runs
+  std::vector<std::pair<uint64_t, uint64_t>> marked;
+};
+const std::vector<StartingBitmap>& starting_bitmaps() {
+  static const std::vector<StartingBitmap> bitmaps = {
+      {"b0", 512, true, {{0, 65536}, {5ull << 20, 4096}, {7ull << 20, 512}}},
+      {"b1", 65536, false, {{0, 65536}, {5ull << 20, 4096}}},
+  };
+  return bitmaps;
+}
 
 // A guest request of the workload, with the log clock around it.
 struct GuestOp {
@@ -67,12 +119,15 @@ struct GuestOp {
   uint64_t offset = 0, length = 0;
   uint8_t pattern = 0;
   uint64_t start = 0, end = 0;  // WriteLog clock before and after
+  uint64_t marked_offset = 0, marked_length = 0;  // the request's range, as bitmaps mark it
 };
 
 struct Recording {
   std::vector<uint8_t> initial;  // the file before the image was opened
   std::shared_ptr<WriteLog> log = std::make_shared<WriteLog>();
   std::vector<GuestOp> guest;
+  uint64_t opened = 0;   // WriteLog clock when the open returned
+  uint64_t closing = 0;  // ... and when close started
 };
 
 // Runs the workload on `path` through a RecordingDevice.
@@ -94,10 +149,13 @@ Status record_workload(const std::string& path, bool lazy, uint32_t seed, Record
   };
   UQ_ASSIGN_OR_RETURN(auto img, sync_wait(*reactor, qcow2::Qcow2Image::open(std::move(device), o, opener)));
   qcow2::Qcow2Image& image = *img;
+  rec.opened = rec.log->tick();
 
   std::mt19937 rng(seed);
   auto uniform = [&](uint64_t lo, uint64_t hi) { return std::uniform_int_distribution<uint64_t>(lo, hi)(rng); };
   auto run = [&](GuestOp op, Task<Status> task) -> Status {
+    op.marked_offset = op.offset;
+    op.marked_length = op.length;
     op.start = rec.log->tick();
     Status s = sync_wait(*reactor, std::move(task));
     op.end = rec.log->tick();
@@ -140,8 +198,9 @@ Status record_workload(const std::string& path, bool lazy, uint32_t seed, Record
     if (!s.ok()) return s.error();
   }
   UQ_TRY(run({GuestOp::kFlush}, image.flush()));
-  // Closing writes nothing more for a clean image (and clears the dirty bit
-  // of a lazy-refcounts one, which the crash images never see the end of).
+  // Closing writes nothing more for a clean image without bitmaps (and
+  // clears the dirty bit of a lazy-refcounts one); it stores the bitmaps.
+  rec.closing = rec.log->tick();
   return sync_wait(*reactor, image.close());
 }
 
@@ -258,28 +317,125 @@ bool only_harmless_copied_errors(const CommandResult& check, unsigned cluster_bi
   return std::regex_search(text, m, errors) && std::stoull(m[1]) == harmless;
 }
 
-int images_per_batch() {
-  if (const char* env = std::getenv("UQCOW_CRASH_IMAGES")) {
-    int n = std::atoi(env);
-    if (n > 0) return std::max(1, n / kBatches);
+// Whether the bitmaps of crash image `bytes` (written at `crash`), crashed
+// at log time t, are in one of the states the top of the file allows, as
+// uqcow and qemu-img info both see them. Counts what it found in `tally`.
+struct BitmapTally {
+  int in_use = 0, before_open = 0, stored = 0, ignored = 0, nbd_compared = 0;
+};
+bool check_crash_bitmaps(const std::string& crash, const std::vector<uint8_t>& bytes, const Recording& rec,
+                         uint64_t t, const std::string& where, BitmapTally& tally) {
+  const int before = failures_so_far();
+  const bool autoclear = load_be64(&bytes[88]) & 1;  // the header's autoclear_features, bit 0: bitmaps
+  auto qemu = qemu_bitmaps(crash);
+  if (!qemu) {
+    ADD_FAILURE() << where << ": qemu-img info cannot read the image";
+    return false;
   }
-  return kDefaultImagesPerBatch;
+  auto d = SyncDisk::open(crash);  // read-only: the crash image stays as it is
+  if (!d.ok()) {
+    ADD_FAILURE() << where << ": " << d.error().message();
+    return false;
+  }
+  auto& image = dynamic_cast<qcow2::Qcow2Image&>((*d)->disk());
+  if (!autoclear) {
+    // Only the open clears the bit, for the moment it rewrites the directory.
+    ++tally.ignored;
+    EXPECT_LE(t, rec.opened) << where << ": bitmaps extension ignored (autoclear bit clear) after the open";
+    EXPECT_TRUE(qemu->empty()) << where << ": autoclear bit clear, yet qemu-img lists bitmaps";
+  }
+  for (const StartingBitmap& sb : starting_bitmaps()) {
+    auto bits = image.dirty_bitmap(sb.name);
+    if (!autoclear) {
+      EXPECT_FALSE(bits.ok()) << where << ": bitmap " << sb.name << " loaded while the autoclear bit is clear";
+      if (!bits.ok()) {
+        EXPECT_EQ(bits.error().code(), ENOENT) << where << ": " << bits.error().message();
+      }
+      continue;
+    }
+    const QemuBitmap* q = find_bitmap(*qemu, sb.name);
+    if (!q) {
+      ADD_FAILURE() << where << ": qemu-img info does not list bitmap " << sb.name;
+      continue;
+    }
+    EXPECT_EQ(q->enabled, sb.enabled) << where << ": " << sb.name;
+    EXPECT_EQ(q->granularity, sb.granularity) << where << ": " << sb.name;
+    if (q->in_use) {
+      ++tally.in_use;
+      EXPECT_FALSE(bits.ok()) << where << ": qemu-img says " << sb.name << " is in use, uqcow loads it as usable";
+      if (!bits.ok()) {
+        EXPECT_EQ(bits.error().code(), EINVAL) << where << ": " << bits.error().message();
+      }
+      continue;
+    }
+    if (!bits.ok()) {
+      ADD_FAILURE() << where << ": qemu-img says " << sb.name << " is consistent, uqcow: " << bits.error().message();
+      continue;
+    }
+    // Consistent: before the open marked it in use, or stored by close.
+    EXPECT_TRUE(t <= rec.opened || t >= rec.closing)
+        << where << ": " << sb.name << " is consistent after a crash in the middle of the workload (open ended at "
+        << rec.opened << ", close began at " << rec.closing << ")";
+    ++(t <= rec.opened ? tally.before_open : tally.stored);
+    BitmapModel model(kDiskSize, sb.granularity);
+    for (const auto& [off, len] : sb.marked) model.mark(off, len);
+    if (sb.enabled) {
+      for (const auto& op : rec.guest) {
+        const bool changes = op.kind == GuestOp::kWrite || op.kind == GuestOp::kZero || op.kind == GuestOp::kDiscard;
+        if (changes && op.start < t) model.mark(op.marked_offset, op.marked_length);
+      }
+    }
+    EXPECT_TRUE(model.matches(**bits)) << where << ": consistent bitmap " << sb.name;
+    // QEMU's view of the same bits, for a few of them (a qemu-nbd each).
+    if (sb.enabled && tally.nbd_compared < 2) {
+      ++tally.nbd_compared;
+      auto exported = qemu_dirty_extents(crash, sb.name);
+      if (exported) {
+        EXPECT_EQ(*exported, model.extents()) << where << ": " << sb.name << " as qemu-nbd exports it";
+      }
+    }
+  }
+  return failures_so_far() == before;
 }
 
-class CrashReplay : public ::testing::TestWithParam<std::tuple<bool, int>> {};
+int images_per_batch(bool bitmaps) {
+  if (const char* env = std::getenv("UQCOW_CRASH_IMAGES")) {
+    int n = std::atoi(env);
+    if (n > 0) return std::max(1, n / (bitmaps ? kBitmapBatches : kBatches));
+  }
+  return bitmaps ? kDefaultBitmapImagesPerBatch : kDefaultImagesPerBatch;
+}
+
+class CrashReplay : public ::testing::TestWithParam<std::tuple<Layout, int>> {};
 
 TEST_P(CrashReplay, EveryCrashImageIsConsistent) {
   UQ_REQUIRE_TOOL("qemu-img");
-  const auto [lazy, batch] = GetParam();
+  const auto [layout, batch] = GetParam();
+  const bool lazy = lazy_layout(layout), bitmaps = bitmap_layout(layout);
+  if (bitmaps) {
+    UQ_REQUIRE_TOOL("qemu-io");
+    UQ_REQUIRE_TOOL("qemu-nbd");
+    UQ_REQUIRE_TOOL("nbdinfo");
+  }
   TempDir dir("replay");
   const std::string img = dir.file("workload.qcow2");
   ImageBuilder b(dir.path());
   b.create("workload.qcow2", "qcow2", std::string("cluster_size=512,refcount_bits=64") + (lazy ? ",lazy_refcounts=on" : ""),
            kDiskSize);
+  if (bitmaps) {
+    // Zero writes (the guest still reads zeros) marked by qemu-io; see
+    // starting_bitmaps().
+    b.run({"qemu-img", "bitmap", "--add", "-g", "512", "workload.qcow2", "b0"});
+    b.run({"qemu-img", "bitmap", "--add", "-g", "64k", "workload.qcow2", "b1"});
+    b.write("workload.qcow2", "qcow2", {Z(0, 65536), Z(5ull << 20, 4096)});
+    b.run({"qemu-img", "bitmap", "--disable", "workload.qcow2", "b1"});
+    b.write("workload.qcow2", "qcow2", {Z(7ull << 20, 512)});
+  }
   ASSERT_TRUE(b.ok()) << b.error();
 
   Recording rec;
-  Status s = record_workload(img, lazy, 1000u + static_cast<uint32_t>(batch), rec);
+  const uint32_t seed = (bitmaps ? 2000u : 1000u) + static_cast<uint32_t>(batch);
+  Status s = record_workload(img, lazy, seed, rec);
   ASSERT_TRUE(s.ok()) << s.message();
   align_discards(rec, 512);
   uint64_t flushes = 0, changes = 0;
@@ -288,18 +444,26 @@ TEST_P(CrashReplay, EveryCrashImageIsConsistent) {
   auto final_check = run_command({"qemu-img", "check", img});
   ASSERT_EQ(final_check.exit_code, 0) << final_check.describe();
 
-  const int n = images_per_batch();
-  std::mt19937 rng(7u * static_cast<uint32_t>(batch) + (lazy ? 1 : 0));
+  const int n = images_per_batch(bitmaps);
+  std::mt19937 rng(7u * static_cast<uint32_t>(batch) + (lazy ? 1 : 0) + (bitmaps ? 2 : 0));
   const std::string crash = dir.file("crash.qcow2");
   int checked = 0, clean = 0, leaks = 0, copied_window = 0, torn = 0, partial_ops = 0, failures = 0;
+  BitmapTally tally;
   std::vector<uint8_t> expect, mask, got;
   for (int i = 0; i < n && failures < 3; ++i) {
-    const uint64_t t = std::uniform_int_distribution<uint64_t>(1, rec.log->now())(rng);
+    // With bitmaps, a quarter of the crashes inside the open (IN_USE being
+    // set) and a quarter inside the close (the bitmaps being stored).
+    uint64_t lo = 1, hi = rec.log->now();
+    if (bitmaps && i % 4 == 0) hi = rec.opened;
+    if (bitmaps && i % 4 == 1) lo = rec.closing;
+    const uint64_t t = std::uniform_int_distribution<uint64_t>(lo, hi)(rng);
     ++checked;
     auto bytes = crash_image(rec, t, rng, torn, partial_ops);
     ASSERT_TRUE(write_file(crash, bytes));
     const std::string where = "crash at log time " + std::to_string(t) + " of " + std::to_string(rec.log->now()) +
                               " (image " + std::to_string(i) + ")";
+    bool bitmaps_ok = true;
+    if (bitmaps) bitmaps_ok = check_crash_bitmaps(crash, bytes, rec, t, where, tally);
     if (lazy) {
       // Dirty: repaired by a read-write open, after which it must be clean.
       OpenOptions rw;
@@ -309,7 +473,15 @@ TEST_P(CrashReplay, EveryCrashImageIsConsistent) {
       ASSERT_TRUE((*d)->close().ok()) << where;
     }
     auto check = run_command({"qemu-img", "check", crash});
-    bool ok = lazy ? check.exit_code == 0 : (check.exit_code == 0 || check.exit_code == 3);
+    // Bitmaps ignored (autoclear bit clear) leak their clusters, lazy
+    // refcounts or not: the open drops the extension, as QEMU's does.
+    const bool bitmaps_ignored = bitmaps && !(load_be64(&bytes[88]) & 1);
+    bool ok = lazy && !bitmaps_ignored ? check.exit_code == 0 : (check.exit_code == 0 || check.exit_code == 3);
+    if (bitmaps) {
+      // The repairs (two copies and five more processes) on every other image.
+      bitmaps_ok = (i % 2 == 0 ? checks_agree_and_repair(crash, check, where) : counts_agree(crash, check, where)) &&
+                   bitmaps_ok;
+    }
     if (!lazy && check.exit_code == 2 && only_harmless_copied_errors(check, 9)) {
       ++copied_window;
       EXPECT_TRUE(Succeeded(run_uqcow({"check", "-q", "-r", "all", crash}))) << where;
@@ -318,11 +490,12 @@ TEST_P(CrashReplay, EveryCrashImageIsConsistent) {
       ok = repaired.exit_code == 0;
     }
     EXPECT_TRUE(ok) << where << "\n" << check.describe();
+    if (!bitmaps_ok) ok = false;
     if (!ok) {
       ++failures;
       // Keep the image for a post-mortem (bazel collects this directory).
       if (const char* out = std::getenv("TEST_UNDECLARED_OUTPUTS_DIR")) {
-        write_file(std::string(out) + "/" + (lazy ? "lazy" : "plain") + "-batch" + std::to_string(batch) +
+        write_file(std::string(out) + "/" + layout_name(layout) + "-batch" + std::to_string(batch) +
                        "-t" + std::to_string(t) + ".qcow2",
                    bytes);
       }
@@ -347,14 +520,29 @@ TEST_P(CrashReplay, EveryCrashImageIsConsistent) {
   std::printf("crash replay (%s, batch %d): %zu file ops (%llu changes, %llu flushes), %zu guest requests; "
               "%d crash images checked: %d clean, %d leaks only, %d in a snapshot's OFLAG_COPIED window (repaired), "
               "%d failed; %d unflushed changes replayed, %d torn\n",
-              lazy ? "lazy_refcounts" : "refcounts", batch, rec.log->ops().size(),
+              layout_name(layout), batch, rec.log->ops().size(),
               static_cast<unsigned long long>(changes), static_cast<unsigned long long>(flushes), rec.guest.size(),
               checked, clean, leaks, copied_window, failures, partial_ops, torn);
+  if (bitmaps) {
+    std::printf("  bitmaps (open ended at log time %llu, close began at %llu): %d in use, %d consistent as before "
+                "the open, %d consistent as stored by close (%d compared with qemu-nbd), %d images with the "
+                "extension ignored\n",
+                static_cast<unsigned long long>(rec.opened), static_cast<unsigned long long>(rec.closing),
+                tally.in_use, tally.before_open, tally.stored, tally.nbd_compared, tally.ignored);
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, CrashReplay, ::testing::Combine(::testing::Bool(), ::testing::Range(0, kBatches)),
+std::vector<std::tuple<Layout, int>> replay_cases() {
+  std::vector<std::tuple<Layout, int>> cases;
+  for (Layout l : {Layout::kPlain, Layout::kLazy, Layout::kBitmaps, Layout::kLazyBitmaps}) {
+    for (int batch = 0; batch < (bitmap_layout(l) ? kBitmapBatches : kBatches); ++batch) cases.emplace_back(l, batch);
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, CrashReplay, ::testing::ValuesIn(replay_cases()),
                          [](const ::testing::TestParamInfo<CrashReplay::ParamType>& info) {
-                           return std::string(std::get<0>(info.param) ? "lazy" : "plain") + "_batch" +
+                           return std::string(layout_name(std::get<0>(info.param))) + "_batch" +
                                   std::to_string(std::get<1>(info.param));
                          });
 
