@@ -223,7 +223,7 @@ Task<Status> PersistentBitmaps::free_table(Table t) {
   co_return co_await refcounts_->update_refcount(t.offset, uint64_t{t.size} * 8, -1, true);
 }
 
-Task<Status> PersistentBitmaps::write_header_extension(std::optional<BitmapsExtension> ext) {
+Task<Status> PersistentBitmaps::write_header_extension(std::optional<BitmapsExtension> ext, bool& written) {
   // What the new header points at is on disk, with its refcounts, first.
   UQ_CO_TRY(co_await refcounts_->cache().flush());
   UQ_CO_TRY(co_await file_.co_flush());
@@ -235,10 +235,12 @@ Task<Status> PersistentBitmaps::write_header_extension(std::optional<BitmapsExte
     h.autoclear_features &= ~kAutoclearBitmaps;
   }
   UQ_CO_TRY(co_await write_header(file_, h));
-  UQ_CO_TRY(co_await file_.co_flush());
+  // Written: whatever the sync below says, reads of the file now see the
+  // new header, so memory follows it.
+  written = true;
   header_.bitmaps = h.bitmaps;
   header_.autoclear_features = h.autoclear_features;
-  co_return Status();
+  co_return co_await file_.co_flush();
 }
 
 Task<Status> PersistentBitmaps::store_on_flush(uint64_t interval_seconds) {
@@ -309,8 +311,9 @@ Task<Status> PersistentBitmaps::store(bool clear_in_use) {
   const std::optional<BitmapsExtension> old = header_.autoclear_features & kAutoclearBitmaps
                                                   ? header_.bitmaps
                                                   : std::nullopt;
-  Status s = co_await write_header_extension(ext);
-  if (!s.ok()) {
+  bool header_written = false;
+  Status s = co_await write_header_extension(ext, header_written);
+  if (!s.ok() && !header_written) {
     if (ext) {
       overlap_.remove(MetadataKind::kBitmapDirectory, dir_offset, round_up(ext->directory_size, geo_.cluster_size));
       (void)co_await refcounts_->update_refcount(dir_offset, ext->directory_size, -1, false);
@@ -318,7 +321,7 @@ Task<Status> PersistentBitmaps::store(bool clear_in_use) {
     co_await undo_fresh();
     co_return std::move(s).error().with_context("writing the bitmaps extension");
   }
-  // 4. What only the old directory referenced is freed.
+  // 4. The new directory is in effect (memory follows the header written).
   for (auto& [b, t] : fresh) {
     if (b->table_offset) replaced.push_back(Table{b->table_offset, b->table_size});
     b->table_offset = t.offset;
@@ -327,12 +330,23 @@ Task<Status> PersistentBitmaps::store(bool clear_in_use) {
   }
   directory_changed_ = false;
   in_use_on_disk_ = !clear_in_use && has_consistent();
+  if (old) {
+    overlap_.remove(MetadataKind::kBitmapDirectory, old->directory_offset,
+                    round_up(old->directory_size, geo_.cluster_size));
+  }
+  if (!s.ok()) {
+    // The header was written but its sync failed: a crash may still find
+    // the old one, so nothing the old directory references is freed (they
+    // leak), and IN_USE counts as cleared (the next write sets it again).
+    dropped_.clear();
+    in_use_on_disk_ = false;
+    co_return std::move(s).error().with_context("syncing the bitmaps extension");
+  }
+  // 5. What only the old directory referenced is freed.
   std::vector<Table> to_free = std::move(dropped_);
   dropped_.clear();
   to_free.insert(to_free.end(), replaced.begin(), replaced.end());
   if (old) {
-    overlap_.remove(MetadataKind::kBitmapDirectory, old->directory_offset,
-                    round_up(old->directory_size, geo_.cluster_size));
     UQ_CO_TRY(co_await refcounts_->update_refcount(old->directory_offset, old->directory_size, -1, true));
   }
   for (const Table& t : to_free) UQ_CO_TRY(co_await free_table(t));

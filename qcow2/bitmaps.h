@@ -151,9 +151,10 @@ class PersistentBitmaps {
   // Frees a table's data clusters and the table.
   Task<Status> free_table(Table t);
   std::vector<BitmapDirEntry> directory_entries(bool clear_in_use) const;
-  // Points the header at `dir` (or drops the extension for no bitmaps),
-  // autoclear bit set; syncs before and after.
-  Task<Status> write_header_extension(std::optional<BitmapsExtension> ext);
+  // Points the header at `ext` (or drops the extension for no bitmaps),
+  // autoclear bit set; syncs before and after. `written`: the header write
+  // itself succeeded (memory then follows it even if the sync failed).
+  Task<Status> write_header_extension(std::optional<BitmapsExtension> ext, bool& written);
 
   BlockDevice& file_;
   Header& header_;
