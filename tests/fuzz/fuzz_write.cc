@@ -4,6 +4,12 @@
 // a discard and a compressed write, some in flight together, then a flush
 // and close. On a damaged image the engine must refuse (EIO, corrupt bit)
 // rather than crash, corrupt memory or write without bound.
+//
+// Persistent dirty bitmaps: the open loads the image's and sets them in
+// use; before the writes, the last of several is removed (its clusters are
+// freed at close) and a new enabled one is added, so that close stores
+// bitmaps (new data clusters, tables, directory and header, the old ones
+// freed) on every image that opens, over whatever refcounts it has.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -35,6 +41,14 @@ Task<void> exercise(const std::string& path) {
   auto* image = dynamic_cast<qcow2::Qcow2Image*>(disk.get());
   const uint64_t size = disk->size();
   const uint64_t cs = image != nullptr ? image->geometry().cluster_size : 65536;
+  if (image != nullptr) {
+    auto bitmaps = image->bitmap_list();
+    if (bitmaps.size() >= 2) (void)image->bitmap_remove(bitmaps.back().name);
+    // Coarse enough that the bitmap stays small (at most 2^20 granules).
+    uint64_t granularity = 65536;
+    while (granularity < (uint64_t{1} << 31) && size / granularity > (uint64_t{1} << 20)) granularity <<= 1;
+    (void)image->bitmap_add("fuzz", granularity, true);
+  }
   if (size >= 2 * cs) {
     std::vector<std::byte> data(3 * cs + 1000, std::byte{0x5a});
     const uint64_t mid = size / 2 / cs * cs;

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Rebuilds the fuzzers' seed corpus (tests/fuzz/corpus/) with qemu-img and
 # qemu-io: one small image per qcow2 variant. The corpus is committed, so the
-# regression tests and the fuzzers never need qemu. Keep it under 1 MiB:
+# regression tests and the fuzzers never need qemu. Keep it near 1 MiB:
 # small virtual sizes and mostly small clusters.
 #
 # usage: tests/fuzz/make_corpus.sh [OUTPUT_DIR]   (default: tests/fuzz/corpus)
 set -euo pipefail
 
-out=${1:-"$(cd "$(dirname "$0")" && pwd)/corpus"}
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-"$here/corpus"}
 for tool in qemu-img qemu-io; do
   command -v "$tool" >/dev/null || { echo "make_corpus: $tool is needed" >&2; exit 1; }
 done
@@ -77,5 +78,17 @@ io lazy-dirty-c1k.qcow2 "write -P 0xcc 0 5k" abort 2>/dev/null || true
 create bitmaps-c1k.qcow2 cluster_size=1k 32k
 io bitmaps-c1k.qcow2 "write -P 0xdd 0 2k"
 qemu-img bitmap --add bitmaps-c1k.qcow2 b0
+
+# Persistent bitmaps with data: b0 enabled at 512-byte granules (a bitmap
+# table of two entries, both data clusters), b1 disabled with a bit set.
+# Then one damaged copy per directory, extension and table field
+# (bitmap_seeds.py), each refused by QEMU unless the script says it is valid.
+create bitmaps-base-c512.qcow2 cluster_size=512 4M
+qemu-img bitmap --add -g 512 bitmaps-base-c512.qcow2 b0
+qemu-img bitmap --add -g 64k bitmaps-base-c512.qcow2 b1
+io bitmaps-base-c512.qcow2 "write -P 0xe1 0 512"
+qemu-img bitmap --disable bitmaps-base-c512.qcow2 b1
+io bitmaps-base-c512.qcow2 "write -P 0xe2 3M 512"
+python3 "$here/bitmap_seeds.py" bitmaps-base-c512.qcow2 .
 
 du -cb ./*.qcow2 | tail -1
