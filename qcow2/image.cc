@@ -391,7 +391,9 @@ Task<Status> Qcow2Image::flush() {
   auto guard = co_await lock_.scoped_lock();
   // The bitmaps first (bitmap-store-interval): their store syncs what it
   // wrote itself, and the frees it leaves reach the disk below.
-  if (bitmaps_) UQ_CO_TRY(co_await bitmaps_->store_on_flush(options_.bitmap_store_interval));
+  if (bitmaps_ && !reporter_.marked_corrupt()) {
+    UQ_CO_TRY(co_await bitmaps_->store_on_flush(options_.bitmap_store_interval));
+  }
   // Dependency order is recorded in the caches: flushing L2 first writes the
   // refcount blocks it depends on (and syncs) before the L2 tables.
   file_->debug_event(BlkDebugEvent::kFlushToOs);
@@ -444,7 +446,7 @@ Task<Status> Qcow2Image::close() {
     // The bitmaps go back with IN_USE cleared (a marked-corrupt image keeps
     // them in use: inconsistent, as QEMU leaves them).
     auto guard = co_await lock_.scoped_lock();
-    status = co_await bitmaps_->store(/*closing=*/true);
+    status = co_await bitmaps_->store(/*clear_in_use=*/true);
   }
   if (Status f = co_await flush(); status.ok()) status = f;
   if (status.ok() && marked_dirty_ && !reporter_.marked_corrupt()) {
